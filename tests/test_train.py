@@ -1,0 +1,79 @@
+"""The training loop: reproducibility, outputs, cache reuse, options that change data, early errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from helpers import tiny_train_config, write_shapes_dataset
+from trainer_core.config import ConfigError
+from trainer_core.train import LOKR_FILENAME, train
+
+ITEMS = [("circle", "red", "blue"), ("square", "green", "yellow"), ("circle", "yellow", "green"),
+         ("square", "blue", "red")]
+
+
+@pytest.fixture()
+def shapes(tmp_path):
+    return write_shapes_dataset(tmp_path / "shapes", ITEMS)
+
+
+def test_same_seed_same_losses_and_second_run_hits_every_cache(tiny_model_dir, shapes, tmp_path):
+    cache = tmp_path / "cache"
+    first = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "a", cache_dir=cache,
+                                    caption_dropout_probability=0.3, train_batch_size=2))
+    assert first.text_cache.encoder_calls >= 1 and first.latent_cache.misses == len(ITEMS)
+    second = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "b", cache_dir=cache,
+                                     caption_dropout_probability=0.3, train_batch_size=2))
+    assert second.losses == first.losses  # bit-identical on the CPU
+    assert second.text_cache.encoder_calls == 0 and second.latent_cache.encoder_calls == 0
+    assert second.latent_cache.hits == len(ITEMS)
+    other = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "c", cache_dir=cache, seed=8,
+                                    caption_dropout_probability=0.3, train_batch_size=2))
+    assert other.losses != first.losses
+
+
+def test_outputs_lokr_validation_image_and_loss_curve(tiny_model_dir, shapes, tmp_path):
+    result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=4,
+                                     validation_prompt="a red circle on a blue background",
+                                     validation_step_interval=2, gradient_accumulation_steps=2,
+                                     grad_clip_method="value", max_grad_norm=0.01,
+                                     hidream_use_load_balancing_loss=True, init_lokr_norm=1e-3))
+    assert result.lokr_path == tmp_path / "out" / LOKR_FILENAME
+    with safe_open(str(result.lokr_path), "pt") as f:
+        assert any(k.endswith(".lokr_w1") for k in f.keys())
+    assert [p.name for p in result.validation_images] == ["step_000000.png", "step_000002.png", "step_000004.png"]
+    assert Image.open(result.validation_images[-1]).size == (64, 64)
+    assert Image.open(result.loss_curve_path).size[0] > 100
+    assert json.loads((tmp_path / "out" / "losses.json").read_text()) == result.losses
+    assert all(l == l for l in result.losses)
+
+
+def test_gradient_checkpointing_does_not_change_the_maths(tiny_model_dir, shapes, tmp_path):
+    plain = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "p", max_train_steps=3))
+    ckpt = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "c", max_train_steps=3,
+                                   gradient_checkpointing=True))
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_int8_quanto_base_trains_in_bypass(tiny_model_dir, shapes, tmp_path):
+    result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "q", max_train_steps=2,
+                                     base_model_precision="int8-quanto",
+                                     validation_prompt="a red circle on a blue background"))
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.validation_images
+
+
+def test_too_few_samples_fails_before_any_model_is_loaded(shapes, tmp_path):
+    config = tiny_train_config(tmp_path / "no-such-model", shapes, tmp_path / "out", train_batch_size=2,
+                               gradient_accumulation_steps=4)
+    with pytest.raises(ConfigError, match="repeats"):
+        train(config)
+
+
+def test_missing_model_folder_is_a_clear_error(shapes, tmp_path):
+    with pytest.raises(ConfigError, match="no-such-model"):
+        train(tiny_train_config(tmp_path / "no-such-model", shapes, tmp_path / "out"))

@@ -1,0 +1,198 @@
+"""On-disk caches of text embeddings and VAE latents, keyed by a hash of everything that changes the result.
+
+One safetensors file per caption / per (image, crop, bucket). A second run over the same data finds every file and
+calls no encoder. Files are written under a temporary name and renamed into place, so an interrupted run never
+leaves a half-written entry under a real name.
+
+The caches depend only on two small protocols, so ComfyUI's own CLIP and VAE objects can fill them through adapters
+without the core importing ComfyUI.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Protocol, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import TrainingSample, load_sample_pixels
+from .models import PromptEmbeds
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+
+
+class TextEncoder(Protocol):
+    """Anything that turns captions into HiDream conditioning."""
+
+    identity: str
+
+    def encode(self, prompts: list[str], max_sequence_length: int = 128) -> PromptEmbeds: ...
+
+
+class ImageEncoder(Protocol):
+    """Anything that turns pixels (B, 3, H, W) in [-1, 1] into scaled latents (B, 16, H/8, W/8)."""
+
+    identity: str
+
+    def encode(self, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor: ...
+
+
+def content_hash(fields: dict) -> str:
+    payload = json.dumps({"v": CACHE_FORMAT_VERSION, **fields}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+    os.replace(tmp, path)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    encoder_calls: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.hits} cached, {self.misses} encoded in {self.encoder_calls} encoder calls"
+
+
+class TextEmbeddingCache:
+    """Per-caption HiDream text conditioning: t5 (128, D_t5), llama (L, 128, D_llama), pooled (D_pooled,)."""
+
+    def __init__(self, cache_dir: Path, encoder_identity: str, max_sequence_length: int = 128):
+        self.cache_dir = Path(cache_dir)
+        self.encoder_identity = encoder_identity
+        self.max_sequence_length = max_sequence_length
+        self.stats = CacheStats()
+
+    def path_for(self, caption: str) -> Path:
+        key = content_hash({"caption": caption, "encoder": self.encoder_identity,
+                            "max_sequence_length": self.max_sequence_length})
+        return self.cache_dir / key[:2] / f"{key}.safetensors"
+
+    def fill(self, captions: Iterable[str], encoder: TextEncoder, batch_size: int = 8,
+             progress: Optional[Callable[[int, int], None]] = None) -> CacheStats:
+        """Encode every caption not yet cached. The empty caption is always cached (caption dropout uses it)."""
+        unique = list(dict.fromkeys(["", *captions]))
+        missing = [c for c in unique if not self.path_for(c).is_file()]
+        self.stats.hits += len(unique) - len(missing)
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            embeds = encoder.encode(chunk, max_sequence_length=self.max_sequence_length)
+            self.stats.encoder_calls += 1
+            self.stats.misses += len(chunk)
+            for i, caption in enumerate(chunk):
+                one = embeds.select(i)
+                _atomic_save({"t5": one.t5[0], "llama": one.llama[:, 0], "pooled": one.pooled[0]},
+                             self.path_for(caption), {"caption": caption[:4096], "encoder": self.encoder_identity})
+            if progress:
+                progress(min(start + batch_size, len(missing)), len(missing))
+        return self.stats
+
+    def load(self, captions: Sequence[str]) -> PromptEmbeds:
+        """Batched conditioning for `captions`: t5 (B, 128, D), llama (L, B, 128, D), pooled (B, D)."""
+        items = []
+        for caption in captions:
+            path = self.path_for(caption)
+            if not path.is_file():
+                raise KeyError(f"caption not in the text cache (fill() it first): {caption[:80]!r}")
+            t = load_file(str(path))
+            items.append(PromptEmbeds(t5=t["t5"][None], llama=t["llama"][:, None], pooled=t["pooled"][None]))
+        return PromptEmbeds.cat(items)
+
+
+class VaeImageEncoder:
+    """Adapter from a diffusers AutoencoderKL to the ImageEncoder protocol.
+
+    The latent is a sample of the VAE's posterior, as HiDream's trainers use, but drawn with one generator per image
+    (seeded from its cache key), so a latent never depends on which other images shared its batch.
+    """
+
+    def __init__(self, vae, identity: str):
+        self.vae = vae
+        self.identity = identity
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        vae = self.vae
+        param = next(vae.parameters())
+        dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+        eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g, dtype=torch.float32)
+                           for g in generators]).to(dist.mean.device)
+        latents = dist.mean.float() + dist.std.float() * eps
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+class LatentCache:
+    """Per-sample VAE latents (16, H/8, W/8), keyed by image bytes, resize, crop, bucket and VAE identity."""
+
+    def __init__(self, cache_dir: Path, encoder_identity: str):
+        self.cache_dir = Path(cache_dir)
+        self.encoder_identity = encoder_identity
+        self.stats = CacheStats()
+        self._keys: dict[tuple, str] = {}
+
+    def key_for(self, sample: TrainingSample) -> str:
+        memo = (str(sample.image_path), sample.bucket, sample.resize_to, sample.crop)
+        if memo not in self._keys:
+            self._keys[memo] = content_hash({"image_sha256": file_digest(sample.image_path),
+                                             "sample": sample.cache_key_fields(), "vae": self.encoder_identity})
+        return self._keys[memo]
+
+    def path_for(self, sample: TrainingSample) -> Path:
+        key = self.key_for(sample)
+        return self.cache_dir / key[:2] / f"{key}.safetensors"
+
+    def fill(self, samples: Iterable[TrainingSample], encoder: ImageEncoder, batch_size: int = 1,
+             progress: Optional[Callable[[int, int], None]] = None) -> CacheStats:
+        """Encode every sample not yet cached, `batch_size` images of one bucket per encoder call."""
+        unique = {self.path_for(s): s for s in samples}
+        missing = [s for p, s in unique.items() if not p.is_file()]
+        self.stats.hits += len(unique) - len(missing)
+        by_bucket: dict[tuple[int, int], list[TrainingSample]] = {}
+        for s in missing:
+            by_bucket.setdefault(s.bucket, []).append(s)
+        done = 0
+        for group in by_bucket.values():
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                pixels = torch.stack([load_sample_pixels(s) for s in chunk])
+                gens = [torch.Generator().manual_seed(int(self.key_for(s)[:15], 16)) for s in chunk]
+                latents = encoder.encode(pixels, gens)
+                self.stats.encoder_calls += 1
+                self.stats.misses += len(chunk)
+                for s, lat in zip(chunk, latents):
+                    _atomic_save({"latents": lat.float()}, self.path_for(s),
+                                 {"image": str(s.image_path), "vae": self.encoder_identity})
+                done += len(chunk)
+                if progress:
+                    progress(done, len(missing))
+        return self.stats
+
+    def load(self, samples: Sequence[TrainingSample]) -> torch.Tensor:
+        """Latents of one bucket's batch, (B, 16, H/8, W/8) float32."""
+        out = []
+        for s in samples:
+            path = self.path_for(s)
+            if not path.is_file():
+                raise KeyError(f"image not in the latent cache (fill() it first): {s.image_path}")
+            out.append(load_file(str(path))["latents"])
+        return torch.stack(out)

@@ -1,0 +1,145 @@
+"""`python -m trainer_core ...`: make-tiny-model, train, sample, demo."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import ConfigError, SamplingConfig
+
+logger = logging.getLogger("trainer_core")
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny_model import build_tiny_model
+
+    started = time.perf_counter()
+    path = build_tiny_model(Path(args.dir), seed=args.seed)
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    print(f"tiny HiDream model written to {path} ({size / 2**20:.1f} MiB, {time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config_reader import load_train_config
+    from .train import train
+
+    config = load_train_config(Path(args.config))
+    if args.max_train_steps:
+        config.max_train_steps = args.max_train_steps
+    if args.device:
+        config.device = args.device
+    result = train(config)
+    print(f"trained {result.steps_done} steps in {result.seconds:.1f} s; "
+          f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else "no steps run")
+    print(f"LoKr: {result.lokr_path}")
+    for image in result.validation_images:
+        print(f"validation image: {image}")
+    print(f"loss curve: {result.loss_curve_path}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .lokr import load_lokr
+    from .models import load_text_encoders, load_transformer, load_vae, resolve_model_paths
+    from .quantize import quantize_frozen
+    from .sample import sample_image
+    from .train import resolve_device
+
+    settings = SamplingConfig(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
+                              height=args.height, num_inference_steps=args.steps, guidance=args.guidance,
+                              shift=args.shift, seed=args.seed, scheduler=args.scheduler,
+                              lokr_strength=args.strength)
+    settings.validate()
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    paths = resolve_model_paths(Path(args.model), Path(args.llama) if args.llama else None)
+    encoders = load_text_encoders(paths, dtype=dtype, device=device)
+    cond = encoders.encode([settings.prompt])
+    uncond = encoders.encode([settings.negative_prompt])
+    encoders.free()
+    del encoders
+    transformer = load_transformer(paths, dtype=dtype, device=device)
+    quantize_frozen(transformer, args.base_model_precision)
+    network = load_lokr(Path(args.lokr), transformer) if args.lokr else None
+    vae = load_vae(paths, dtype=torch.float32, device=device)
+    image, _ = sample_image(transformer, vae, cond, uncond, settings, network=network)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"image written to {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer_core",
+                                     description="HiDream-I1 LoKr training and sampling")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random HiDream-I1 model folder (diffusers layout)")
+    p.add_argument("dir", help="folder to create")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_tiny_model)
+
+    p = sub.add_parser("train", help="train a LoKr from a (SimpleTuner-style) config.json")
+    p.add_argument("--config", required=True, help="config.json")
+    p.add_argument("--max-train-steps", type=int, default=None, help="override max_train_steps")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="draw an image, optionally with a LoKr merged in")
+    p.add_argument("--model", required=True, help="HiDream model folder (diffusers layout)")
+    p.add_argument("--llama", default=None, help="separate Llama-3.1-8B-Instruct folder")
+    p.add_argument("--lokr", default=None, help="LoKr .safetensors file")
+    p.add_argument("--strength", type=float, default=1.0, help="LoKr strength")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--scheduler", choices=["unipc", "euler"], default="unipc")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--base-model-precision", default="no_change",
+                   help="no_change, int8-quanto, int4-quanto, fp8-quanto (the LoKr then runs unmerged)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("demo", help="build the tiny model and a generated dataset, train a LoKr on the CPU")
+    p.add_argument("--out", default="output/demo", help="output folder")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

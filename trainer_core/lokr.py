@@ -1,0 +1,335 @@
+"""LoKr adapters on the HiDream transformer, built and stored by lycoris-lora.
+
+What this module adds on top of LyCORIS, and why:
+
+* LyCORIS keeps its targeting preset in class attributes (`LycorisNetwork.apply_preset`), so a preset applied for
+  one network leaks into the next one created in the same process. A ComfyUI server trains many times in one
+  process, so every network here is created right after applying a *complete* preset.
+* SimpleTuner's example config targets `"Attention"`, its own class name; diffusers calls the class
+  `HiDreamAttention`, and the literal name matches nothing. It is translated (and logged).
+* A config that wraps zero modules is an error, not a silent no-op.
+* Training always uses LyCORIS' bypass forward (`y = W x + scale * kron(W1, W2) x`): the default rebuild forward
+  computes `(W + dW) - W` in the base dtype and rounds small bf16 updates to zero.
+* Merging for sampling is done here (exact save/restore of the base weights) because LyCORIS' `merge_to` ignores a
+  trainable `scalar` and `restore()` only unhooks, it does not unmerge.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+LORA_PREFIX = "lycoris"
+HIDREAM_ATTENTION_CLASS = "HiDreamAttention"
+# Names SimpleTuner and other trainers use for HiDream's attention class in their own model copies.
+ATTENTION_CLASS_ALIASES = ("Attention", "HiDreamAttention", "HiDreamImageAttention")
+
+# Every key `LycorisNetwork.apply_preset` writes, with LyCORIS' own defaults. Applying all of them (overridden by
+# the user's preset) resets whatever an earlier network in this process left in the class attributes.
+_PRESET_DEFAULTS: dict[str, Any] = {
+    "enable_conv": True,
+    "target_module": ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm"],
+    "target_name": [],
+    "module_algo_map": {},
+    "name_algo_map": {},
+    "lora_prefix": LORA_PREFIX,
+    "use_fnmatch": False,
+    "exclude_name": [],
+}
+
+
+@dataclass(frozen=True)
+class LycorisConfig:
+    """A LyCORIS config in the format of SimpleTuner's `lycoris_config.json`.
+
+    `linear_dim` 16384 with `full_matrix` means "W1 and W2 both full", in which case LyCORIS fixes the scale at 1 and
+    `linear_alpha` has no effect.
+    """
+
+    algo: str = "lokr"
+    multiplier: float = 1.0
+    linear_dim: int = 16384
+    linear_alpha: float = 1.0
+    factor: int = 16
+    full_matrix: bool = True
+    use_scalar: bool = False
+    apply_preset: dict = field(default_factory=lambda: {"target_module": ["Attention"],
+                                                        "module_algo_map": {"Attention": {"factor": 16}}})
+    extra: dict = field(default_factory=dict)  # other create_lycoris kwargs (dropout, decompose_both, ...)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LycorisConfig":
+        data = dict(data)
+        known = {k: data.pop(k) for k in list(data) if k in
+                 ("algo", "multiplier", "linear_dim", "linear_alpha", "factor", "full_matrix", "use_scalar",
+                  "apply_preset")}
+        for name, conv in (("multiplier", float), ("linear_dim", int), ("linear_alpha", float), ("factor", int)):
+            if name in known:
+                try:
+                    known[name] = conv(known[name])
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"lycoris_config: '{name}' must be a number, got {known[name]!r}") from exc
+        for name in ("full_matrix", "use_scalar"):
+            if name in known:
+                known[name] = _as_bool(known[name], f"lycoris_config: '{name}'")
+        if "apply_preset" in known and not isinstance(known["apply_preset"], dict):
+            raise ConfigError("lycoris_config: 'apply_preset' must be an object like "
+                              '{"target_module": ["HiDreamAttention"]}')
+        data.pop("bypass_mode", None)  # always bypass while training; see module docstring
+        return cls(**known, extra=data)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "LycorisConfig":
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read lycoris_config {path}: {exc}") from exc
+        return cls.from_dict(_loads_lenient(text, path))
+
+    def to_dict(self) -> dict:
+        out = {"algo": self.algo, "multiplier": self.multiplier, "linear_dim": self.linear_dim,
+               "linear_alpha": self.linear_alpha, "factor": self.factor, "full_matrix": self.full_matrix,
+               "use_scalar": self.use_scalar, "apply_preset": self.apply_preset}
+        out.update(self.extra)
+        return out
+
+
+def _as_bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ConfigError(f"{what} must be true or false, got {value!r}")
+
+
+def _loads_lenient(text: str, path: Path) -> dict:
+    """JSON, tolerating the trailing commas that the SimpleTuner quickstart's own example contains."""
+    import re
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    cleaned = re.sub(r",(\s*[}\]])", r"\1", text)
+    try:
+        data = json.loads(cleaned)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    logger.warning("%s has trailing commas (invalid JSON); read it anyway", path)
+    return data
+
+
+def resolve_preset(preset: dict, model: nn.Module) -> dict:
+    """Translate class names that do not exist in diffusers' HiDream (SimpleTuner's "Attention") to the real class.
+
+    Returns a complete preset (every key LyCORIS knows), so applying it resets earlier class-level state.
+    """
+    present = {type(m).__name__ for m in model.modules()}
+    resolved = copy.deepcopy(_PRESET_DEFAULTS)
+    user = copy.deepcopy(preset or {})
+    for key in ("target_module",):
+        if key in user:
+            user[key] = [_translate_class(name, present) for name in user[key]]
+    if "module_algo_map" in user:
+        user["module_algo_map"] = {_translate_class(k, present): v for k, v in user["module_algo_map"].items()}
+    unknown = set(user) - set(_PRESET_DEFAULTS) - {"unet_target_module", "unet_target_name",
+                                                   "text_encoder_target_module", "text_encoder_target_name"}
+    if unknown:
+        raise ConfigError(f"lycoris_config apply_preset has unknown keys {sorted(unknown)}; "
+                          f"valid keys are {sorted(_PRESET_DEFAULTS)}")
+    if "target_module" not in user and ("name_algo_map" in user or "target_name" in user):
+        # LyCORIS' default class targets (every Linear) would otherwise be wrapped on top of the named modules,
+        # which is never what a name-based preset means.
+        user["target_module"] = []
+    resolved.update(user)
+    return resolved
+
+
+def _translate_class(name: str, present: set[str]) -> str:
+    if name in present:
+        return name
+    if name in ATTENTION_CLASS_ALIASES and HIDREAM_ATTENTION_CLASS in present:
+        logger.warning("LoKr target class %r does not exist in diffusers' HiDream transformer; using %r "
+                       "(SimpleTuner's own model copy calls it %r)", name, HIDREAM_ATTENTION_CLASS, name)
+        return HIDREAM_ATTENTION_CLASS
+    return name
+
+
+def create_lokr_network(transformer: nn.Module, config: LycorisConfig, *, seed: int = 0,
+                        init_lokr_norm: Optional[float] = None):
+    """Create a LyCORIS network on `transformer`, hook it in (bypass mode) and return it.
+
+    The base transformer is frozen; only the network's parameters train. Raises ConfigError when the preset
+    matches no module, listing the class names and module paths it could have matched.
+    """
+    from lycoris import LycorisNetwork, create_lycoris
+
+    preset = resolve_preset(config.apply_preset, transformer)
+    LycorisNetwork.apply_preset(preset)
+    kwargs = dict(config.extra)
+    kwargs.update(algo=config.algo, factor=config.factor, full_matrix=config.full_matrix,
+                  use_scalar=config.use_scalar, bypass_mode=True)
+    # create_lycoris re-applies its named preset ("full" by default), which only touches `enable_conv`.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = create_lycoris(transformer, multiplier=config.multiplier, linear_dim=config.linear_dim,
+                                 linear_alpha=config.linear_alpha, warn_on_unmatched=False, **kwargs)
+        if not network.loras:
+            raise ConfigError(_no_match_message(transformer, config.apply_preset))
+        if init_lokr_norm:
+            init_lokr_perturbed_normal(network, init_lokr_norm)
+    transformer.requires_grad_(False)
+    network.apply_to()
+    network.requires_grad_(True)
+    logger.info("LoKr: %d modules wrapped, %d trainable parameters", len(network.loras),
+                sum(p.numel() for p in network.parameters() if p.requires_grad))
+    return network
+
+
+def _no_match_message(transformer: nn.Module, preset: dict) -> str:
+    classes = sorted({type(m).__name__ for m in transformer.modules()} - {"ModuleList", "Identity", "Dropout"})
+    linear_paths = [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
+    examples = ", ".join(linear_paths[:6])
+    return (f"the LoKr preset {json.dumps(preset)} matches no module of the HiDream transformer. "
+            f"Class names you can target: {', '.join(classes)}. Module paths look like: {examples}, ... "
+            'Use e.g. {"target_module": ["HiDreamAttention"]} or {"name_algo_map": '
+            '{"double_stream_blocks.*.block.attn*": {"factor": 16}}, "use_fnmatch": true}.')
+
+
+@torch.no_grad()
+def init_lokr_perturbed_normal(network, scale: float) -> None:
+    """SimpleTuner's `init_lokr_norm`: W1 := 1, W2 := Gaussian with the base weight's mean and std, times `scale`.
+
+    Both factors then receive gradient from the first step (with the default init W2 = 0, W1 gets none).
+    """
+    for lora in network.loras:
+        if not (getattr(lora, "use_w1", False) and getattr(lora, "use_w2", False)):
+            raise ConfigError("init_lokr_norm needs full W1 and W2 matrices: set full_matrix: true "
+                              "(or a large linear_dim) in the lycoris config")
+        base = lora.org_module[0].weight.detach().float()
+        lora.lokr_w1.fill_(1.0)
+        noise = torch.randn_like(lora.lokr_w2, dtype=torch.float32)
+        noise = (noise - noise.mean()) / noise.std().clamp_min(1e-12)
+        lora.lokr_w2.copy_((noise * base.std() + base.mean()) * scale)
+
+
+def lokr_delta_weight(lora, strength: float = 1.0) -> torch.Tensor:
+    """dW of one LoKr module as its forward applies it: scale * kron(W1, W2) * scalar * strength, in float32."""
+    weight = lora.org_module[0].weight
+    delta = lora.get_weight(weight.shape).float() * lora.scalar.float()
+    return delta * strength
+
+
+def is_mergeable(network) -> bool:
+    """False when a wrapped module's weight is quantised (optimum-quanto); merging there silently does nothing."""
+    for lora in network.loras:
+        weight = lora.org_module[0].weight
+        if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
+            return False
+        if not weight.dtype.is_floating_point:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def lokr_applied(network, strength: float = 1.0) -> Iterator[str]:
+    """Run the wrapped model with the LoKr at `strength`, then restore the exact prior state.
+
+    Float base weights: the hooks are lifted, dW is added into the weights (computed in float32), and on exit the
+    original weights are copied back bit for bit and the hooks reinstated. Quantised base weights cannot be merged
+    into, so the bypass hooks stay and run at `strength`. Yields "merged" or "bypass".
+    """
+    if not is_mergeable(network):
+        previous = [lora.multiplier for lora in network.loras]
+        network.set_multiplier(strength)
+        try:
+            yield "bypass"
+        finally:
+            for lora, m in zip(network.loras, previous):
+                lora.multiplier = m
+        return
+
+    originals = []
+    with torch.no_grad():
+        deltas = [lokr_delta_weight(lora, strength) for lora in network.loras]
+        for lora, delta in zip(network.loras, deltas):
+            weight = lora.org_module[0].weight
+            originals.append(weight.detach().clone())
+            lora.restore()
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+    try:
+        yield "merged"
+    finally:
+        with torch.no_grad():
+            for lora, original in zip(network.loras, originals):
+                lora.org_module[0].weight.copy_(original)
+                lora.apply_to()
+
+
+def lokr_metadata(config: LycorisConfig, extra: Optional[dict] = None) -> dict[str, str]:
+    meta = {"lycoris_config": json.dumps(config.to_dict()), "ss_network_module": "lycoris.kohya",
+            "modelspec.architecture": "hidream-i1/lycoris-lokr"}
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def save_lokr(network, path: Path, config: LycorisConfig, dtype: torch.dtype = torch.float32,
+              metadata: Optional[dict] = None) -> Path:
+    """Write the LoKr as safetensors with LyCORIS key names and the LyCORIS config in the metadata.
+
+    Written to a temporary name and renamed, so a crash never leaves a half-written file under the real name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"LoKr files are written as .safetensors, got {path.name}")
+    tmp = path.with_name(f".{path.stem}.tmp.safetensors")  # LyCORIS picks the format from the extension
+    network.save_weights(str(tmp), dtype, lokr_metadata(config, metadata))
+    tmp.replace(path)
+    return path
+
+
+def load_lokr(path: Path, transformer: nn.Module, multiplier: float = 1.0):
+    """Load a LyCORIS file onto `transformer` (hooked, bypass mode). Returns the network.
+
+    LyCORIS drops file keys whose module does not exist silently; here that is an error naming the keys.
+    """
+    from lycoris import LycorisNetwork, create_lycoris_from_weights
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"LoKr file not found: {path}")
+    LycorisNetwork.apply_preset({"lora_prefix": LORA_PREFIX})
+    weights = load_file(str(path))
+    prefixes = {k.split(".")[0] for k in weights if "." in k}
+    network, _ = create_lycoris_from_weights(multiplier, str(path), transformer, weights_sd=weights)
+    loaded = {lora.lora_name for lora in network.loras}
+    missing = sorted(prefixes - loaded)
+    if missing:
+        raise ConfigError(f"{path}: {len(missing)} of {len(prefixes)} LoKr modules do not match this transformer "
+                          f"(first: {missing[:3]}); was it trained for another model?")
+    for lora in network.loras:
+        lora.bypass_mode = True
+    transformer.requires_grad_(False)
+    network.apply_to()
+    return network
+
+
+def remove_lokr(network) -> None:
+    """Unhook the network from the model; the base weights are untouched (training never merges)."""
+    for lora in network.loras:
+        lora.restore()

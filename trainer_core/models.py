@@ -1,0 +1,439 @@
+"""Loading HiDream-I1 from disk: the one path used for the tiny test model and for the real HiDream-I1-Full.
+
+The model folder is a diffusers HiDream-I1 folder (model_index.json, transformer/, vae/, text_encoder{,_2,_3}/,
+tokenizer{,_2,_3}/, scheduler/). The Llama-3.1-8B-Instruct text encoder usually lives in its own folder (tokenizer
+and weights together, `llama_dir`); a folder that carries it as text_encoder_4/ + tokenizer_4/ works too.
+Nothing here downloads: every load is local and every failure is a ConfigError naming the path and the fix.
+
+Text conditioning is computed by diffusers' own `HiDreamImagePipeline.encode_prompt` (on a pipeline holding only
+the text parts), so cached embeddings are by construction the ones the pipeline would feed the transformer.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import (
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    LlamaModel,
+    PreTrainedTokenizerFast,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from .config import ConfigError
+
+PathLike = Union[str, Path]
+Device = Union[str, torch.device]
+
+# Subfolders of a HiDream-I1 diffusers folder, with the files of which at least one proves each is there.
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model")
+REQUIRED_SUBFOLDERS: dict[str, tuple[str, ...]] = {
+    "transformer": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": _TOKENIZER_FILES,
+    "text_encoder_2": ("config.json",),
+    "tokenizer_2": _TOKENIZER_FILES,
+    "text_encoder_3": ("config.json",),
+    "tokenizer_3": _TOKENIZER_FILES,
+    "scheduler": ("scheduler_config.json",),
+}
+LLAMA_SUBFOLDERS = ("text_encoder_4", "tokenizer_4")
+
+# Files that define a component; READMEs, licences and subfolders (e.g. Meta's original/ checkpoint) are ignored.
+_IDENTITY_SUFFIXES = {".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken"}
+_IDENTITY_HEAD_BYTES = 1 << 20
+
+
+# ------------------------------------------------------------------------------------------------- prompt embeds
+
+
+@dataclass
+class PromptEmbeds:
+    """The text conditioning of a batch of captions, in the layout HiDreamImageTransformer2DModel.forward takes.
+
+    t5:     (B, S, D_t5)        T5 last hidden state (`encoder_hidden_states_t5`); S = 128
+    llama:  (L, B, S, D_llama)  every Llama layer's output, layer axis first (`encoder_hidden_states_llama3`)
+    pooled: (B, D_pooled)       CLIP-L and CLIP-G projected text embeds, concatenated (`pooled_embeds`)
+    """
+
+    t5: torch.Tensor
+    llama: torch.Tensor
+    pooled: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.t5.ndim != 3 or self.llama.ndim != 4 or self.pooled.ndim != 2:
+            raise ValueError(
+                "PromptEmbeds expects t5 (B,S,D), llama (L,B,S,D), pooled (B,D); got "
+                f"t5 {tuple(self.t5.shape)}, llama {tuple(self.llama.shape)}, pooled {tuple(self.pooled.shape)}"
+            )
+        if not (self.t5.shape[0] == self.llama.shape[1] == self.pooled.shape[0]):
+            raise ValueError(
+                f"PromptEmbeds batch sizes disagree: t5 {self.t5.shape[0]}, llama {self.llama.shape[1]}, "
+                f"pooled {self.pooled.shape[0]}"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.t5.shape[0]
+
+    def to(self, device: Optional[Device] = None, dtype: Optional[torch.dtype] = None) -> "PromptEmbeds":
+        return PromptEmbeds(
+            t5=self.t5.to(device=device, dtype=dtype),
+            llama=self.llama.to(device=device, dtype=dtype),
+            pooled=self.pooled.to(device=device, dtype=dtype),
+        )
+
+    @classmethod
+    def cat(cls, items: list["PromptEmbeds"]) -> "PromptEmbeds":
+        """Concatenate along the batch axis (dim 0 of t5/pooled, dim 1 of llama)."""
+        if not items:
+            raise ValueError("PromptEmbeds.cat needs at least one item")
+        return cls(
+            t5=torch.cat([item.t5 for item in items], dim=0),
+            llama=torch.cat([item.llama for item in items], dim=1),
+            pooled=torch.cat([item.pooled for item in items], dim=0),
+        )
+
+    def select(self, index: int) -> "PromptEmbeds":
+        """One batch element, keeping a batch axis of size 1 (negative indices count from the end)."""
+        batch = self.batch_size
+        if not -batch <= index < batch:
+            raise IndexError(f"index {index} out of range for a batch of {batch}")
+        index %= batch
+        return PromptEmbeds(
+            t5=self.t5[index : index + 1],
+            llama=self.llama[:, index : index + 1],
+            pooled=self.pooled[index : index + 1],
+        )
+
+
+# ------------------------------------------------------------------------------------------------- text encoders
+
+
+class HiDreamTextEncoders:
+    """The four HiDream text encoders and their tokenizers.
+
+    `encode` runs diffusers' `HiDreamImagePipeline.encode_prompt` on a pipeline that holds only these text parts
+    (no transformer, VAE or scheduler) with classifier-free guidance off, so the encoding IS the pipeline's:
+    CLIP-L/CLIP-G pooled projections at 128 tokens, T5 last hidden state, and all Llama hidden states but the
+    embedding layer.
+
+    `identity` is a stable string naming these exact encoders (configs, tokenizer files, weight files, dtype); use it
+    in cache keys so that cached embeddings are never reused with other encoders.
+    """
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModelWithProjection,
+        tokenizer_2: CLIPTokenizer,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer_3: T5Tokenizer,
+        text_encoder_3: T5EncoderModel,
+        tokenizer_4: PreTrainedTokenizerFast,
+        text_encoder_4: torch.nn.Module,
+        identity: str,
+    ) -> None:
+        self.identity = identity
+        # The pipeline sets tokenizer_4.pad_token = eos_token in its __init__, exactly as at inference time.
+        self._pipeline: Optional[HiDreamImagePipeline] = HiDreamImagePipeline(
+            scheduler=None,
+            vae=None,
+            transformer=None,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            tokenizer_2=tokenizer_2,
+            text_encoder_2=text_encoder_2,
+            tokenizer_3=tokenizer_3,
+            text_encoder_3=text_encoder_3,
+            tokenizer_4=tokenizer_4,
+            text_encoder_4=text_encoder_4,
+        )
+        for encoder in self._encoders():
+            encoder.eval().requires_grad_(False)
+
+    def _live_pipeline(self) -> HiDreamImagePipeline:
+        if self._pipeline is None:
+            raise RuntimeError("these HiDream text encoders were freed; load them again with load_text_encoders")
+        return self._pipeline
+
+    def _encoders(self) -> list[torch.nn.Module]:
+        pipe = self._live_pipeline()
+        return [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.text_encoder_4]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._live_pipeline().text_encoder_4.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self._live_pipeline().text_encoder_4.parameters()).dtype
+
+    def to(self, device: Device) -> "HiDreamTextEncoders":
+        for encoder in self._encoders():
+            encoder.to(device)
+        return self
+
+    def encode(self, prompts: list[str], max_sequence_length: int = 128) -> PromptEmbeds:
+        """Encode captions -> PromptEmbeds with t5 (B,128,D_t5), llama (L,B,128,D_llama), pooled (B,D_pooled).
+
+        Runs under no_grad (not inference_mode, whose tensors could not later be saved for backward in training).
+        The result stays on the encoders' device in their dtype; the caller moves it.
+        """
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("encode expects a non-empty list of caption strings")
+        pipe = self._live_pipeline()
+        with torch.no_grad():
+            t5, _, llama, _, pooled, _ = pipe.encode_prompt(
+                prompt=list(prompts),
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                max_sequence_length=max_sequence_length,
+            )
+        return PromptEmbeds(t5=t5, llama=llama, pooled=pooled)
+
+    def free(self) -> None:
+        """Drop every reference to the encoders so their memory (tens of GB for the real model) is released."""
+        self._pipeline = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True)
+class HiDreamModelPaths:
+    """Where a HiDream-I1 model lives. `llama_dir` is None when the Llama is inside model_dir as text_encoder_4/."""
+
+    model_dir: Path
+    llama_dir: Optional[Path] = None
+
+    @property
+    def llama_model_dir(self) -> Path:
+        return self.llama_dir if self.llama_dir is not None else self.model_dir / "text_encoder_4"
+
+    @property
+    def llama_tokenizer_dir(self) -> Path:
+        return self.llama_dir if self.llama_dir is not None else self.model_dir / "tokenizer_4"
+
+
+def resolve_model_paths(
+    model_dir: PathLike, llama_dir: Optional[PathLike] = None, require_text_encoders: bool = True
+) -> HiDreamModelPaths:
+    """Check that `model_dir` is a HiDream-I1 diffusers folder and find the Llama; raise ConfigError otherwise.
+
+    With `require_text_encoders=False` only the transformer, VAE and scheduler are required (for runs whose text
+    embeddings are already cached), and a missing Llama is not an error.
+    """
+    model_dir = Path(model_dir).expanduser()
+    if not model_dir.is_dir():
+        raise ConfigError(
+            f"HiDream model folder {model_dir} does not exist or is not a folder: pass the diffusers "
+            "HiDream-I1-Full folder (the one containing model_index.json, transformer/, vae/, text_encoder/ ...)"
+        )
+
+    needed = REQUIRED_SUBFOLDERS
+    if not require_text_encoders:
+        needed = {name: markers for name, markers in needed.items() if name in ("transformer", "vae", "scheduler")}
+    missing = [
+        f"{name}/{markers[0]}"
+        for name, markers in needed.items()
+        if not any((model_dir / name / marker).is_file() for marker in markers)
+    ]
+    if missing:
+        raise ConfigError(
+            f"{model_dir} is not a complete HiDream-I1 diffusers folder: missing {', '.join(missing)}. "
+            "Point the model path at the HiDream-I1-Full diffusers download (HiDream-ai/HiDream-I1-Full), which has "
+            "model_index.json and transformer/, vae/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/, scheduler/."
+        )
+
+    if llama_dir is not None:
+        llama_path = Path(llama_dir).expanduser()
+        if not llama_path.is_dir():
+            raise ConfigError(
+                f"Llama folder {llama_path} does not exist: pass --llama DIR pointing at a local "
+                "Llama-3.1-8B-Instruct folder (config.json, *.safetensors, tokenizer.json together)"
+            )
+        llama_missing = [] if (llama_path / "config.json").is_file() else ["config.json"]
+        if not any((llama_path / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+            llama_missing.append("tokenizer_config.json / tokenizer.json")
+        if llama_missing:
+            raise ConfigError(
+                f"Llama folder {llama_path} lacks {', '.join(llama_missing)}: it must hold both the model and the "
+                "tokenizer of Llama-3.1-8B-Instruct (as downloaded from meta-llama/Llama-3.1-8B-Instruct)"
+            )
+        return HiDreamModelPaths(model_dir=model_dir, llama_dir=llama_path)
+
+    inside = [name for name in LLAMA_SUBFOLDERS if not (model_dir / name).is_dir()]
+    if inside and require_text_encoders:
+        raise ConfigError(
+            f"no {' and no '.join(n + '/' for n in inside)} in {model_dir} and no llama_dir given: pass --llama DIR "
+            "pointing at Llama-3.1-8B-Instruct (a folder with config.json, the weights and tokenizer.json)"
+        )
+    return HiDreamModelPaths(model_dir=model_dir, llama_dir=None)
+
+
+# ------------------------------------------------------------------------------------------------------ identity
+
+
+def _identity_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"cannot identify {path}: it does not exist")
+    return [p for p in path.iterdir() if p.is_file() and p.suffix in _IDENTITY_SUFFIXES and not p.name.startswith(".")]
+
+
+def _files_digest(files: list[Path]) -> str:
+    """sha256 over (name, size, sha256 of the first MiB) of each file, in name order (folders do not matter)."""
+    entries = []
+    for file in files:
+        with file.open("rb") as handle:
+            head = handle.read(_IDENTITY_HEAD_BYTES)
+        entries.append(f"{file.name}\0{file.stat().st_size}\0{hashlib.sha256(head).hexdigest()}\n")
+    return hashlib.sha256("".join(sorted(entries)).encode()).hexdigest()
+
+
+def component_identity(path: Path) -> str:
+    """A sha256 hex digest naming the component stored in the folder `path` (or the single file `path`).
+
+    Covers, for every config/tokenizer/weight file directly in the folder: its name, its size and a hash of its first
+    MiB (the whole file for configs and tokenizers; header + first tensors for weight shards). Content rather than
+    mtimes, so that a copied or re-downloaded identical model keeps its caches valid.
+    """
+    files = _identity_files(Path(path))
+    if not files:
+        raise ConfigError(f"{path} holds no config, tokenizer or weight files to identify")
+    return _files_digest(files)
+
+
+def _text_encoders_identity(paths: HiDreamModelPaths, dtype: torch.dtype) -> str:
+    parts = [str(dtype)]
+    parts += [component_identity(paths.model_dir / name) for name in ("text_encoder", "tokenizer", "text_encoder_2",
+                                                                      "tokenizer_2", "text_encoder_3", "tokenizer_3")]
+    # The Llama's files are pooled whether they sit in one folder (llama_dir) or in text_encoder_4/ + tokenizer_4/,
+    # so the same Llama gives the same identity either way.
+    llama_folders = {paths.llama_model_dir, paths.llama_tokenizer_dir}
+    llama_files = {file.resolve(): file for folder in llama_folders for file in _identity_files(folder)}
+    parts.append(_files_digest(list(llama_files.values())))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+
+
+def _load(what: str, folder: Path, load):
+    """Run a from_pretrained call and turn a missing/corrupt-file error into a ConfigError naming the folder."""
+    if not folder.is_dir():
+        raise ConfigError(f"cannot load the {what}: {folder} does not exist")
+    try:
+        return load(folder)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"cannot load the {what} from {folder}: {err}. Check that the folder is a complete local download "
+            "(config plus all weight/tokenizer files); nothing is downloaded."
+        ) from err
+
+
+def load_transformer(
+    paths: HiDreamModelPaths, dtype: torch.dtype = torch.float32, device: Device = "cpu"
+) -> HiDreamImageTransformer2DModel:
+    transformer = _load(
+        "HiDream transformer",
+        paths.model_dir / "transformer",
+        lambda d: HiDreamImageTransformer2DModel.from_pretrained(d, dtype=dtype, local_files_only=True),
+    )
+    return transformer.to(device)
+
+
+def load_vae(paths: HiDreamModelPaths, dtype: torch.dtype = torch.float32, device: Device = "cpu") -> AutoencoderKL:
+    vae = _load(
+        "VAE", paths.model_dir / "vae", lambda d: AutoencoderKL.from_pretrained(d, dtype=dtype, local_files_only=True)
+    )
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoders(
+    paths: HiDreamModelPaths, dtype: torch.dtype = torch.float32, device: Device = "cpu"
+) -> HiDreamTextEncoders:
+    """Load CLIP-L, CLIP-G, T5 and Llama with their tokenizers (Llama from `paths.llama_dir` when set)."""
+    model_dir = paths.model_dir
+
+    def tokenizer(cls, name: str, folder: Path):
+        return _load(name, folder, lambda d: cls.from_pretrained(d, local_files_only=True))
+
+    def encoder(cls, name: str, folder: Path):
+        return _load(name, folder, lambda d: cls.from_pretrained(d, dtype=dtype, local_files_only=True))
+
+    # The Llama is loaded as LlamaModel rather than the pipeline's LlamaForCausalLM: encode_prompt only reads
+    # hidden_states, which come from the same inner model either way (the tests check the embeddings match the
+    # pipeline's), and this skips the lm_head (~1 GB in bf16) and the 128k-wide logits of every forward.
+    # transformers' load report then lists lm_head.weight as UNEXPECTED: that is this skip, not a fault.
+    encoders = HiDreamTextEncoders(
+        tokenizer=tokenizer(CLIPTokenizer, "CLIP-L tokenizer", model_dir / "tokenizer"),
+        text_encoder=encoder(CLIPTextModelWithProjection, "CLIP-L text encoder", model_dir / "text_encoder"),
+        tokenizer_2=tokenizer(CLIPTokenizer, "CLIP-G tokenizer", model_dir / "tokenizer_2"),
+        text_encoder_2=encoder(CLIPTextModelWithProjection, "CLIP-G text encoder", model_dir / "text_encoder_2"),
+        tokenizer_3=tokenizer(T5Tokenizer, "T5 tokenizer", model_dir / "tokenizer_3"),
+        text_encoder_3=encoder(T5EncoderModel, "T5 text encoder", model_dir / "text_encoder_3"),
+        tokenizer_4=tokenizer(PreTrainedTokenizerFast, "Llama tokenizer", paths.llama_tokenizer_dir),
+        text_encoder_4=encoder(LlamaModel, "Llama text encoder", paths.llama_model_dir),
+        identity=_text_encoders_identity(paths, dtype),
+    )
+    return encoders.to(device)
+
+
+def load_scheduler(paths: HiDreamModelPaths) -> SchedulerMixin:
+    """The scheduler saved in scheduler/, as the class its config names (UniPC or FlowMatchEuler for HiDream)."""
+    folder = paths.model_dir / "scheduler"
+    config_file = folder / "scheduler_config.json"
+    try:
+        class_name = json.loads(config_file.read_text(encoding="utf-8"))["_class_name"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"cannot read the scheduler class from {config_file}: {err}") from err
+    scheduler_cls = getattr(diffusers, class_name, None)
+    if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin)):
+        raise ConfigError(f"{config_file} names {class_name!r}, which is not a diffusers scheduler class")
+    return _load("scheduler", folder, lambda d: scheduler_cls.from_pretrained(d, local_files_only=True))
+
+
+# ----------------------------------------------------------------------------------------------------------- VAE
+
+
+def _vae_shift_and_scale(vae: AutoencoderKL) -> tuple[float, float]:
+    shift = vae.config.shift_factor
+    return (0.0 if shift is None else float(shift)), float(vae.config.scaling_factor)
+
+
+@torch.no_grad()
+def vae_encode(vae: AutoencoderKL, pixels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pixels (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8), on the VAE's device and dtype.
+
+    Samples the posterior (with `generator` when given) and normalises it the way the pipeline un-normalises before
+    decoding: (z - shift_factor) * scaling_factor.
+    """
+    shift, scale = _vae_shift_and_scale(vae)
+    posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return (posterior.sample(generator=generator) - shift) * scale
+
+
+@torch.no_grad()
+def vae_decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents (B, C, h, w) -> pixels (B, 3, 8h, 8w) clamped to [-1, 1] (inverse of vae_encode)."""
+    shift, scale = _vae_shift_and_scale(vae)
+    latents = latents.to(device=vae.device, dtype=vae.dtype) / scale + shift
+    return vae.decode(latents, return_dict=False)[0].clamp(-1.0, 1.0)

@@ -1,0 +1,85 @@
+"""Image sampling with the HiDream transformer: flow-matching scheduler loop with classifier-free guidance.
+
+The loop is HiDream's pipeline loop without its forced ~1 MP resize (so previews of small tiny-model runs stay
+cheap): noise -> for each timestep: model on [uncond, cond], negate, guide, scheduler step -> VAE decode.
+With a LoKr network, `lokr_applied` merges it for the run and restores the base weights exactly afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import SamplingConfig
+from .lokr import lokr_applied
+from .models import PromptEmbeds, vae_decode
+
+
+def make_scheduler(name: str, shift: float, num_train_timesteps: int = 1000):
+    """A diffusers flow-matching scheduler with a static shift: UniPC (HiDream-I1-Full's) or Euler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if name == "unipc":
+        return UniPCMultistepScheduler(num_train_timesteps=num_train_timesteps, prediction_type="flow_prediction",
+                                       use_flow_sigmas=True, flow_shift=shift)
+    if name == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+    raise ValueError(f"unknown scheduler {name!r}; use 'unipc' or 'euler'")
+
+
+@torch.no_grad()
+def denoise(transformer, cond: PromptEmbeds, uncond: Optional[PromptEmbeds], settings: SamplingConfig,
+            progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """Sample latents (1, C, H/8, W/8) float32 for one prompt. CFG runs when `uncond` is given and guidance > 1."""
+    settings.validate()
+    param = next(transformer.parameters())
+    device, dtype = param.device, (param.dtype if param.dtype.is_floating_point else torch.bfloat16)
+    channels = transformer.config.in_channels
+    generator = torch.Generator().manual_seed(settings.seed)
+    latents = torch.randn((1, channels, settings.height // 8, settings.width // 8), generator=generator)
+    latents = latents.to(device)
+
+    use_cfg = uncond is not None and settings.guidance > 1.0
+    embeds = PromptEmbeds.cat([uncond, cond]) if use_cfg else cond
+    embeds = embeds.to(device=device, dtype=dtype)
+    scheduler = make_scheduler(settings.scheduler, settings.shift)
+    scheduler.set_timesteps(settings.num_inference_steps, device=device)
+
+    was_training = transformer.training
+    transformer.eval()  # (B, C, H, W) output and the fused MoE inference path
+    try:
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([latents, latents]) if use_cfg else latents
+            out = transformer(hidden_states=model_input.to(dtype), timesteps=t.expand(model_input.shape[0]),
+                              encoder_hidden_states_t5=embeds.t5, encoder_hidden_states_llama3=embeds.llama,
+                              pooled_embeds=embeds.pooled, return_dict=False)[0]
+            velocity = -out.float()  # raw output is x0 - noise; the scheduler wants noise - x0
+            if use_cfg:
+                v_uncond, v_cond = velocity.chunk(2)
+                velocity = v_uncond + settings.guidance * (v_cond - v_uncond)
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            if progress:
+                progress(i + 1, len(scheduler.timesteps))
+    finally:
+        transformer.train(was_training)
+    return latents.float()
+
+
+def latents_to_images(vae, latents: torch.Tensor) -> list[Image.Image]:
+    """Decode scaled latents (B, 16, h, w) to PIL images."""
+    pixels = vae_decode(vae, latents)
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def sample_image(transformer, vae, cond: PromptEmbeds, uncond: Optional[PromptEmbeds], settings: SamplingConfig,
+                 network=None, progress: Optional[Callable[[int, int], None]] = None
+                 ) -> tuple[Image.Image, torch.Tensor]:
+    """One image and its latents, with `network` (a LoKr) applied at settings.lokr_strength if given."""
+    ctx = lokr_applied(network, settings.lokr_strength) if network is not None else contextlib.nullcontext()
+    with ctx:
+        latents = denoise(transformer, cond, uncond, settings, progress)
+    return latents_to_images(vae, latents)[0], latents
