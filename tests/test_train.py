@@ -77,3 +77,14 @@ def test_too_few_samples_fails_before_any_model_is_loaded(shapes, tmp_path):
 def test_missing_model_folder_is_a_clear_error(shapes, tmp_path):
     with pytest.raises(ConfigError, match="no-such-model"):
         train(tiny_train_config(tmp_path / "no-such-model", shapes, tmp_path / "out"))
+
+
+def test_bf16_mixed_precision_keeps_the_lokr_in_float32(tiny_model_dir, tiny_paths, shapes, tmp_path):
+    from trainer_core.lokr import LycorisConfig, create_lokr_network
+    from trainer_core.models import load_transformer
+
+    network = create_lokr_network(load_transformer(tiny_paths, dtype=torch.bfloat16), LycorisConfig())
+    assert {p.dtype for p in network.parameters()} == {torch.float32}  # the update lives in float32
+    result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "bf16", max_train_steps=2,
+                                     mixed_precision="bf16"))
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))

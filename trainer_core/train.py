@@ -128,6 +128,16 @@ def _captions_to_cache(datasets: list[ImageDataset], config: TrainConfig) -> lis
     return captions
 
 
+def _progress_to(bar: tqdm) -> Callable[[int, int], None]:
+    """A cache-fill progress callback (done, total) that drives a tqdm bar."""
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return update
+
+
 def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -161,7 +171,8 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None) ->
     phase("caching text embeddings")
     text_encoders = load_text_encoders(paths, dtype=dtype, device=device)
     text_cache = TextEmbeddingCache(cache_dir / "text", text_encoders.identity)
-    text_cache.fill(_captions_to_cache(datasets, config), text_encoders)
+    with tqdm(desc="text embeddings", unit="caption", disable=None) as bar:
+        text_cache.fill(_captions_to_cache(datasets, config), text_encoders, progress=_progress_to(bar))
     logger.info("text cache: %s", text_cache.stats)
     text_encoders.free()
     del text_encoders
@@ -172,9 +183,9 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None) ->
     vae = load_vae(paths, dtype=torch.float32, device=device)
     latent_cache = LatentCache(cache_dir / "latents", component_identity(paths.model_dir / "vae"))
     samples = [s for ds in datasets for s in ds.samples]
-    with tqdm(total=len(samples), desc="latents", disable=None) as bar:
+    with tqdm(desc="latents", unit="image", disable=None) as bar:
         latent_cache.fill(samples, VaeImageEncoder(vae, latent_cache.encoder_identity), config.vae_batch_size,
-                          progress=lambda done, total: bar.update(done - bar.n))
+                          progress=_progress_to(bar))
     logger.info("latent cache: %s", latent_cache.stats)
 
     # 4. Transformer (frozen, optionally quantised) and the LoKr that trains.
