@@ -170,3 +170,19 @@ def test_lycoris_config_reads_quickstart_json_with_trailing_commas(tmp_path):
     path.write_text(text)
     config = LycorisConfig.from_file(path)
     assert config.factor == 16 and config.full_matrix and config.use_scalar
+
+
+def test_quantised_base_runs_the_lokr_unmerged(tiny_transformer):
+    """Merging into frozen optimum-quanto weights silently does nothing, so sampling keeps the bypass hooks."""
+    from trainer_core.quantize import quantize_frozen
+
+    reference = _forward(tiny_transformer)
+    quantize_frozen(tiny_transformer, "int8-quanto")
+    base = _forward(tiny_transformer)
+    network = create_lokr_network(tiny_transformer, LycorisConfig.from_dict(QUICKSTART_ATTENTION))
+    _randomise(network)
+    with lokr_applied(network, 1.0) as mode:
+        assert mode == "bypass"
+        with_lokr = _forward(tiny_transformer)
+    assert not torch.allclose(with_lokr, base, atol=1e-4)
+    assert torch.allclose(base, reference, atol=0.1)  # int8 stays close to the float model

@@ -88,11 +88,20 @@ class TextEmbeddingCache:
                             "max_sequence_length": self.max_sequence_length})
         return self.cache_dir / key[:2] / f"{key}.safetensors"
 
-    def fill(self, captions: Iterable[str], encoder: TextEncoder, batch_size: int = 8,
+    def missing(self, captions: Iterable[str]) -> list[str]:
+        """The distinct captions (the empty one included) that have no cache entry yet."""
+        return [c for c in dict.fromkeys(["", *captions]) if not self.path_for(c).is_file()]
+
+    def fill(self, captions: Iterable[str], encoder: Optional[TextEncoder], batch_size: int = 8,
              progress: Optional[Callable[[int, int], None]] = None) -> CacheStats:
-        """Encode every caption not yet cached. The empty caption is always cached (caption dropout uses it)."""
+        """Encode every caption not yet cached. The empty caption is always cached (caption dropout uses it).
+
+        `encoder` may be None when the caller knows (from `missing`) that everything is cached already.
+        """
         unique = list(dict.fromkeys(["", *captions]))
-        missing = [c for c in unique if not self.path_for(c).is_file()]
+        missing = self.missing(unique)
+        if missing and encoder is None:
+            raise ValueError(f"{len(missing)} captions are not cached and no text encoder was given")
         self.stats.hits += len(unique) - len(missing)
         for start in range(0, len(missing), batch_size):
             chunk = missing[start:start + batch_size]

@@ -140,11 +140,21 @@ def resolve_preset(preset: dict, model: nn.Module) -> dict:
     present = {type(m).__name__ for m in model.modules()}
     resolved = copy.deepcopy(_PRESET_DEFAULTS)
     user = copy.deepcopy(preset or {})
-    for key in ("target_module",):
-        if key in user:
-            user[key] = [_translate_class(name, present) for name in user[key]]
+    translated: set[str] = set()
+
+    def translate(name: str) -> str:
+        if name in present or name not in ATTENTION_CLASS_ALIASES or HIDREAM_ATTENTION_CLASS not in present:
+            return name
+        translated.add(name)
+        return HIDREAM_ATTENTION_CLASS
+
+    if "target_module" in user:
+        user["target_module"] = [translate(name) for name in user["target_module"]]
     if "module_algo_map" in user:
-        user["module_algo_map"] = {_translate_class(k, present): v for k, v in user["module_algo_map"].items()}
+        user["module_algo_map"] = {translate(k): v for k, v in user["module_algo_map"].items()}
+    for name in sorted(translated):
+        logger.warning("LoKr target class %r does not exist in diffusers' HiDream transformer; using %r "
+                       "(SimpleTuner's own model copy calls it %r)", name, HIDREAM_ATTENTION_CLASS, name)
     unknown = set(user) - set(_PRESET_DEFAULTS) - {"unet_target_module", "unet_target_name",
                                                    "text_encoder_target_module", "text_encoder_target_name"}
     if unknown:
@@ -156,16 +166,6 @@ def resolve_preset(preset: dict, model: nn.Module) -> dict:
         user["target_module"] = []
     resolved.update(user)
     return resolved
-
-
-def _translate_class(name: str, present: set[str]) -> str:
-    if name in present:
-        return name
-    if name in ATTENTION_CLASS_ALIASES and HIDREAM_ATTENTION_CLASS in present:
-        logger.warning("LoKr target class %r does not exist in diffusers' HiDream transformer; using %r "
-                       "(SimpleTuner's own model copy calls it %r)", name, HIDREAM_ATTENTION_CLASS, name)
-        return HIDREAM_ATTENTION_CLASS
-    return name
 
 
 def create_lokr_network(transformer: nn.Module, config: LycorisConfig, *, seed: int = 0,

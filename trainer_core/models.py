@@ -321,7 +321,8 @@ def component_identity(path: Path) -> str:
     return _files_digest(files)
 
 
-def _text_encoders_identity(paths: HiDreamModelPaths, dtype: torch.dtype) -> str:
+def text_encoders_identity(paths: HiDreamModelPaths, dtype: torch.dtype) -> str:
+    """The identity `load_text_encoders(paths, dtype)` will carry, computed from the files without loading them."""
     parts = [str(dtype)]
     parts += [component_identity(paths.model_dir / name) for name in ("text_encoder", "tokenizer", "text_encoder_2",
                                                                       "tokenizer_2", "text_encoder_3", "tokenizer_3")]
@@ -392,7 +393,7 @@ def load_text_encoders(
         text_encoder_3=encoder(T5EncoderModel, "T5 text encoder", model_dir / "text_encoder_3"),
         tokenizer_4=tokenizer(PreTrainedTokenizerFast, "Llama tokenizer", paths.llama_tokenizer_dir),
         text_encoder_4=encoder(LlamaModel, "Llama text encoder", paths.llama_model_dir),
-        identity=_text_encoders_identity(paths, dtype),
+        identity=text_encoders_identity(paths, dtype),
     )
     return encoders.to(device)
 

@@ -26,7 +26,7 @@ from .flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching
                             patch_tokens_to_image, resolution_shift, sample_sigmas, shift_sigmas)
 from .lokr import LycorisConfig, create_lokr_network, save_lokr
 from .models import (PromptEmbeds, component_identity, load_text_encoders, load_transformer, load_vae,
-                     resolve_model_paths)
+                     resolve_model_paths, text_encoders_identity)
 from .plot import loss_curve_image
 from .quantize import quantize_frozen
 from .sample import sample_image
@@ -167,16 +167,21 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None) ->
     paths = resolve_model_paths(config.pretrained_model_name_or_path, config.pretrained_llama_path)
     cache_dir = config.resolved_cache_dir
 
-    # 2. Text embeddings, then the four text encoders leave memory before the transformer arrives.
+    # 2. Text embeddings. The four encoders (~25 GB for the real model) are loaded only when a caption is missing
+    #    from the cache, and leave memory before the transformer arrives.
     phase("caching text embeddings")
-    text_encoders = load_text_encoders(paths, dtype=dtype, device=device)
-    text_cache = TextEmbeddingCache(cache_dir / "text", text_encoders.identity)
-    with tqdm(desc="text embeddings", unit="caption", disable=None) as bar:
-        text_cache.fill(_captions_to_cache(datasets, config), text_encoders, progress=_progress_to(bar))
+    captions = _captions_to_cache(datasets, config)
+    text_cache = TextEmbeddingCache(cache_dir / "text", text_encoders_identity(paths, dtype))
+    if text_cache.missing(captions):
+        text_encoders = load_text_encoders(paths, dtype=dtype, device=device)
+        with tqdm(desc="text embeddings", unit="caption", disable=None) as bar:
+            text_cache.fill(captions, text_encoders, progress=_progress_to(bar))
+        text_encoders.free()
+        del text_encoders
+        release_memory()
+    else:
+        text_cache.fill(captions, encoder=None)  # counts the hits; nothing to encode
     logger.info("text cache: %s", text_cache.stats)
-    text_encoders.free()
-    del text_encoders
-    release_memory()
 
     # 3. Latents. The VAE stays (small) to decode validation images.
     phase("caching latents")
