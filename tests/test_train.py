@@ -88,3 +88,32 @@ def test_bf16_mixed_precision_keeps_the_lokr_in_float32(tiny_model_dir, tiny_pat
     result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "bf16", max_train_steps=2,
                                      mixed_precision="bf16"))
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_given_components_train_like_loaded_ones_and_come_back_unchanged(tiny_model_dir, tiny_paths, shapes,
+                                                                          tmp_path):
+    """A front end that already holds the models (ComfyUI) passes them in: no file is read for them, the losses
+    equal a run that loads them itself, and the caller's transformer comes back without LoKr and unchanged."""
+    from trainer_core.cache import VaeImageEncoder
+    from trainer_core.models import component_identity, load_text_encoders, load_transformer, load_vae
+    from trainer_core.sample import latents_to_images
+    from trainer_core.train import ModelComponents
+
+    reference = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "loaded"))
+    transformer = load_transformer(tiny_paths, dtype=torch.float32)
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    vae = load_vae(tiny_paths, dtype=torch.float32)
+    components = ModelComponents(
+        transformer=transformer, transformer_name="given",
+        text_encoder=load_text_encoders(tiny_paths, dtype=torch.float32),
+        image_encoder=VaeImageEncoder(vae, component_identity(tiny_paths.model_dir / "vae")),
+        decode_latents=lambda latents: latents_to_images(vae, latents))
+    config = tiny_train_config(tmp_path / "no-such-model", shapes, tmp_path / "given",
+                               validation_prompt="a red circle", disable_benchmark=True)
+    result = train(config, components=components)
+    assert result.losses == reference.losses
+    assert len(result.validation_images) == 1
+    assert not any("lycoris" in name.lower() for name, _ in transformer.named_modules())
+    for name, value in transformer.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert not transformer.is_gradient_checkpointing

@@ -19,17 +19,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .cache import CacheStats, LatentCache, TextEmbeddingCache, VaeImageEncoder
+from .cache import CacheStats, ImageEncoder, LatentCache, TextEmbeddingCache, TextEncoder, VaeImageEncoder
 from .config import ConfigError, TrainConfig
 from .data import BucketBatches, ImageDataset, check_enough_samples, discover_dataset
 from .flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
                             patch_tokens_to_image, resolution_shift, sample_sigmas, shift_sigmas)
-from .lokr import LycorisConfig, create_lokr_network, save_lokr
+from .lokr import LycorisConfig, create_lokr_network, lokr_applied, remove_lokr, save_lokr
 from .models import (PromptEmbeds, component_identity, load_text_encoders, load_transformer, load_vae,
                      resolve_model_paths, text_encoders_identity)
 from .plot import loss_curve_image
 from .quantize import quantize_frozen
-from .sample import sample_image
+from .sample import denoise, latents_to_images
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,22 @@ class TrainingCallbacks:
     on_step: Optional[Callable[[StepMetrics], None]] = None
     on_validation: Optional[Callable[[int, Image.Image], None]] = None
     should_stop: Optional[Callable[[], bool]] = None
+
+
+@dataclass
+class ModelComponents:
+    """Models a front end already holds (ComfyUI's loaders hand over theirs); whatever is None is loaded from the
+    config's model paths. The caller keeps ownership: the LoKr is removed from a given transformer after training.
+
+    text_encoder / image_encoder fill the caches and their `identity` keys them; decode_latents turns scaled
+    latents (B, 16, h, w) into images for validation.
+    """
+
+    transformer: Optional[torch.nn.Module] = None
+    transformer_name: str = "transformer"
+    text_encoder: Optional[TextEncoder] = None
+    image_encoder: Optional[ImageEncoder] = None
+    decode_latents: Optional[Callable[[torch.Tensor], list[Image.Image]]] = None
 
 
 @dataclass
@@ -151,8 +167,10 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> to
     raise ConfigError(f"optimizer {config.optimizer!r} is not available; use 'adamw'")
 
 
-def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None) -> TrainResult:
+def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
+          components: Optional[ModelComponents] = None) -> TrainResult:
     cb = callbacks or TrainingCallbacks()
+    given = components or ModelComponents()
     phase = cb.on_phase or (lambda name: logger.info("phase: %s", name))
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
@@ -164,19 +182,23 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None) ->
     # 1. Data: everything that can be wrong with it is found before a model is loaded.
     phase("discovering data")
     datasets, batches = discover(config)
-    paths = resolve_model_paths(config.pretrained_model_name_or_path, config.pretrained_llama_path)
+    needs_files = None in (given.transformer, given.text_encoder, given.image_encoder, given.decode_latents)
+    paths = resolve_model_paths(config.pretrained_model_name_or_path, config.pretrained_llama_path,
+                                require_text_encoders=given.text_encoder is None) if needs_files else None
     cache_dir = config.resolved_cache_dir
 
     # 2. Text embeddings. The four encoders (~25 GB for the real model) are loaded only when a caption is missing
     #    from the cache, and leave memory before the transformer arrives.
     phase("caching text embeddings")
     captions = _captions_to_cache(datasets, config)
-    text_cache = TextEmbeddingCache(cache_dir / "text", text_encoders_identity(paths, dtype))
+    text_identity = given.text_encoder.identity if given.text_encoder else text_encoders_identity(paths, dtype)
+    text_cache = TextEmbeddingCache(cache_dir / "text", text_identity)
     if text_cache.missing(captions):
-        text_encoders = load_text_encoders(paths, dtype=dtype, device=device)
+        text_encoders = given.text_encoder or load_text_encoders(paths, dtype=dtype, device=device)
         with tqdm(desc="text embeddings", unit="caption", disable=None) as bar:
             text_cache.fill(captions, text_encoders, progress=_progress_to(bar))
-        text_encoders.free()
+        if given.text_encoder is None:
+            text_encoders.free()
         del text_encoders
         release_memory()
     else:
@@ -185,18 +207,26 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None) ->
 
     # 3. Latents. The VAE stays (small) to decode validation images.
     phase("caching latents")
-    vae = load_vae(paths, dtype=torch.float32, device=device)
-    latent_cache = LatentCache(cache_dir / "latents", component_identity(paths.model_dir / "vae"))
+    vae = load_vae(paths, dtype=torch.float32, device=device) if needs_files else None
+    image_encoder = given.image_encoder or VaeImageEncoder(vae, component_identity(paths.model_dir / "vae"))
+    decode_latents = given.decode_latents or (lambda latents: latents_to_images(vae, latents))
+    latent_cache = LatentCache(cache_dir / "latents", image_encoder.identity)
     samples = [s for ds in datasets for s in ds.samples]
     with tqdm(desc="latents", unit="image", disable=None) as bar:
-        latent_cache.fill(samples, VaeImageEncoder(vae, latent_cache.encoder_identity), config.vae_batch_size,
-                          progress=_progress_to(bar))
+        latent_cache.fill(samples, image_encoder, config.vae_batch_size, progress=_progress_to(bar))
     logger.info("latent cache: %s", latent_cache.stats)
 
     # 4. Transformer (frozen, optionally quantised) and the LoKr that trains.
     phase("loading transformer")
-    transformer = load_transformer(paths, dtype=dtype, device=device)
-    quantize_frozen(transformer, config.base_model_precision)
+    if given.transformer is not None:
+        transformer = given.transformer
+        base_name = given.transformer_name
+    else:
+        transformer = load_transformer(paths, dtype=dtype, device=device)
+        quantize_frozen(transformer, config.base_model_precision)
+        base_name = paths.model_dir.name
+    transformer.requires_grad_(False)
+    was_training, was_checkpointing = transformer.training, transformer.is_gradient_checkpointing
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()  # MoE routing stays differentiable; eval() would cut the routed experts' gradient
@@ -222,7 +252,8 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None) ->
             settings = replace(settings, lokr_strength=0.0)
         cond = text_cache.load([settings.prompt])
         uncond = text_cache.load([settings.negative_prompt])
-        image, _ = sample_image(transformer, vae, cond, uncond, settings, network=network)
+        with lokr_applied(network, settings.lokr_strength):
+            image = decode_latents(denoise(transformer, cond, uncond, settings))[0]
         path = output_dir / "validation" / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
@@ -294,7 +325,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None) ->
     phase("saving")
     lokr_path = save_lokr(network, output_dir / LOKR_FILENAME, lycoris,
                           metadata={"trainer": "ComfyUI-HiDream-LoKr", "steps": steps_done,
-                                    "base_model": str(paths.model_dir.name)})
+                                    "base_model": base_name})
     final = validate(steps_done, resume_phase=None)
     if final:
         validation_images.append(final)
@@ -302,6 +333,11 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None) ->
     loss_curve_image(losses, title=f"training loss ({steps_done} steps)").save(curve_path)
     (output_dir / "losses.json").write_text(json.dumps(losses))
     load_balancing.remove()
+    if given.transformer is not None:  # hand the caller's model back as it came
+        remove_lokr(network)
+        if not was_checkpointing and transformer.is_gradient_checkpointing:
+            transformer.disable_gradient_checkpointing()
+        transformer.train(was_training)
     phase("done")
     return TrainResult(output_dir=output_dir, lokr_path=lokr_path, losses=losses,
                        validation_images=validation_images, loss_curve_path=curve_path,
