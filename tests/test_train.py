@@ -45,8 +45,9 @@ def test_outputs_lokr_validation_image_and_loss_curve(tiny_model_dir, shapes, tm
     assert result.lokr_path == tmp_path / "out" / LOKR_FILENAME
     with safe_open(str(result.lokr_path), "pt") as f:
         assert any(k.endswith(".lokr_w1") for k in f.keys())
-    assert [p.name for p in result.validation_images] == ["step_000000.png", "step_000002.png", "step_000004.png"]
-    assert Image.open(result.validation_images[-1]).size == (64, 64)
+    assert [p.relative_to(tmp_path / "out" / "validation").as_posix() for p in result.validation_images] == [
+        f"step_{n:06d}/{name}" for n in (0, 2, 4) for name in ("validation_64x64.png", "grid.png")]
+    assert Image.open(result.validation_images[-2]).size == (64, 64)
     assert Image.open(result.loss_curve_path).size[0] > 100
     assert json.loads((tmp_path / "out" / "losses.json").read_text()) == result.losses
     assert all(l == l for l in result.losses)
@@ -112,7 +113,7 @@ def test_given_components_train_like_loaded_ones_and_come_back_unchanged(tiny_mo
                                validation_prompt="a red circle", disable_benchmark=True)
     result = train(config, components=components)
     assert result.losses == reference.losses
-    assert len(result.validation_images) == 1
+    assert [p.name for p in result.validation_images] == ["validation_64x64.png", "grid.png"]
     assert not any("lycoris" in name.lower() for name, _ in transformer.named_modules())
     for name, value in transformer.state_dict().items():
         assert torch.equal(value, before[name]), name

@@ -5,14 +5,16 @@ build these objects; the library only ever sees the typed objects.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 CaptionStrategy = Literal["filename", "textfile", "instanceprompt"]
 ResolutionType = Literal["pixel_area", "pixel"]
 CropStyle = Literal["center", "random"]
 CropAspect = Literal["square", "preserve"]
+DatasetType = Literal["image", "eval"]
 
 
 class ConfigError(ValueError):
@@ -42,11 +44,20 @@ class DatasetConfig:
     crop: bool = False
     crop_style: CropStyle = "center"
     crop_aspect: CropAspect = "square"
+    target_downsample_size: Optional[int] = None  # images over maximum_image_size shrink to this short side first
+    dataset_type: DatasetType = "image"  # "eval": held out, scored for eval loss, never trained on
+    cache_dir_vae: Optional[Path] = None  # this dataset's latent cache (default: the run's cache dir)
 
 
-Precision = Literal["no_change", "bf16", "fp32", "int8-quanto", "int4-quanto", "fp8-quanto"]
+Precision = Literal["no_change", "bf16", "fp32", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto"]
 MixedPrecision = Literal["no", "bf16"]
 LrScheduler = Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
+LoraType = Literal["lycoris", "standard"]
+ModelFlavour = Literal["full", "dev", "fast"]
+ReportTo = Literal["none", "tensorboard"]
+# Optimizer names as SimpleTuner spells them; trainer_core/optimizers.py builds each.
+OPTIMIZERS = ("adamw", "adamw_bf16", "torch-adamw", "optimi-adamw", "optimi-lion", "prodigy", "bnb-adamw8bit",
+              "bnb-adamw-paged", "bnb-adamw8bit-paged", "bnb-lion8bit", "bnb-lion8bit-paged")
 
 
 @dataclass
@@ -59,6 +70,7 @@ class SamplingConfig:
     height: int = 1024
     num_inference_steps: int = 30
     guidance: float = 5.0
+    guidance_rescale: float = 0.0  # 0..1: rescale the CFG velocity towards the conditional one's std
     shift: float = 3.0
     seed: int = 42
     scheduler: Literal["unipc", "euler"] = "unipc"
@@ -71,8 +83,13 @@ class SamplingConfig:
                                   f"(try {max(16, round(value / 16) * 16)})")
         if self.num_inference_steps < 1:
             raise ConfigError("num_inference_steps must be at least 1")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ConfigError(f"guidance_rescale must be between 0 and 1, got {self.guidance_rescale}")
         if self.scheduler not in ("unipc", "euler"):
             raise ConfigError(f"unknown sampling scheduler {self.scheduler!r}: use 'unipc' or 'euler'")
+
+
+Resolution = tuple[int, int]
 
 
 @dataclass
@@ -84,8 +101,21 @@ class TrainConfig:
     output_dir: Path = Path("output/models-hidream")
     pretrained_llama_path: Optional[Path] = None
     cache_dir: Optional[Path] = None  # default: <output_dir>/cache
+    text_cache_dir: Optional[Path] = None  # default: <cache_dir>/text (a text_embeds backend's cache_dir)
+    text_cache_write_batch_size: int = 8  # captions per text-encoder call (a text_embeds backend's write_batch_size)
+    model_family: str = "hidream"
+    model_flavour: ModelFlavour = "full"
+    model_type: Literal["lora"] = "lora"
+    # Adapter: a LyCORIS LoKr (lora_type lycoris) or a PEFT LoRA (lora_type standard, lora_rank / lora_alpha).
+    lora_type: LoraType = "lycoris"
     lycoris_config: Optional[Path] = None  # None: the quickstart's attention-only preset
+    lora_rank: int = 16
+    lora_alpha: Optional[float] = None  # None: = lora_rank (scale 1)
+    init_lokr_norm: Optional[float] = None
+    init_lokr_weights: Optional[Path] = None  # start from this LoKr file instead of LyCORIS' initialisation
+    # Length: max_train_steps wins when > 0; otherwise num_train_epochs x optimizer steps per epoch.
     max_train_steps: int = 100
+    num_train_epochs: int = 0
     learning_rate: float = 1e-4
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -93,11 +123,18 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     lr_scheduler: LrScheduler = "constant"
     lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1  # cosine_with_restarts
+    lr_power: float = 1.0  # polynomial
     max_grad_norm: float = 1.0
     grad_clip_method: Literal["norm", "value"] = "norm"
     seed: int = 42
     mixed_precision: MixedPrecision = "bf16"
     base_model_precision: Precision = "no_change"
+    text_encoder_1_precision: Precision = "no_change"
+    text_encoder_2_precision: Precision = "no_change"
+    text_encoder_3_precision: Precision = "no_change"
+    text_encoder_4_precision: Precision = "no_change"
+    offload_during_startup: bool = False  # keep the VAE on the CPU except while it encodes or decodes
     gradient_checkpointing: bool = False
     caption_dropout_probability: float = 0.0
     flow_schedule_shift: float = 3.0
@@ -106,44 +143,136 @@ class TrainConfig:
     flow_use_uniform_schedule: bool = False
     hidream_use_load_balancing_loss: bool = False
     hidream_load_balancing_loss_weight: float = 0.01
-    init_lokr_norm: Optional[float] = None
+    aspect_bucket_rounding: Optional[int] = None  # accepted; buckets here are exact multiples of 16 pixels
     vae_batch_size: int = 1
+    use_ema: bool = False
+    ema_decay: float = 0.995
     validation_prompt: Optional[str] = None
     validation_negative_prompt: str = ""
-    validation_resolution: tuple[int, int] = (1024, 1024)
+    # One (width, height), several, or SimpleTuner's "1024x1024,1280x768" string; see `validation_resolutions`.
+    validation_resolution: Union[Resolution, list[Resolution], str] = (1024, 1024)
     validation_num_inference_steps: int = 20
     validation_guidance: float = 3.0
+    validation_guidance_rescale: float = 0.0
     validation_seed: int = 42
     validation_step_interval: int = 0  # 0: validate only at the end
     validation_noise_scheduler: Literal["unipc", "euler"] = "unipc"
     validation_lycoris_strength: float = 1.0
+    validation_torch_compile: bool = False  # compiles the transformer for validation on CUDA only
+    user_prompt_library: Optional[Path] = None  # JSON {nickname: prompt}; every prompt is validated too
     disable_benchmark: bool = False  # False: a validation image at step 0 (the base model) to compare against
+    num_eval_images: int = 4  # held-out training images scored for eval loss when no dataset_type eval exists
+    eval_steps_interval: int = 0  # 0: no eval loss
+    eval_timesteps: int = 4  # fixed sigmas, evenly spaced in (0, 1), at which each eval image is scored
+    checkpoint_step_interval: int = 0  # 0: no checkpoints
+    checkpoints_total_limit: Optional[int] = None  # None: keep every checkpoint
+    resume_from_checkpoint: Optional[str] = None  # "latest", a checkpoint-<step> name, or a path
+    report_to: ReportTo = "none"  # a JSONL scalar log is always written; "tensorboard" adds event files
+    tracker_run_name: str = "hidream-lokr"
     device: Optional[str] = None  # None: cuda when available, else cpu
 
     def validate(self) -> None:
         if not self.datasets:
             raise ConfigError("no datasets configured: give at least one dataset with an instance_data_dir")
-        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "vae_batch_size"):
+        if not any(d.dataset_type == "image" for d in self.datasets):
+            raise ConfigError("every dataset is dataset_type eval: at least one dataset must be for training")
+        check_model_choice(self.model_family, self.model_type, self.model_flavour, self.lora_type)
+        if self.optimizer.lower() not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r} is not supported; use one of: {', '.join(OPTIMIZERS)}")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "lora_rank",
+                     "text_cache_write_batch_size", "eval_timesteps", "lr_num_cycles"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_train_steps", "num_train_epochs", "lr_warmup_steps", "validation_step_interval",
+                     "eval_steps_interval", "checkpoint_step_interval", "num_eval_images"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.max_train_steps == 0 and self.num_train_epochs == 0:
+            raise ConfigError("max_train_steps and num_train_epochs are both 0: set max_train_steps (it wins when "
+                              "both are set) or num_train_epochs")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError(f"checkpoints_total_limit must be at least 1 (or unset), got "
+                              f"{self.checkpoints_total_limit}")
         if not (self.learning_rate > 0) or self.learning_rate != self.learning_rate:
             raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
         if not 0.0 <= self.caption_dropout_probability < 1.0:
             raise ConfigError("caption_dropout_probability must be in [0, 1)")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be between 0 and 1 (exclusive), got {self.ema_decay}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ConfigError(f"mixed_precision {self.mixed_precision!r} is not supported: use 'bf16' or 'no'")
         if self.grad_clip_method not in ("norm", "value"):
             raise ConfigError(f"grad_clip_method must be 'norm' or 'value', got {self.grad_clip_method!r}")
-        self.validation_sampling().validate()
+        for name in ("base_model_precision", *(f"text_encoder_{i}_precision" for i in range(1, 5))):
+            if getattr(self, name) not in typing.get_args(Precision):
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not supported; use one of: "
+                                  f"{', '.join(typing.get_args(Precision))}")
+        if self.report_to not in ("none", "tensorboard"):
+            raise ConfigError(f"report_to {self.report_to!r} is not supported: use 'tensorboard' or 'none'")
+        if not self.tracker_run_name or any(c in self.tracker_run_name for c in "/\\\0") or \
+                self.tracker_run_name in (".", ".."):
+            raise ConfigError(f"tracker_run_name {self.tracker_run_name!r} must be a plain folder name")
+        for width, height in self.validation_resolutions:
+            replace(self.validation_sampling(), width=width, height=height).validate()
+
+    @property
+    def validation_resolutions(self) -> list[Resolution]:
+        """Every validation size as (width, height); SimpleTuner's comma-separated string is parsed here."""
+        return parse_resolutions(self.validation_resolution)
 
     def validation_sampling(self) -> SamplingConfig:
-        width, height = self.validation_resolution
+        width, height = self.validation_resolutions[0]
         return SamplingConfig(prompt=self.validation_prompt or "", negative_prompt=self.validation_negative_prompt,
                               width=width, height=height, num_inference_steps=self.validation_num_inference_steps,
-                              guidance=self.validation_guidance, shift=self.flow_schedule_shift,
-                              seed=self.validation_seed, scheduler=self.validation_noise_scheduler,
-                              lokr_strength=self.validation_lycoris_strength)
+                              guidance=self.validation_guidance, guidance_rescale=self.validation_guidance_rescale,
+                              shift=self.flow_schedule_shift, seed=self.validation_seed,
+                              scheduler=self.validation_noise_scheduler, lokr_strength=self.validation_lycoris_strength)
 
     @property
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+
+    @property
+    def resolved_text_cache_dir(self) -> Path:
+        return Path(self.text_cache_dir) if self.text_cache_dir else self.resolved_cache_dir / "text"
+
+
+def check_model_choice(model_family: str, model_type: str = "lora", model_flavour: str = "full",
+                       lora_type: str = "lycoris") -> None:
+    """The model and adapter this trainer can train; anything else is a ConfigError saying what is."""
+    if model_family != "hidream":
+        raise ConfigError(f"model_family {model_family!r} is not supported: model_family must be 'hidream' "
+                          "(this trainer trains HiDream-I1 only)")
+    if model_type != "lora":
+        raise ConfigError(f"model_type {model_type!r} is not supported: only 'lora' (adapters); full fine-tuning "
+                          "is not offered")
+    if model_flavour not in ("full", "dev", "fast"):
+        raise ConfigError(f"model_flavour {model_flavour!r} is not supported: use 'full' (or the distilled 'dev' / "
+                          "'fast', which training breaks)")
+    if lora_type not in ("lycoris", "standard"):
+        raise ConfigError(f"lora_type {lora_type!r} is not supported: use 'lycoris' (LoKr) or 'standard' (LoRA)")
+
+
+def parse_resolutions(value: Any, what: str = "validation_resolution") -> list[Resolution]:
+    """'1024x768' (width x height), '1024', 1024, '1024x1024,1280x768', (w, h) or [(w, h), ...] -> [(w, h), ...]."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return [(int(value[0]), int(value[1]))]
+    items = value if isinstance(value, (tuple, list)) else str(value).split(",")
+    out = []
+    for item in items:
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            out.append((int(item[0]), int(item[1])))
+            continue
+        text = str(item).strip().lower()
+        try:
+            if "x" in text:
+                w, h = text.split("x")
+                out.append((int(w), int(h)))
+            else:
+                out.append((int(float(text)),) * 2)
+        except ValueError:
+            raise ConfigError(f"{what}: expected WIDTHxHEIGHT such as 1024x1024 (several separated by commas), "
+                              f"got {value!r}") from None
+    if not out:
+        raise ConfigError(f"{what}: no resolution given")
+    return out

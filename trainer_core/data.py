@@ -387,7 +387,11 @@ def _make_sample(path: Path, root: Path, config: DatasetConfig, seed: int) -> Op
     if caption is None:
         return None
 
-    width, height = _limit_short_side(width, height, config.maximum_image_size)
+    if config.maximum_image_size and config.target_downsample_size and min(width, height) > config.maximum_image_size:
+        # SimpleTuner's meaning: an image over maximum_image_size is first shrunk to target_downsample_size.
+        width, height = _limit_short_side(width, height, config.target_downsample_size)
+    else:
+        width, height = _limit_short_side(width, height, config.maximum_image_size)
     bucket, resize_to = bucket_for_size(
         width, height, config.resolution, config.resolution_type, config.crop, config.crop_aspect
     )

@@ -60,12 +60,22 @@ def denoise(transformer, cond: PromptEmbeds, uncond: Optional[PromptEmbeds], set
             if use_cfg:
                 v_uncond, v_cond = velocity.chunk(2)
                 velocity = v_uncond + settings.guidance * (v_cond - v_uncond)
+                if settings.guidance_rescale > 0:
+                    velocity = rescale_guidance(velocity, v_cond, settings.guidance_rescale)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             if progress:
                 progress(i + 1, len(scheduler.timesteps))
     finally:
         transformer.train(was_training)
     return latents.float()
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, amount: float) -> torch.Tensor:
+    """Pull the guided prediction's per-sample std back towards the conditional one's (Lin et al. 2023, sec. 3.4):
+    strong guidance inflates it, which over-saturates images. amount 0 = plain CFG, 1 = fully rescaled."""
+    dims = tuple(range(1, guided.dim()))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12))
+    return amount * rescaled + (1.0 - amount) * guided
 
 
 def latents_to_images(vae, latents: torch.Tensor) -> list[Image.Image]:

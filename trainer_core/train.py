@@ -1,12 +1,15 @@
 """HiDream-I1 LoKr training: data -> caches -> transformer + LoKr -> flow-matching steps -> LoKr file.
 
 `train()` reads top to bottom: discover data, fill the text cache (then free the text encoders), fill the latent
-cache, load the transformer, wrap it with a LoKr, loop over steps, save. One step is `flow_matching_step`.
+cache, load the transformer, wrap it with a LoKr, resume from a checkpoint if asked, loop over steps (validation,
+eval loss, checkpoints and front-end commands at step boundaries), save. One step is `flow_matching_step`.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
+import resource
 import logging
 import math
 import random
@@ -19,21 +22,29 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
 from .cache import CacheStats, ImageEncoder, LatentCache, TextEmbeddingCache, TextEncoder, VaeImageEncoder
 from .config import ConfigError, TrainConfig
-from .data import BucketBatches, ImageDataset, check_enough_samples, discover_dataset
+from .data import BucketBatches, ImageDataset, TrainingSample, check_enough_samples, discover_dataset
+from .ema import AdapterEMA
+from .evaluation import eval_loss
 from .flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
                             patch_tokens_to_image, resolution_shift, sample_sigmas, shift_sigmas)
-from .lokr import LycorisConfig, create_lokr_network, lokr_applied, remove_lokr, save_lokr
+from .lokr import LycorisConfig, create_lokr_network, is_mergeable, lokr_applied, remove_lokr, save_lokr
 from .models import (PromptEmbeds, component_identity, load_text_encoders, load_transformer, load_vae,
                      resolve_model_paths, text_encoders_identity)
+from .optimizers import build_lr_scheduler, build_optimizer
 from .plot import loss_curve_image
 from .quantize import quantize_frozen
-from .sample import denoise, latents_to_images
+from .sample import latents_to_images
+from .tracking import RunLog
+from .validation import render_validation, validation_prompts
 
 logger = logging.getLogger(__name__)
 
 LOKR_FILENAME = "pytorch_lora_weights.safetensors"  # SimpleTuner's name for the trained adapter
+EMA_LOKR_FILENAME = "pytorch_lora_weights_ema.safetensors"  # the EMA of the same weights, beside it
+COMMANDS = ("sample", "save", "stop")  # what TrainingCallbacks.poll_commands may return
 
 
 @dataclass
@@ -46,16 +57,24 @@ class StepMetrics:
     learning_rate: float
     grad_norm: float
     seconds_per_step: float
+    peak_memory_bytes: int = 0  # CUDA: max_memory_allocated; CPU: the process' peak resident set
+    eta_seconds: float = 0.0  # remaining steps x mean step time of this session
 
 
 @dataclass
 class TrainingCallbacks:
-    """Hooks for front ends (ComfyUI nodes, progress UIs). All optional; none may change the maths."""
+    """Hooks for front ends (ComfyUI nodes, progress UIs). All optional; none may change the maths.
+
+    poll_commands is called at every step boundary and returns any of COMMANDS: "sample" (validation images now),
+    "save" (a checkpoint and the LoKr file now; training goes on), "stop" (checkpoint, LoKr, clean end).
+    should_stop() returning True is the same as "stop".
+    """
 
     on_phase: Optional[Callable[[str], None]] = None
     on_step: Optional[Callable[[StepMetrics], None]] = None
     on_validation: Optional[Callable[[int, Image.Image], None]] = None
     should_stop: Optional[Callable[[], bool]] = None
+    poll_commands: Optional[Callable[[], list[str]]] = None
 
 
 @dataclass
@@ -78,19 +97,37 @@ class ModelComponents:
 class TrainResult:
     output_dir: Path
     lokr_path: Path
-    losses: list[float]
+    losses: list[float]  # one per optimizer step since step 1 (a resumed run includes the checkpoint's)
     validation_images: list[Path] = field(default_factory=list)
     loss_curve_path: Optional[Path] = None
     text_cache: CacheStats = field(default_factory=CacheStats)
     latent_cache: CacheStats = field(default_factory=CacheStats)
     steps_done: int = 0
     seconds: float = 0.0
+    total_steps: int = 0
+    resumed_from: Optional[Path] = None
+    stopped: bool = False  # ended early by should_stop / "stop": resume with resume_from_checkpoint: latest
+    checkpoint_path: Optional[Path] = None  # the newest checkpoint this run wrote
+    ema_lokr_path: Optional[Path] = None
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean eval loss)
+    log_dir: Optional[Path] = None
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def predict_flow(transformer, model_input: torch.Tensor, sigmas: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
+    """The transformer's flow prediction (noise - x0), (B, C, h, w), for noisy latents (B, C, h, w) at sigmas (B,)."""
+    _, _, h, w = model_input.shape
+    dtype = next(p for p in transformer.parameters() if p.dtype.is_floating_point).dtype
+    embeds = embeds.to(device=model_input.device, dtype=dtype)
+    output = transformer(hidden_states=model_input.to(dtype), timesteps=sigmas * 1000.0,
+                         encoder_hidden_states_t5=embeds.t5, encoder_hidden_states_llama3=embeds.llama,
+                         pooled_embeds=embeds.pooled, return_dict=False)[0]
+    return -patch_tokens_to_image(output, h, w)  # raw output is x0 - noise
 
 
 def flow_matching_step(transformer, latents: torch.Tensor, embeds: PromptEmbeds, generator: torch.Generator,
@@ -102,46 +139,64 @@ def flow_matching_step(transformer, latents: torch.Tensor, embeds: PromptEmbeds,
     """
     b, _, h, w = latents.shape
     device = latents.device
-    dtype = next(p for p in transformer.parameters() if p.dtype.is_floating_point).dtype
 
     noise = torch.randn(latents.shape, generator=generator).to(device)
     schedule = "uniform" if config.flow_use_uniform_schedule else "logit_normal"
     sigmas = sample_sigmas(b, generator, schedule, config.flow_sigmoid_scale)
     shift = resolution_shift(h, w) if config.flow_schedule_auto_shift else config.flow_schedule_shift
     sigmas = shift_sigmas(sigmas, shift).to(device)
-    model_input = noisy_latents(latents, noise, sigmas)
 
     load_balancing.clear()
-    embeds = embeds.to(device=device, dtype=dtype)
-    output = transformer(hidden_states=model_input.to(dtype), timesteps=sigmas * 1000.0,
-                         encoder_hidden_states_t5=embeds.t5, encoder_hidden_states_llama3=embeds.llama,
-                         pooled_embeds=embeds.pooled, return_dict=False)[0]
-    prediction = -patch_tokens_to_image(output, h, w)  # raw output is x0 - noise
-    target = flow_matching_target(latents, noise)
-    flow_loss = flow_matching_loss(prediction, target)
+    prediction = predict_flow(transformer, noisy_latents(latents, noise, sigmas), sigmas, embeds)
+    flow_loss = flow_matching_loss(prediction, flow_matching_target(latents, noise))
 
     lb_loss = load_balancing.take()
     loss = flow_loss
     if config.hidream_use_load_balancing_loss and lb_loss is not None:
-        loss = loss + lb_loss
+        loss = loss + lb_loss  # with its gradient, weighted once (inside LoadBalancingLoss)
     return loss, flow_loss.detach(), (lb_loss.detach() if lb_loss is not None else None)
 
 
-def discover(config: TrainConfig) -> tuple[list[ImageDataset], BucketBatches]:
-    """Find the training samples and check there are enough, before any model is loaded."""
+def discover(config: TrainConfig) -> tuple[list[ImageDataset], list[TrainingSample], BucketBatches]:
+    """Find the training and eval samples and check there are enough, before any model is loaded.
+
+    Eval samples come from dataset_type eval datasets; without one (and with eval_steps_interval set),
+    num_eval_images training images are held out (seeded choice) and never trained on.
+    """
     config.validate()
-    datasets = [discover_dataset(d, seed=config.seed) for d in config.datasets]
-    for ds in datasets:
+    found = [discover_dataset(d, seed=config.seed) for d in config.datasets]
+    for ds in found:
         logger.info(ds.report.format())
+    datasets = [ds for ds in found if ds.config.dataset_type == "image"]
+    eval_samples = [s for ds in found if ds.config.dataset_type == "eval" for s in ds.samples]
+    if config.eval_steps_interval and not eval_samples and config.num_eval_images:
+        pool = [(i, s) for i, ds in enumerate(datasets) if not ds.config.is_regularisation_data for s in ds.samples]
+        held = random.Random(config.seed).sample(pool, min(config.num_eval_images, max(0, len(pool) - 1)))
+        held_ids = {id(s) for _, s in held}
+        eval_samples = [s for _, s in held]
+        datasets = [dataclasses.replace(ds, samples=[s for s in ds.samples if id(s) not in held_ids])
+                    for ds in datasets]
+        logger.info("eval loss: no dataset_type eval dataset, so %d training images are held out for it",
+                    len(eval_samples))
     check_enough_samples(datasets, config.train_batch_size * config.gradient_accumulation_steps)
-    return datasets, BucketBatches(datasets, config.train_batch_size, config.seed)
+    return datasets, eval_samples, BucketBatches(datasets, config.train_batch_size, config.seed)
 
 
-def _captions_to_cache(datasets: list[ImageDataset], config: TrainConfig) -> list[str]:
-    captions = [s.caption for ds in datasets for s in ds.samples]
-    if config.validation_prompt:
-        captions += [config.validation_prompt, config.validation_negative_prompt]
-    return captions
+def resolve_total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    """max_train_steps when > 0 (SimpleTuner's precedence: it wins over num_train_epochs), else epochs x the
+    optimizer steps of one epoch. Logged once, with the other resolved length figures."""
+    steps_per_epoch = max(1, batches_per_epoch // config.gradient_accumulation_steps)
+    if config.max_train_steps > 0:
+        total = config.max_train_steps
+        if config.num_train_epochs > 0 and config.num_train_epochs * steps_per_epoch != total:
+            logger.warning("max_train_steps %d and num_train_epochs %d disagree; max_train_steps wins",
+                           total, config.num_train_epochs)
+    else:
+        total = config.num_train_epochs * steps_per_epoch
+    logger.info("training length: %d optimizer steps = %.2f epochs of %d steps (batch %d x accumulation %d)",
+                total, total / steps_per_epoch, steps_per_epoch, config.train_batch_size,
+                config.gradient_accumulation_steps)
+    return total
 
 
 def _progress_to(bar: tqdm) -> Callable[[int, int], None]:
@@ -160,11 +215,32 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    name = config.optimizer.lower()
-    if name in ("adamw", "adamw_bf16", "torch-adamw"):
-        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
-    raise ConfigError(f"optimizer {config.optimizer!r} is not available; use 'adamw'")
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _text_encoder_precisions(config: TrainConfig) -> list[str]:
+    return [getattr(config, f"text_encoder_{i}_precision") for i in range(1, 5)]
+
+
+def _config_json(config: TrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=1, default=str)
+
+
+def load_adapter_weights(network, path: Path) -> None:
+    """Copy a LoKr file's tensors into `network` (same LyCORIS config); every key must match both ways."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"init_lokr_weights: LoKr file not found: {path}")
+    try:
+        network.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"{path} does not fit this LoKr (trained with another lycoris_config or model?): "
+                          f"{str(exc)[:400]}") from exc
 
 
 def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
@@ -177,26 +253,46 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    if config.lora_type != "lycoris":
+        raise ConfigError("lora_type standard (PEFT LoRA) is not available yet; use lora_type lycoris")
     lycoris = LycorisConfig.from_file(config.lycoris_config) if config.lycoris_config else LycorisConfig()
+    prompts = validation_prompts(config.validation_prompt, config.user_prompt_library)
+    resume_from = ckpt.resolve_resume_checkpoint(output_dir, config.resume_from_checkpoint)
+    if config.validation_torch_compile:
+        logger.info("validation_torch_compile is not applied: validation merges the LoKr into the weights, which "
+                    "would recompile the model at every validation")
+    if config.aspect_bucket_rounding is not None:
+        logger.info("aspect_bucket_rounding is not needed: buckets here are exact multiples of 16 pixels")
 
     # 1. Data: everything that can be wrong with it is found before a model is loaded.
     phase("discovering data")
-    datasets, batches = discover(config)
+    datasets, eval_samples, batches = discover(config)
+    total_steps = resolve_total_steps(config, batches.batches_per_epoch())
     needs_files = None in (given.transformer, given.text_encoder, given.image_encoder, given.decode_latents)
     paths = resolve_model_paths(config.pretrained_model_name_or_path, config.pretrained_llama_path,
                                 require_text_encoders=given.text_encoder is None) if needs_files else None
     cache_dir = config.resolved_cache_dir
 
     # 2. Text embeddings. The four encoders (~25 GB for the real model) are loaded only when a caption is missing
-    #    from the cache, and leave memory before the transformer arrives.
+    #    from the cache (quantised first when text_encoder_N_precision says so), and leave memory before the
+    #    transformer arrives. The precisions are part of the cache key: quantised embeddings differ.
     phase("caching text embeddings")
-    captions = _captions_to_cache(datasets, config)
+    captions = [s.caption for ds in datasets for s in ds.samples] + [s.caption for s in eval_samples]
+    if prompts:
+        captions += [*prompts.values(), config.validation_negative_prompt]
+    precisions = _text_encoder_precisions(config)
     text_identity = given.text_encoder.identity if given.text_encoder else text_encoders_identity(paths, dtype)
-    text_cache = TextEmbeddingCache(cache_dir / "text", text_identity)
+    if any(p != "no_change" for p in precisions):
+        text_identity += "/" + ",".join(precisions)
+    text_cache = TextEmbeddingCache(config.resolved_text_cache_dir, text_identity)
     if text_cache.missing(captions):
         text_encoders = given.text_encoder or load_text_encoders(paths, dtype=dtype, device=device)
+        if given.text_encoder is None:
+            for encoder, precision in zip(text_encoders._encoders(), precisions):
+                quantize_frozen(encoder, precision)
         with tqdm(desc="text embeddings", unit="caption", disable=None) as bar:
-            text_cache.fill(captions, text_encoders, progress=_progress_to(bar))
+            text_cache.fill(captions, text_encoders, batch_size=config.text_cache_write_batch_size,
+                            progress=_progress_to(bar))
         if given.text_encoder is None:
             text_encoders.free()
         del text_encoders
@@ -205,16 +301,40 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
         text_cache.fill(captions, encoder=None)  # counts the hits; nothing to encode
     logger.info("text cache: %s", text_cache.stats)
 
-    # 3. Latents. The VAE stays (small) to decode validation images.
+    # 3. Latents, in each dataset's cache_dir_vae (default <cache_dir>/latents). The VAE stays (small) to decode
+    #    validation images; offload_during_startup parks it on the CPU between uses.
     phase("caching latents")
     vae = load_vae(paths, dtype=torch.float32, device=device) if needs_files else None
     image_encoder = given.image_encoder or VaeImageEncoder(vae, component_identity(paths.model_dir / "vae"))
-    decode_latents = given.decode_latents or (lambda latents: latents_to_images(vae, latents))
-    latent_cache = LatentCache(cache_dir / "latents", image_encoder.identity)
-    samples = [s for ds in datasets for s in ds.samples]
+    latent_caches: dict[str, LatentCache] = {}
+    for dataset_config in config.datasets:
+        folder = dataset_config.cache_dir_vae or cache_dir / "latents"
+        latent_caches[dataset_config.id] = LatentCache(folder, image_encoder.identity)
+    samples = [s for ds in datasets for s in ds.samples] + list(eval_samples)
     with tqdm(desc="latents", unit="image", disable=None) as bar:
-        latent_cache.fill(samples, image_encoder, config.vae_batch_size, progress=_progress_to(bar))
-    logger.info("latent cache: %s", latent_cache.stats)
+        for dataset_id, cache in latent_caches.items():
+            cache.fill([s for s in samples if s.dataset_id == dataset_id], image_encoder, config.vae_batch_size,
+                       progress=_progress_to(bar))
+    latent_stats = CacheStats()
+    for cache in latent_caches.values():
+        for name in ("hits", "misses", "encoder_calls"):
+            setattr(latent_stats, name, getattr(latent_stats, name) + getattr(cache.stats, name))
+    logger.info("latent cache: %s", latent_stats)
+    if vae is not None and config.offload_during_startup and device.type != "cpu":
+        vae.to("cpu")
+
+    def load_latents(batch: list[TrainingSample]) -> torch.Tensor:
+        return torch.stack([latent_caches[s.dataset_id].load([s])[0] for s in batch])
+
+    def decode_latents(latents: torch.Tensor) -> list[Image.Image]:
+        if given.decode_latents:
+            return given.decode_latents(latents)
+        if config.offload_during_startup:
+            vae.to(device)
+        images = latents_to_images(vae, latents)
+        if config.offload_during_startup and device.type != "cpu":
+            vae.to("cpu")
+        return images
 
     # 4. Transformer (frozen, optionally quantised) and the LoKr that trains.
     phase("loading transformer")
@@ -231,54 +351,124 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
         transformer.enable_gradient_checkpointing()
     transformer.train()  # MoE routing stays differentiable; eval() would cut the routed experts' gradient
     network = create_lokr_network(transformer, lycoris, seed=config.seed, init_lokr_norm=config.init_lokr_norm)
+    if config.init_lokr_weights:
+        load_adapter_weights(network, config.init_lokr_weights)
+        logger.info("LoKr initialised from %s", config.init_lokr_weights)
     network.to(device)
+    if not is_mergeable(network):
+        logger.warning("the base weights are quantised: a LoKr cannot be merged into them, so validation samples "
+                       "run it unmerged (bypass mode)")
     params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = build_optimizer(config, params)
-    from diffusers.optimization import get_scheduler
-
-    lr_schedule = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                num_training_steps=config.max_train_steps)
+    optimizer = build_optimizer(config, params, device)
+    lr_schedule = build_lr_scheduler(config, optimizer, total_steps)
+    ema = AdapterEMA(network, config.ema_decay) if config.use_ema else None
     load_balancing = LoadBalancingLoss(transformer, config.hidream_load_balancing_loss_weight)
     if config.hidream_use_load_balancing_loss:
-        logger.info("MoE load-balancing loss on %d gates, weight %g, with gradient (SimpleTuner only logs it)",
-                    load_balancing.num_gates, config.hidream_load_balancing_loss_weight)
+        logger.info("MoE load-balancing loss on %d gates, weight %g, with gradient (SimpleTuner adds it detached "
+                    "and weights it twice)", load_balancing.num_gates, config.hidream_load_balancing_loss_weight)
 
-    def validate(step: int, resume_phase: Optional[str] = "training") -> Optional[Path]:
-        if not config.validation_prompt:
-            return None
+    # Noise, sigmas and caption dropout draw from their own seeded generators: same seed, same run.
+    noise_generator = torch.Generator().manual_seed(config.seed)
+    dropout_rng = random.Random(config.seed)
+    losses: list[float] = []
+    eval_losses: list[tuple[int, float]] = []
+    start_step = 0
+
+    # 5. Resume: weights, optimizer, schedule, EMA, RNG streams, data position and history, exactly as saved.
+    if resume_from is not None:
+        phase("resuming")
+        state = ckpt.load_training_state(resume_from)
+        load_adapter_weights(network, resume_from / LOKR_FILENAME)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_scheduler"])
+        if ema is not None:
+            if "ema" in state:
+                ema.load_state_dict(state["ema"])
+            else:
+                logger.warning("%s has no EMA state: the EMA restarts from the current weights", resume_from)
+        ckpt.restore_rng_state(state["rng"], noise_generator, dropout_rng)
+        batches.load_state_dict(state["batches"])
+        losses = [float(v) for v in state["losses"]]
+        eval_losses = [(int(s), float(v)) for s, v in state["eval_losses"]]
+        start_step = int(state["step"])
+        logger.info("resumed from %s at step %d of %d", resume_from, start_step, total_steps)
+    run_log = RunLog(output_dir / "logs" / config.tracker_run_name, tensorboard=config.report_to == "tensorboard",
+                     resume_step=start_step if resume_from is not None else None)
+    checkpoint_path: Optional[Path] = None
+
+    def adapter_files(folder: Path, step: int) -> tuple[Path, Optional[Path]]:
+        """Write the LoKr (and its EMA twin) into `folder`."""
+        meta = {"trainer": "ComfyUI-HiDream-LoKr", "steps": step, "base_model": base_name}
+        main = save_lokr(network, folder / LOKR_FILENAME, lycoris, metadata=meta)
+        if ema is None:
+            return main, None
+        with ema.swapped_in():
+            averaged = save_lokr(network, folder / EMA_LOKR_FILENAME, lycoris,
+                                 metadata={**meta, "ema_decay": config.ema_decay})
+        return main, averaged
+
+    def save_checkpoint(step: int) -> Path:
+        def write(folder: Path) -> None:
+            adapter_files(folder, step)
+            state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
+                     "rng": ckpt.rng_state(noise_generator, dropout_rng), "batches": batches.state_dict(),
+                     "losses": list(losses), "eval_losses": [list(e) for e in eval_losses]}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            torch.save(state, folder / ckpt.STATE_FILE)
+            (folder / "config.json").write_text(_config_json(config))
+
+        path = ckpt.save_checkpoint(output_dir, step, write)
+        ckpt.prune_checkpoints(output_dir, config.checkpoints_total_limit)
+        logger.info("checkpoint written: %s", path)
+        return path
+
+    def validate(step: int, resume_phase: Optional[str] = "training") -> list[Path]:
+        if not prompts:
+            return []
         phase("validating")
         settings = config.validation_sampling()
         if step == 0:  # the benchmark image is the base model's, whatever the LoKr's initialisation
             settings = replace(settings, lokr_strength=0.0)
-        cond = text_cache.load([settings.prompt])
-        uncond = text_cache.load([settings.negative_prompt])
-        with lokr_applied(network, settings.lokr_strength):
-            image = decode_latents(denoise(transformer, cond, uncond, settings))[0]
-        path = output_dir / "validation" / f"step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        with torch.random.fork_rng(devices=[]), lokr_applied(network, settings.lokr_strength):
+            paths_, grid, grid_path = render_validation(step, prompts, config.validation_resolutions, settings,
+                                                        text_cache, transformer, decode_latents,
+                                                        output_dir / "validation")
+        run_log.image("validation/grid", step, grid)
+        if losses:  # the loss curve (with its moving average) is redrawn at every validation
+            loss_curve_image(losses, title=f"training loss ({len(losses)} steps)").save(output_dir / "loss_curve.png")
         if cb.on_validation:
-            cb.on_validation(step, image)
+            cb.on_validation(step, grid)
         if resume_phase:
             phase(resume_phase)
-        return path
+        return [*paths_, grid_path]
 
-    # 5. The loop. Noise, sigmas and caption dropout draw from their own seeded generators: same seed, same run.
+    def evaluate(step: int) -> None:
+        with torch.random.fork_rng(devices=[]):
+            value = eval_loss(eval_samples, load_latents, text_cache,
+                              lambda x, sigmas, embeds: predict_flow(transformer, x, sigmas, embeds),
+                              config.eval_timesteps, config.seed, device)
+        load_balancing.clear()
+        eval_losses.append((step, value))
+        run_log.scalars(step, {"eval_loss": value})
+        logger.info("step %d: eval loss %.5f over %d images", step, value, len(eval_samples))
+
+    # 6. The loop. Validation, eval loss, checkpoints and front-end commands happen between steps.
     phase("training")
-    noise_generator = torch.Generator().manual_seed(config.seed)
-    dropout_rng = random.Random(config.seed)
     batch_iter = iter(batches)
-    losses: list[float] = []
     validation_images: list[Path] = []
-    if not config.disable_benchmark:  # the base model's image, to compare the LoKr's against
-        benchmark = validate(0)
-        if benchmark:
-            validation_images.append(benchmark)
-    steps_done = 0
-    bar = tqdm(total=config.max_train_steps, desc="training", disable=None)
-    for step in range(1, config.max_train_steps + 1):
+    if start_step == 0 and not config.disable_benchmark:  # the base model's images, to compare the LoKr's against
+        validation_images += validate(0)
+    if start_step == 0 and config.eval_steps_interval and eval_samples:
+        evaluate(0)
+    steps_done = start_step
+    stopped = False
+    session_started = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=None)
+    for step in range(start_step + 1, total_steps + 1):
         if cb.should_stop and cb.should_stop():
-            logger.info("stop requested at step %d", step)
+            logger.info("stop requested before step %d", step)
+            stopped = True
             break
         step_started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -286,7 +476,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
         step_lb: Optional[float] = None
         for _ in range(config.gradient_accumulation_steps):
             batch = next(batch_iter)
-            latents = latent_cache.load(batch).to(device)
+            latents = load_latents(batch).to(device)
             captions = ["" if dropout_rng.random() < config.caption_dropout_probability else s.caption
                         for s in batch]
             embeds = text_cache.load(captions)
@@ -304,34 +494,56 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
         optimizer.step()
         lr_schedule.step()
+        if ema is not None:
+            ema.update()
         losses.append(step_loss)
         steps_done = step
 
-        metrics = StepMetrics(step=step, total_steps=config.max_train_steps, loss=step_loss, flow_loss=step_flow,
+        seconds = time.perf_counter() - step_started
+        mean_seconds = (time.perf_counter() - session_started) / (step - start_step)
+        metrics = StepMetrics(step=step, total_steps=total_steps, loss=step_loss, flow_loss=step_flow,
                               load_balancing_loss=step_lb, learning_rate=lr_schedule.get_last_lr()[0],
-                              grad_norm=grad_norm, seconds_per_step=time.perf_counter() - step_started)
+                              grad_norm=grad_norm, seconds_per_step=seconds,
+                              peak_memory_bytes=peak_memory_bytes(device),
+                              eta_seconds=mean_seconds * (total_steps - step))
+        run_log.scalars(step, {"loss": step_loss, "flow_loss": step_flow, "load_balancing_loss": step_lb,
+                               "learning_rate": metrics.learning_rate, "grad_norm": grad_norm,
+                               "seconds_per_step": seconds, "peak_memory_bytes": metrics.peak_memory_bytes})
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{metrics.learning_rate:.2e}")
         bar.update(1)
         if cb.on_step:
             cb.on_step(metrics)
-        if config.validation_step_interval and step % config.validation_step_interval == 0 \
-                and step < config.max_train_steps:
-            path = validate(step)
-            if path:
-                validation_images.append(path)
-    bar.close()
 
-    # 6. Outputs: the LoKr, a final validation image and the loss curve.
+        commands = [c for c in (cb.poll_commands() if cb.poll_commands else []) if c in COMMANDS]
+        last = step == total_steps
+        if "sample" in commands or (config.validation_step_interval and step % config.validation_step_interval == 0
+                                    and not last):
+            validation_images += validate(step)
+        if config.eval_steps_interval and eval_samples and step % config.eval_steps_interval == 0:
+            evaluate(step)
+        if "stop" in commands:
+            stopped = True
+        if stopped or "save" in commands or (config.checkpoint_step_interval
+                                            and step % config.checkpoint_step_interval == 0):
+            checkpoint_path = save_checkpoint(step)
+            if "save" in commands:
+                adapter_files(output_dir, step)
+        if stopped:
+            logger.info("stopped after step %d; resume with resume_from_checkpoint: latest", step)
+            break
+    bar.close()
+    if stopped and (checkpoint_path is None or ckpt.checkpoint_step(checkpoint_path) != steps_done):
+        checkpoint_path = save_checkpoint(steps_done)
+
+    # 7. Outputs: the LoKr (and its EMA), a final validation and the loss curve.
     phase("saving")
-    lokr_path = save_lokr(network, output_dir / LOKR_FILENAME, lycoris,
-                          metadata={"trainer": "ComfyUI-HiDream-LoKr", "steps": steps_done,
-                                    "base_model": base_name})
-    final = validate(steps_done, resume_phase=None)
-    if final:
-        validation_images.append(final)
+    lokr_path, ema_path = adapter_files(output_dir, steps_done)
+    if not stopped:
+        validation_images += validate(steps_done, resume_phase=None)
     curve_path = output_dir / "loss_curve.png"
     loss_curve_image(losses, title=f"training loss ({steps_done} steps)").save(curve_path)
     (output_dir / "losses.json").write_text(json.dumps(losses))
+    run_log.close()
     load_balancing.remove()
     if given.transformer is not None:  # hand the caller's model back as it came
         remove_lokr(network)
@@ -341,5 +553,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     phase("done")
     return TrainResult(output_dir=output_dir, lokr_path=lokr_path, losses=losses,
                        validation_images=validation_images, loss_curve_path=curve_path,
-                       text_cache=text_cache.stats, latent_cache=latent_cache.stats, steps_done=steps_done,
-                       seconds=time.perf_counter() - started)
+                       text_cache=text_cache.stats, latent_cache=latent_stats, steps_done=steps_done,
+                       seconds=time.perf_counter() - started, total_steps=total_steps, resumed_from=resume_from,
+                       stopped=stopped, checkpoint_path=checkpoint_path, ema_lokr_path=ema_path,
+                       eval_losses=eval_losses, log_dir=run_log.folder)

@@ -1,0 +1,73 @@
+"""Optimizers and learning-rate schedules by SimpleTuner's names, each built by the library that owns it.
+
+| name                         | built with                                    |
+|------------------------------|-----------------------------------------------|
+| adamw, adamw_bf16, torch-adamw | torch.optim.AdamW                           |
+| optimi-adamw, optimi-lion    | torch-optimi (AdamW, Lion)                    |
+| prodigy                      | prodigyopt.Prodigy (learning_rate is its d multiplier, usually 1.0) |
+| bnb-*                        | bitsandbytes 8-bit / paged optimizers (CUDA only) |
+
+The adapter's weights are float32 whatever mixed_precision says (see lokr.py), so `adamw_bf16` (SimpleTuner's
+bf16-state AdamW) is plain AdamW here: there are no bf16 weights whose updates it would need to round carefully.
+Every optimizer's `state_dict()` holds only tensors and plain numbers, so checkpoints load with
+`torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .config import ConfigError, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+_BNB = {"bnb-adamw8bit": "AdamW8bit", "bnb-adamw-paged": "PagedAdamW", "bnb-adamw8bit-paged": "PagedAdamW8bit",
+        "bnb-lion8bit": "Lion8bit", "bnb-lion8bit-paged": "PagedLion8bit"}
+
+
+def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter],
+                    device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+    """The optimizer `config.optimizer` names over `params`, at `config.learning_rate`."""
+    name = config.optimizer.lower()
+    lr, decay = config.learning_rate, config.adam_weight_decay
+    if name in ("adamw", "adamw_bf16", "torch-adamw"):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+    if name in ("optimi-adamw", "optimi-lion"):
+        import optimi
+
+        # Kahan summation only matters for low-precision weights; the adapter is float32.
+        if name == "optimi-lion":
+            return optimi.Lion(params, lr=lr, weight_decay=decay, kahan_sum=False, foreach=False)
+        return optimi.AdamW(params, lr=lr, weight_decay=decay, kahan_sum=False, foreach=False)
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        if lr < 0.1:
+            logger.warning("prodigy estimates the step size itself; learning_rate %g is its multiplier and is "
+                           "usually 1.0", lr)
+        return Prodigy(params, lr=lr, weight_decay=decay)
+    if name in _BNB:
+        return _bitsandbytes_optimizer(name, params, lr, decay, device)
+    raise ConfigError(f"optimizer {config.optimizer!r} is not supported; use one of: adamw, adamw_bf16, "
+                      f"optimi-adamw, optimi-lion, prodigy, {', '.join(_BNB)}")
+
+
+def _bitsandbytes_optimizer(name: str, params, lr: float, decay: float, device: torch.device):
+    if device.type != "cuda":
+        raise ConfigError(f"optimizer {name} needs bitsandbytes on a CUDA GPU, and this run is on {device.type}; "
+                          "use optimi-lion (the same Lion update, in 32 bits) or adamw")
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise ConfigError(f"optimizer {name} needs the bitsandbytes package ({exc}); `pip install bitsandbytes`, "
+                          "or use optimi-lion / adamw") from exc
+    return getattr(bitsandbytes.optim, _BNB[name])(params, lr=lr, weight_decay=decay)
+
+
+def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """diffusers' schedule of the name `config.lr_scheduler`, over `total_steps` optimizer steps."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=total_steps, num_cycles=config.lr_num_cycles, power=config.lr_power)
