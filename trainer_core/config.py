@@ -199,6 +199,9 @@ class TrainConfig:
             raise ConfigError("caption_dropout_probability must be in [0, 1)")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be between 0 and 1 (exclusive), got {self.ema_decay}")
+        if not 0.0 <= self.validation_guidance_rescale <= 1.0:
+            raise ConfigError(f"validation_guidance_rescale must be between 0 and 1, got "
+                              f"{self.validation_guidance_rescale}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ConfigError(f"mixed_precision {self.mixed_precision!r} is not supported: use 'bf16' or 'no'")
         if self.grad_clip_method not in ("norm", "value"):
@@ -213,7 +216,10 @@ class TrainConfig:
                 self.tracker_run_name in (".", ".."):
             raise ConfigError(f"tracker_run_name {self.tracker_run_name!r} must be a plain folder name")
         for width, height in self.validation_resolutions:
-            replace(self.validation_sampling(), width=width, height=height).validate()
+            try:
+                replace(self.validation_sampling(), width=width, height=height).validate()
+            except ConfigError as exc:
+                raise ConfigError(f"validation settings (validation_resolution {width}x{height}): {exc}") from None
 
     @property
     def validation_resolutions(self) -> list[Resolution]:
