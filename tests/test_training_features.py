@@ -1,0 +1,134 @@
+"""Training features: eval loss, EMA, prompt-library validation at several sizes, logs, starting from a LoKr,
+quantised text encoders for caching. Each runs a 2-4 step training of the tiny model at 64 px."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from helpers import tiny_train_config, write_shapes_dataset
+from trainer_core.config import ConfigError, DatasetConfig
+from trainer_core.train import EMA_LOKR_FILENAME, train
+
+ITEMS = [("circle", "red", "blue"), ("square", "green", "yellow"), ("circle", "yellow", "green"),
+         ("square", "blue", "red")]
+
+
+@pytest.fixture()
+def shapes(tmp_path):
+    return write_shapes_dataset(tmp_path / "shapes", ITEMS)
+
+
+@pytest.fixture()
+def eval_shapes(tmp_path):
+    return write_shapes_dataset(tmp_path / "eval", [("circle", "green", "red"), ("square", "red", "green")])
+
+
+def test_eval_loss_is_reported_and_leaves_training_untouched(tiny_model_dir, shapes, eval_shapes, tmp_path):
+    eval_set = DatasetConfig(instance_data_dir=eval_shapes, id="eval", dataset_type="eval", resolution=64,
+                             crop=True)
+    kw = dict(max_train_steps=4, caption_dropout_probability=0.3, cache_dir=tmp_path / "cache")
+    plain = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "plain", **kw))
+    config = tiny_train_config(tiny_model_dir, shapes, tmp_path / "eval_run", eval_steps_interval=2, **kw)
+    config.datasets.append(eval_set)
+    scored = train(config)
+    assert scored.losses == plain.losses  # eval draws from its own fixed generators
+    assert [s for s, _ in scored.eval_losses] == [0, 2, 4]
+    values = [v for _, v in scored.eval_losses]
+    assert all(np.isfinite(values)) and len(set(values)) == 3  # fixed noise: it moves only as the LoKr does
+    records = [json.loads(l) for l in (scored.log_dir / "scalars.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
+
+
+def test_held_out_slice_when_no_eval_dataset(tiny_model_dir, shapes, tmp_path):
+    result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=2,
+                                     eval_steps_interval=2, num_eval_images=1))
+    assert [s for s, _ in result.eval_losses] == [0, 2]
+    assert result.latent_cache.misses == len(ITEMS)  # 3 trained + 1 held out, all cached
+
+
+def test_ema_file_is_the_average_and_differs_from_the_trained_weights(tiny_model_dir, shapes, tmp_path):
+    result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=3, use_ema=True,
+                                     ema_decay=0.5, init_lokr_norm=1e-3))
+    assert result.ema_lokr_path == tmp_path / "out" / EMA_LOKR_FILENAME
+    main, ema = load_file(str(result.lokr_path)), load_file(str(result.ema_lokr_path))
+    assert main.keys() == ema.keys()
+    w2 = [k for k in main if k.endswith("lokr_w2")]
+    assert any(not torch.equal(main[k], ema[k]) for k in w2)
+    no_ema = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "plain", max_train_steps=3,
+                                     init_lokr_norm=1e-3))
+    assert no_ema.ema_lokr_path is None and not (tmp_path / "plain" / EMA_LOKR_FILENAME).exists()
+    assert no_ema.losses == result.losses  # the EMA only watches
+
+
+def test_prompt_library_every_resolution_grid_and_logs(tiny_model_dir, shapes, tmp_path):
+    library = tmp_path / "user_prompt_library.json"
+    library.write_text(json.dumps({"anime_sks": "a yellow circle on a green background", "man": "a blue square"}))
+    result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=2,
+                                     validation_prompt="a red circle on a blue background",
+                                     user_prompt_library=library, validation_resolution="64x64,64x32",
+                                     validation_num_inference_steps=2, report_to="tensorboard",
+                                     tracker_run_name="run1", validation_step_interval=1))
+    step1 = tmp_path / "out" / "validation" / "step_000001"
+    expected = [f"{n}_{r}.png" for n in ("validation", "anime_sks", "man") for r in ("64x64", "64x32")]
+    assert sorted(p.name for p in step1.iterdir()) == sorted([*expected, "grid.png"])
+    assert Image.open(step1 / "man_64x32.png").size == (64, 32)
+    grid = Image.open(step1 / "grid.png")
+    assert grid.width > 2 * 64 and grid.height > 3 * 64  # 3 prompts x 2 sizes
+    assert {p.parent.name for p in result.validation_images} == {"step_000000", "step_000001", "step_000002"}
+    log_dir = tmp_path / "out" / "logs" / "run1"
+    assert result.log_dir == log_dir and list(log_dir.glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir)).Reload()
+    assert {"loss", "learning_rate", "grad_norm", "seconds_per_step", "peak_memory_bytes"} <= set(
+        events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert "validation/grid" in events.Tags()["images"]
+    assert (tmp_path / "out" / "loss_curve.png").is_file()
+
+
+@pytest.mark.parametrize("nickname", ["../escape", "/abs", "a\0b", "..", "sub/dir", ".hidden"])
+def test_prompt_nicknames_that_would_leave_the_folder_are_refused(tiny_model_dir, shapes, tmp_path, nickname):
+    library = tmp_path / "lib.json"
+    library.write_text(json.dumps({nickname: "a prompt"}))
+    config = tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", user_prompt_library=library)
+    with pytest.raises(ConfigError, match="nickname"):
+        train(config)
+    assert not (tmp_path / "out" / "cache").exists()  # refused before any work
+
+
+def test_guidance_rescale_changes_the_validation_image(tiny_model_dir, shapes, tmp_path):
+    def image(rescale: float, out: str) -> np.ndarray:
+        result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / out, max_train_steps=1,
+                                         validation_prompt="a red circle", validation_guidance=7.0,
+                                         validation_guidance_rescale=rescale, disable_benchmark=True,
+                                         cache_dir=tmp_path / "cache"))
+        return np.asarray(Image.open(result.validation_images[0]), dtype=np.int16)
+
+    assert np.abs(image(0.0, "plain") - image(0.9, "rescaled")).max() > 0
+
+
+def test_training_starts_from_an_existing_lokr(tiny_model_dir, shapes, tmp_path):
+    first = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "first", max_train_steps=4,
+                                    init_lokr_norm=1e-3))
+    continued = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "second", max_train_steps=1,
+                                        init_lokr_weights=first.lokr_path))
+    fresh = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "fresh", max_train_steps=1))
+    assert continued.losses[0] != fresh.losses[0]  # the first step already runs with the loaded LoKr
+    with pytest.raises(ConfigError, match="not found"):
+        train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "x", init_lokr_weights=tmp_path / "none.safetensors"))
+
+
+def test_quantised_text_encoders_fill_their_own_cache_entries(tiny_model_dir, shapes, tmp_path):
+    cache = tmp_path / "cache"
+    plain = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "a", max_train_steps=1, cache_dir=cache))
+    quantised = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "b", max_train_steps=1, cache_dir=cache,
+                                        text_encoder_3_precision="int8-quanto",
+                                        text_encoder_4_precision="int8-quanto"))
+    assert plain.text_cache.misses > 0 and quantised.text_cache.misses == plain.text_cache.misses
+    assert quantised.losses != plain.losses  # int8 encoders give (slightly) different conditioning
