@@ -72,14 +72,15 @@ def test_prompt_library_every_resolution_grid_and_logs(tiny_model_dir, shapes, t
                                      validation_prompt="a red circle on a blue background",
                                      user_prompt_library=library, validation_resolution="64x64,64x32",
                                      validation_num_inference_steps=2, report_to="tensorboard",
-                                     tracker_run_name="run1", validation_step_interval=1))
+                                     tracker_run_name="run1", validation_step_interval=1,
+                                     disable_benchmark=True))
     step1 = tmp_path / "out" / "validation" / "step_000001"
     expected = [f"{n}_{r}.png" for n in ("validation", "anime_sks", "man") for r in ("64x64", "64x32")]
     assert sorted(p.name for p in step1.iterdir()) == sorted([*expected, "grid.png"])
     assert Image.open(step1 / "man_64x32.png").size == (64, 32)
     grid = Image.open(step1 / "grid.png")
     assert grid.width > 2 * 64 and grid.height > 3 * 64  # 3 prompts x 2 sizes
-    assert {p.parent.name for p in result.validation_images} == {"step_000000", "step_000001", "step_000002"}
+    assert {p.parent.name for p in result.validation_images} == {"step_000001", "step_000002"}
     log_dir = tmp_path / "out" / "logs" / "run1"
     assert result.log_dir == log_dir and list(log_dir.glob("events.out.tfevents.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -170,10 +170,10 @@ def discover(config: TrainConfig) -> tuple[list[ImageDataset], list[TrainingSamp
     datasets = [ds for ds in found if ds.config.dataset_type == "image"]
     eval_samples = [s for ds in found if ds.config.dataset_type == "eval" for s in ds.samples]
     if config.eval_steps_interval and not eval_samples and config.num_eval_images:
-        pool = [(i, s) for i, ds in enumerate(datasets) if not ds.config.is_regularisation_data for s in ds.samples]
-        held = random.Random(config.seed).sample(pool, min(config.num_eval_images, max(0, len(pool) - 1)))
-        held_ids = {id(s) for _, s in held}
-        eval_samples = [s for _, s in held]
+        # A seeded choice that never empties a dataset: each keeps at least one image to train on.
+        pool = [s for ds in datasets for s in ds.samples[1:]]
+        eval_samples = random.Random(config.seed).sample(pool, min(config.num_eval_images, len(pool)))
+        held_ids = {id(s) for s in eval_samples}
         datasets = [dataclasses.replace(ds, samples=[s for s in ds.samples if id(s) not in held_ids])
                     for ds in datasets]
         logger.info("eval loss: no dataset_type eval dataset, so %d training images are held out for it",
