@@ -133,3 +133,30 @@ def test_quantised_text_encoders_fill_their_own_cache_entries(tiny_model_dir, sh
                                         text_encoder_4_precision="int8-quanto"))
     assert plain.text_cache.misses > 0 and quantised.text_cache.misses == plain.text_cache.misses
     assert quantised.losses != plain.losses  # int8 encoders give (slightly) different conditioning
+
+
+def test_lora_type_standard_trains_a_peft_lora_saved_in_diffusers_keys(tiny_model_dir, shapes, tmp_path):
+    from trainer_core.train import TrainingCallbacks
+
+    kw = dict(lora_type="standard", lora_rank=4, lora_alpha=2.0, max_train_steps=4, learning_rate=1e-2,
+              use_ema=True, cache_dir=tmp_path / "cache")
+    full = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "full", validation_prompt="a red circle",
+                                   **kw))
+    weights = load_file(str(full.lokr_path))
+    downs = [k for k in weights if k.endswith(".lora_A.weight")]
+    assert len(downs) == 32 and all(k.startswith("transformer.") for k in weights)  # 32 attention projections
+    assert "transformer.double_stream_blocks.0.block.attn1.to_q.lora_A.weight" in weights
+    up = weights["transformer.double_stream_blocks.0.block.attn1.to_q.lora_B.weight"]
+    assert up.shape[1] == 4 and up.abs().max() > 0  # lora_B starts at zero; training moved it
+    assert weights["transformer.double_stream_blocks.0.block.attn1.to_q.alpha"].item() == 2.0
+    assert full.validation_images and full.ema_lokr_path.is_file()
+
+    seen = {"step": 0}
+    stop = TrainingCallbacks(on_step=lambda m: seen.update(step=m.step),
+                             poll_commands=lambda: ["stop"] if seen["step"] == 2 else [])
+    train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "part", **kw), callbacks=stop)
+    rest = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "part", resume_from_checkpoint="latest",
+                                   **kw))
+    assert rest.losses == full.losses  # exact resume holds for the LoRA too
+    resumed = load_file(str(rest.lokr_path))
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)

@@ -30,7 +30,8 @@ from .ema import AdapterEMA
 from .evaluation import eval_loss
 from .flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
                             patch_tokens_to_image, resolution_shift, sample_sigmas, shift_sigmas)
-from .lokr import LycorisConfig, create_lokr_network, is_mergeable, lokr_applied, remove_lokr, save_lokr
+from .adapters import create_adapter, describe
+from .lokr import LycorisConfig
 from .models import (PromptEmbeds, component_identity, load_text_encoders, load_transformer, load_vae,
                      resolve_model_paths, text_encoders_identity)
 from .optimizers import build_lr_scheduler, build_optimizer
@@ -229,20 +230,6 @@ def _config_json(config: TrainConfig) -> str:
     return json.dumps(dataclasses.asdict(config), indent=1, default=str)
 
 
-def load_adapter_weights(network, path: Path) -> None:
-    """Copy a LoKr file's tensors into `network` (same LyCORIS config); every key must match both ways."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"init_lokr_weights: LoKr file not found: {path}")
-    try:
-        network.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as exc:
-        raise ConfigError(f"{path} does not fit this LoKr (trained with another lycoris_config or model?): "
-                          f"{str(exc)[:400]}") from exc
-
-
 def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
           components: Optional[ModelComponents] = None) -> TrainResult:
     cb = callbacks or TrainingCallbacks()
@@ -253,9 +240,9 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-    if config.lora_type != "lycoris":
-        raise ConfigError("lora_type standard (PEFT LoRA) is not available yet; use lora_type lycoris")
     lycoris = LycorisConfig.from_file(config.lycoris_config) if config.lycoris_config else LycorisConfig()
+    if config.init_lokr_weights and not Path(config.init_lokr_weights).is_file():
+        raise ConfigError(f"init_lokr_weights: adapter file not found: {config.init_lokr_weights}")
     prompts = validation_prompts(config.validation_prompt, config.user_prompt_library)
     resume_from = ckpt.resolve_resume_checkpoint(output_dir, config.resume_from_checkpoint)
     if config.validation_torch_compile:
@@ -336,7 +323,8 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
             vae.to("cpu")
         return images
 
-    # 4. Transformer (frozen, optionally quantised) and the LoKr that trains.
+    # 4. Transformer (frozen, optionally quantised) and the adapter that trains (LoKr, or LoRA with lora_type
+    #    standard; adapters.py gives both the same interface).
     phase("loading transformer")
     if given.transformer is not None:
         transformer = given.transformer
@@ -350,18 +338,19 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()  # MoE routing stays differentiable; eval() would cut the routed experts' gradient
-    network = create_lokr_network(transformer, lycoris, seed=config.seed, init_lokr_norm=config.init_lokr_norm)
+    adapter = create_adapter(transformer, config, lycoris)
     if config.init_lokr_weights:
-        load_adapter_weights(network, config.init_lokr_weights)
-        logger.info("LoKr initialised from %s", config.init_lokr_weights)
-    network.to(device)
-    if not is_mergeable(network):
+        adapter.load_weights(config.init_lokr_weights)
+        logger.info("adapter initialised from %s", config.init_lokr_weights)
+    adapter.module.to(device)
+    logger.info("adapter: %s", describe(adapter))
+    if not adapter.mergeable:
         logger.warning("the base weights are quantised: a LoKr cannot be merged into them, so validation samples "
                        "run it unmerged (bypass mode)")
-    params = [p for p in network.parameters() if p.requires_grad]
+    params = adapter.parameters()
     optimizer = build_optimizer(config, params, device)
     lr_schedule = build_lr_scheduler(config, optimizer, total_steps)
-    ema = AdapterEMA(network, config.ema_decay) if config.use_ema else None
+    ema = AdapterEMA(adapter.module, config.ema_decay) if config.use_ema else None
     load_balancing = LoadBalancingLoss(transformer, config.hidream_load_balancing_loss_weight)
     if config.hidream_use_load_balancing_loss:
         logger.info("MoE load-balancing loss on %d gates, weight %g, with gradient (SimpleTuner adds it detached "
@@ -378,7 +367,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     if resume_from is not None:
         phase("resuming")
         state = ckpt.load_training_state(resume_from)
-        load_adapter_weights(network, resume_from / LOKR_FILENAME)
+        adapter.load_weights(resume_from / LOKR_FILENAME)
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_scheduler"])
         if ema is not None:
@@ -399,12 +388,11 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     def adapter_files(folder: Path, step: int) -> tuple[Path, Optional[Path]]:
         """Write the LoKr (and its EMA twin) into `folder`."""
         meta = {"trainer": "ComfyUI-HiDream-LoKr", "steps": step, "base_model": base_name}
-        main = save_lokr(network, folder / LOKR_FILENAME, lycoris, metadata=meta)
+        main = adapter.save(folder / LOKR_FILENAME, metadata=meta)
         if ema is None:
             return main, None
         with ema.swapped_in():
-            averaged = save_lokr(network, folder / EMA_LOKR_FILENAME, lycoris,
-                                 metadata={**meta, "ema_decay": config.ema_decay})
+            averaged = adapter.save(folder / EMA_LOKR_FILENAME, metadata={**meta, "ema_decay": config.ema_decay})
         return main, averaged
 
     def save_checkpoint(step: int) -> Path:
@@ -430,7 +418,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
         settings = config.validation_sampling()
         if step == 0:  # the benchmark image is the base model's, whatever the LoKr's initialisation
             settings = replace(settings, lokr_strength=0.0)
-        with torch.random.fork_rng(devices=[]), lokr_applied(network, settings.lokr_strength):
+        with torch.random.fork_rng(devices=[]), adapter.applied(settings.lokr_strength):
             paths_, grid, grid_path = render_validation(step, prompts, config.validation_resolutions, settings,
                                                         text_cache, transformer, decode_latents,
                                                         output_dir / "validation")
@@ -546,7 +534,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     run_log.close()
     load_balancing.remove()
     if given.transformer is not None:  # hand the caller's model back as it came
-        remove_lokr(network)
+        adapter.remove()
         if not was_checkpointing and transformer.is_gradient_checkpointing:
             transformer.disable_gradient_checkpointing()
         transformer.train(was_training)

@@ -1,0 +1,166 @@
+"""The two trainable adapter types behind one small interface, so the training loop does not care which it has.
+
+* `LokrAdapter` (lora_type lycoris): a LyCORIS LoKr in bypass mode (lokr.py), saved with LyCORIS keys.
+* `PeftLoraAdapter` (lora_type standard): a PEFT LoRA (rank `lora_rank`, alpha `lora_alpha`) on the attention
+  projections, saved in the diffusers / ComfyUI key format: `transformer.<module path>.lora_A.weight` (down,
+  (r, in)) and `.lora_B.weight` (up, (out, r)), plus `.alpha` when alpha differs from the rank (ComfyUI scales by
+  alpha / rank; without the key it uses 1, which is alpha == rank).
+
+Both: `parameters()` train, `module` holds them (for the EMA), `save(path)`, `load_weights(path)` (exact inverse
+of save for float32 weights), `applied(strength)` (a context in which the model samples with the adapter at that
+strength, merged where possible), `remove()` (hand the model back without the adapter).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import ConfigError, TrainConfig
+from .lokr import LycorisConfig, create_lokr_network, is_mergeable, lokr_applied, remove_lokr, save_lokr
+
+# HiDream's attention projections (image and text streams): what `lora_type standard` adapts.
+LORA_TARGETS = r".*\.attn1\.(to_q|to_k|to_v|to_out)(_t)?$"
+LORA_KEY_PREFIX = "transformer."
+
+
+class LokrAdapter:
+    kind = "lokr"
+
+    def __init__(self, transformer: nn.Module, config: TrainConfig, lycoris: LycorisConfig):
+        self.lycoris = lycoris
+        self.network = create_lokr_network(transformer, lycoris, seed=config.seed,
+                                           init_lokr_norm=config.init_lokr_norm)
+        self.module = self.network
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    @property
+    def mergeable(self) -> bool:
+        return is_mergeable(self.network)
+
+    def save(self, path: Path, metadata: Optional[dict] = None) -> Path:
+        return save_lokr(self.network, path, self.lycoris, metadata=metadata)
+
+    def load_weights(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        try:
+            self.network.load_state_dict(load_file(str(path)), strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(f"{path} does not fit this LoKr (trained with another lycoris_config or model?): "
+                              f"{str(exc)[:400]}") from exc
+
+    def applied(self, strength: float):
+        return lokr_applied(self.network, strength)
+
+    def remove(self) -> None:
+        remove_lokr(self.network)
+
+
+class PeftLoraAdapter:
+    kind = "lora"
+
+    def __init__(self, transformer: nn.Module, config: TrainConfig):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.transformer = transformer
+        self.rank = config.lora_rank
+        self.alpha = float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)
+        torch.manual_seed(config.seed)  # PEFT draws lora_A from the global generator
+        inject_adapter_in_model(LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=LORA_TARGETS,
+                                           init_lora_weights=True), transformer)
+        self.module = transformer  # its only trainable parameters are the LoRA's
+        if not self.parameters():
+            raise ConfigError("lora_type standard found no attention projection to adapt in this transformer")
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.transformer.named_parameters() if "lora_" in name and p.requires_grad]
+
+    @property
+    def mergeable(self) -> bool:
+        return True  # the LoRA runs beside the (possibly quantised) base layer; nothing to merge into
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.transformer)
+
+    def save(self, path: Path, metadata: Optional[dict] = None) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {LORA_KEY_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        if self.alpha != self.rank:
+            for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
+                tensors[key[:-len(".lora_A.weight")] + ".alpha"] = torch.tensor(self.alpha)
+        meta = {"lora_rank": str(self.rank), "lora_alpha": str(self.alpha), "format": "diffusers-lora",
+                "modelspec.architecture": "hidream-i1/lora"}
+        meta.update({k: str(v) for k, v in (metadata or {}).items()})
+        tmp = path.with_name(f".{path.stem}.tmp.safetensors")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    def load_weights(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = {k[len(LORA_KEY_PREFIX):]: v for k, v in load_file(str(path)).items()
+                   if k.startswith(LORA_KEY_PREFIX) and not k.endswith(".alpha")}
+        expected = set(self.state_dict())
+        if set(weights) != expected:
+            raise ConfigError(f"{path} does not fit this LoRA (another lora_rank or model?): "
+                              f"{len(set(weights) ^ expected)} keys differ")
+        result = set_peft_model_state_dict(self.transformer, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise ConfigError(f"{path}: unexpected LoRA keys {result.unexpected_keys[:3]}")
+
+    def _layers(self):
+        from peft.tuners.lora import LoraLayer
+
+        return [m for m in self.transformer.modules() if isinstance(m, LoraLayer)]
+
+    @contextlib.contextmanager
+    def applied(self, strength: float) -> Iterator[str]:
+        layers = self._layers()
+        if strength == 0.0:
+            for layer in layers:
+                layer.enable_adapters(False)
+        elif strength != 1.0:
+            for layer in layers:
+                layer.scale_layer(strength)
+        try:
+            yield "lora"
+        finally:
+            for layer in layers:
+                if strength == 0.0:
+                    layer.enable_adapters(True)
+                elif strength != 1.0:
+                    layer.unscale_layer(strength)
+
+    def remove(self) -> None:
+        """Put every wrapped Linear back in its place (the caller's model leaves without LoRA layers)."""
+        for layer in self._layers():
+            for name, module in list(self.transformer.named_modules()):
+                if module is layer:
+                    parent_name, _, child = name.rpartition(".")
+                    setattr(self.transformer.get_submodule(parent_name), child, layer.get_base_layer())
+
+
+def create_adapter(transformer: nn.Module, config: TrainConfig, lycoris: Optional[LycorisConfig]):
+    """The adapter `config.lora_type` names, attached to the frozen `transformer`."""
+    if config.lora_type == "standard":
+        return PeftLoraAdapter(transformer, config)
+    return LokrAdapter(transformer, config, lycoris or LycorisConfig())
+
+
+def describe(adapter) -> str:
+    count = sum(p.numel() for p in adapter.parameters())
+    return json.dumps({"type": adapter.kind, "trainable_parameters": count})
