@@ -269,7 +269,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
         captions += [*prompts.values(), config.validation_negative_prompt]
     precisions = _text_encoder_precisions(config)
     text_identity = given.text_encoder.identity if given.text_encoder else text_encoders_identity(paths, dtype)
-    if any(p != "no_change" for p in precisions):
+    if given.text_encoder is None and any(p != "no_change" for p in precisions):
         text_identity += "/" + ",".join(precisions)
     text_cache = TextEmbeddingCache(config.resolved_text_cache_dir, text_identity)
     if text_cache.missing(captions):
