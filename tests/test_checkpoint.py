@@ -77,6 +77,9 @@ def test_checkpoint_contents_load_without_unpickling(tiny_model_dir, tiny_paths,
         network = load_lokr(folder / name, load_transformer(tiny_paths, dtype=torch.float32))
         assert len(network.loras) > 0
     assert result.ema_lokr_path == tmp_path / "out" / EMA_LOKR_FILENAME
+    with pytest.raises(ConfigError, match="written with optimizer optimi-lion"):  # resuming with other settings is refused clearly
+        train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=4, use_ema=True,
+                                optimizer="prodigy", learning_rate=1.0, resume_from_checkpoint="latest"))
 
 
 def _write_dummy(folder):

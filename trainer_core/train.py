@@ -367,9 +367,19 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     if resume_from is not None:
         phase("resuming")
         state = ckpt.load_training_state(resume_from)
+        written_by = (state.get("optimizer_name"), state.get("adapter"))
+        if written_by != (config.optimizer, adapter.kind):
+            raise ConfigError(f"{resume_from} was written with optimizer {written_by[0]} and a {written_by[1]} "
+                              f"adapter, this run uses {config.optimizer} and a {adapter.kind}: resume with the "
+                              "settings it was written with, or train into a new output_dir")
         adapter.load_weights(resume_from / LOKR_FILENAME)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_scheduler"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            lr_schedule.load_state_dict(state["lr_scheduler"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ConfigError(f"{resume_from} was written by a run with another optimizer or adapter ({exc}); "
+                              "resume with the settings it was written with, or train into a new output_dir"
+                              ) from exc
         if ema is not None:
             if "ema" in state:
                 ema.load_state_dict(state["ema"])
@@ -398,7 +408,8 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     def save_checkpoint(step: int) -> Path:
         def write(folder: Path) -> None:
             adapter_files(folder, step)
-            state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
+            state = {"step": step, "total_steps": total_steps, "optimizer_name": config.optimizer,
+                     "adapter": adapter.kind, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
                      "rng": ckpt.rng_state(noise_generator, dropout_rng), "batches": batches.state_dict(),
                      "losses": list(losses), "eval_losses": [list(e) for e in eval_losses]}
             if ema is not None:
