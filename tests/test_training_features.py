@@ -160,3 +160,19 @@ def test_lora_type_standard_trains_a_peft_lora_saved_in_diffusers_keys(tiny_mode
     assert rest.losses == full.losses  # exact resume holds for the LoRA too
     resumed = load_file(str(rest.lokr_path))
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+
+
+def test_a_given_transformer_comes_back_without_the_lora(tiny_model_dir, tiny_paths, shapes, tmp_path):
+    """The ComfyUI path (ModelComponents) with lora_type standard: the caller's model leaves unchanged."""
+    from trainer_core.models import load_transformer
+    from trainer_core.train import ModelComponents
+
+    transformer = load_transformer(tiny_paths, dtype=torch.float32)
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=1,
+                                     lora_type="standard", lora_rank=2),
+                   components=ModelComponents(transformer=transformer))
+    assert result.lokr_path.is_file()
+    assert not any("lora" in name for name, _ in transformer.named_modules())
+    assert transformer.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in transformer.state_dict().items())
