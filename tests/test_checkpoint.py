@@ -134,3 +134,12 @@ def test_should_stop_save_and_sample_commands(tiny_model_dir, shapes, tmp_path):
     assert result.checkpoint_path == tmp_path / "out" / "checkpoint-3"
     assert all(m.peak_memory_bytes > 10 * 2**20 for m in metrics)
     assert all(m.eta_seconds > 0 for m in metrics)  # 10 steps planned, 3 done: time is left
+
+
+def test_sample_command_on_the_last_step_does_not_validate_twice(tiny_model_dir, shapes, tmp_path):
+    seen = []
+    result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=1,
+                                     validation_prompt="a red circle", disable_benchmark=True),
+                   callbacks=TrainingCallbacks(on_validation=lambda step, grid: seen.append(step),
+                                               poll_commands=lambda: ["sample"]))
+    assert seen == [1] and len(result.validation_images) == 2  # one image and its grid

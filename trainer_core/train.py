@@ -422,9 +422,12 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
         logger.info("checkpoint written: %s", path)
         return path
 
+    validated_steps: set[int] = set()
+
     def validate(step: int, resume_phase: Optional[str] = "training") -> list[Path]:
-        if not prompts:
+        if not prompts or step in validated_steps:
             return []
+        validated_steps.add(step)
         phase("validating")
         settings = config.validation_sampling()
         if step == 0:  # the benchmark image is the base model's, whatever the LoKr's initialisation
