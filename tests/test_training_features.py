@@ -150,6 +150,19 @@ def test_lora_type_standard_trains_a_peft_lora_saved_in_diffusers_keys(tiny_mode
     assert up.shape[1] == 4 and up.abs().max() > 0  # lora_B starts at zero; training moved it
     assert weights["transformer.double_stream_blocks.0.block.attn1.to_q.alpha"].item() == 2.0
     assert full.validation_images and full.ema_lokr_path.is_file()
+    # diffusers loads it with the trained scale alpha / rank = 0.5 (from the file's lora_adapter_metadata)
+    from diffusers import HiDreamImageTransformer2DModel
+    from diffusers.loaders import HiDreamImageLoraLoaderMixin
+
+    fresh = HiDreamImageTransformer2DModel.from_pretrained(tiny_model_dir / "transformer")
+    state, metadata = HiDreamImageLoraLoaderMixin.lora_state_dict(str(full.lokr_path), return_lora_metadata=True)
+    HiDreamImageLoraLoaderMixin.load_lora_into_transformer(state, transformer=fresh, metadata=metadata)
+    to_q = fresh.double_stream_blocks[0].block.attn1.to_q
+    x = torch.randn(3, to_q.in_features)
+    prefix = "transformer.double_stream_blocks.0.block.attn1.to_q"
+    delta = x @ weights[f"{prefix}.lora_A.weight"].T @ weights[f"{prefix}.lora_B.weight"].T
+    with torch.no_grad():
+        assert torch.allclose(to_q(x) - to_q.base_layer(x), 0.5 * delta, atol=1e-6)
 
     seen = {"step": 0}
     stop = TrainingCallbacks(on_step=lambda m: seen.update(step=m.step),

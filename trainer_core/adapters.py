@@ -100,8 +100,11 @@ class PeftLoraAdapter:
         if self.alpha != self.rank:
             for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
                 tensors[key[:-len(".lora_A.weight")] + ".alpha"] = torch.tensor(self.alpha)
-        meta = {"lora_rank": str(self.rank), "lora_alpha": str(self.alpha), "format": "diffusers-lora",
-                "modelspec.architecture": "hidream-i1/lora"}
+        # diffusers ignores `.alpha` keys; it builds its LoraConfig from this metadata entry instead.
+        diffusers_config = {"transformer.r": self.rank, "transformer.lora_alpha": self.alpha,
+                            "transformer.target_modules": LORA_TARGETS}
+        meta = {"lora_rank": str(self.rank), "lora_alpha": str(self.alpha), "format": "pt",
+                "lora_adapter_metadata": json.dumps(diffusers_config), "modelspec.architecture": "hidream-i1/lora"}
         meta.update({k: str(v) for k, v in (metadata or {}).items()})
         tmp = path.with_name(f".{path.stem}.tmp.safetensors")
         save_file(tensors, str(tmp), metadata=meta)
