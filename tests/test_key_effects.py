@@ -1,5 +1,6 @@
-"""Every training key whose effect shows in the loss curve changes it: one 2-step baseline on the tiny model, then
-one key changed at a time. (Keys that change files rather than losses are checked in test_training_features,
+"""Every training key whose effect shows in the loss curve changes it: one 3-step baseline on the tiny model, then
+one key changed at a time (3 steps: Lion's and AdamW's first updates coincide, sign(g) x lr, so an optimizer shows
+from the third loss on). (Keys that change files rather than losses are checked in test_training_features,
 test_checkpoint and test_simpletuner_quickstart; config-only keys in test_config_keys.)"""
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ ITEMS = [("circle", "red", "blue"), ("square", "green", "yellow"), ("circle", "y
 def setup(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("key_effects")
     shapes = write_shapes_dataset(root / "shapes", ITEMS)
-    baseline = train(tiny_train_config(tiny_model_dir, shapes, root / "baseline", max_train_steps=2,
+    baseline = train(tiny_train_config(tiny_model_dir, shapes, root / "baseline", max_train_steps=3,
                                        cache_dir=root / "cache"))
     return root, shapes, baseline.losses
 
@@ -43,9 +44,9 @@ def setup(tiny_model_dir, tmp_path_factory):
 def test_key_changes_the_loss_curve(tiny_model_dir, setup, key, value, first_step_changes):
     root, shapes, baseline = setup
     extra = {"lr_warmup_steps": 2} if key == "lr_scheduler" else {}
-    losses = train(tiny_train_config(tiny_model_dir, shapes, root / f"{key}-{value}", max_train_steps=2,
+    losses = train(tiny_train_config(tiny_model_dir, shapes, root / f"{key}-{value}", max_train_steps=3,
                                      cache_dir=root / "cache", **{key: value}, **extra)).losses
-    assert losses[1] != baseline[1]
+    assert losses[2] != baseline[2]
     assert (losses[0] != baseline[0]) == first_step_changes
 
 

@@ -11,7 +11,6 @@ import gc
 import json
 import resource
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field, replace
