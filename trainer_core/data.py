@@ -34,6 +34,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 BUCKET_STEP = 16
 
 CAPTION_EXTENSION = ".txt"
+# Both HiDream text paths stop at 128 tokens; far longer captions only cost memory and cache-key hashing.
+MAX_CAPTION_CHARS = 8192
+# Buckets further from square than this are skipped: a 20000x16 strip would become a 1-token-tall bucket wider
+# than the model's positional range, and no prompt describes such an image usefully.
+MAX_BUCKET_ASPECT = 4.0
 _RESOLUTION_TYPES = ("pixel_area", "pixel")
 _CROP_STYLES = ("center", "random")
 _CROP_ASPECTS = ("square", "preserve")
@@ -102,19 +107,21 @@ class SkippedFile:
 
 @dataclass
 class DiscoveryReport:
-    """What `discover_dataset` used and what it left out."""
+    """What `discover_dataset` used, what it changed on the way (`notes`) and what it left out."""
 
     dataset_id: str
     used: int
     skipped: list[SkippedFile] = field(default_factory=list)
+    notes: list[SkippedFile] = field(default_factory=list)  # used files, with what was done to them
 
     def format(self) -> str:
-        """Human-readable summary, one skipped file per line."""
+        """Human-readable summary, one skipped (then one noted) file per line."""
         noun = "image" if self.used == 1 else "images"
         head = f"dataset '{self.dataset_id}': {self.used} {noun} used, {len(self.skipped)} skipped"
-        if not self.skipped:
+        if not self.skipped and not self.notes:
             return head + "."
-        lines = [f"  {item.path}: {item.reason}" for item in self.skipped]
+        lines = [f"  {display_path(item.path)}: {item.reason}" for item in self.skipped]
+        lines += [f"  {display_path(item.path)} (used): {item.reason}" for item in self.notes]
         return head + ":\n" + "\n".join(lines)
 
 
@@ -227,6 +234,11 @@ def _limit_short_side(width: int, height: int, maximum: Optional[int]) -> tuple[
 # --------------------------------------------------------------------------------------------------------
 
 
+def display_path(path: Path) -> str:
+    """`path` as printable UTF-8 text: bytes that are not UTF-8 in a file name become \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
@@ -254,8 +266,8 @@ def _walk_files(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _probe_image(path: Path) -> tuple[int, int]:
-    """Fully decode an image and return its (width, height) after EXIF orientation.
+def _probe_image(path: Path) -> tuple[int, int, int]:
+    """Fully decode an image and return its (width, height) after EXIF orientation, and its frame count.
 
     Raises `_UnusableImage` with a short reason for anything that cannot be trained on.
     """
@@ -274,7 +286,9 @@ def _probe_image(path: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             image.load()
             oriented = ImageOps.exif_transpose(image)
-            return oriented.size
+            return (*oriented.size, getattr(image, "n_frames", 1))
+    except Image.DecompressionBombError as exc:
+        raise _UnusableImage(f"too large to decode safely ({exc}); downscale it first") from exc
     except Exception as exc:  # noqa: BLE001 - see comment above
         message = str(exc) or type(exc).__name__
         raise _UnusableImage(f"cannot decode: {message}") from exc
@@ -284,22 +298,52 @@ def _collapse_whitespace(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _clean_caption(text: str, notes: list[str]) -> str:
+    """Control characters out (terminal escapes, NUL, bell), whitespace collapsed, length capped; what changed is
+    appended to `notes` for the discovery report."""
+    cleaned = _CONTROL_CHARACTERS.sub("", text)
+    if cleaned != text:
+        notes.append(f"{len(text) - len(cleaned)} control characters removed from the caption")
+    cleaned = _collapse_whitespace(cleaned)
+    if len(cleaned) > MAX_CAPTION_CHARS:
+        notes.append(f"caption cut from {len(cleaned)} to {MAX_CAPTION_CHARS} characters (the text encoders read "
+                     "128 tokens)")
+        cleaned = cleaned[:MAX_CAPTION_CHARS].rstrip()
+    if not cleaned:
+        notes.append("empty caption: the image trains unconditioned, like caption dropout")
+    return cleaned
+
+
+def _read_caption_file(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        if b"\x00" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _UnusableImage(f"caption file {path.name!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                             "save it as UTF-8") from exc
+
+
 def _filename_caption(path: Path) -> str:
     return _collapse_whitespace(path.stem.replace("_", " "))
 
 
-def _caption_for(path: Path, config: DatasetConfig) -> Optional[str]:
+def _caption_for(path: Path, config: DatasetConfig, notes: list[str]) -> Optional[str]:
     """The caption of one image, or None when the `textfile` caption is missing and there is no fallback."""
     strategy = config.caption_strategy
     if strategy == "filename":
-        return _filename_caption(path)
+        return _clean_caption(_filename_caption(path), notes)
     if strategy == "instanceprompt":
-        return _collapse_whitespace(config.instance_prompt or "")
+        return _clean_caption(config.instance_prompt or "", notes)
     text_path = path.with_suffix(CAPTION_EXTENSION)
     if text_path.is_file():
-        return _collapse_whitespace(text_path.read_text(encoding="utf-8", errors="replace"))
+        return _clean_caption(_read_caption_file(text_path), notes)
     if config.caption_fallback_to_filename:
-        return _filename_caption(path)
+        return _clean_caption(_filename_caption(path), notes)
     return None
 
 
@@ -347,6 +391,7 @@ def discover_dataset(config: DatasetConfig, seed: int = 0) -> ImageDataset:
 
     samples: list[TrainingSample] = []
     skipped: list[SkippedFile] = []
+    noted: list[SkippedFile] = []
     missing_captions: list[Path] = []
     for path in _walk_files(root):
         suffix = path.suffix.lower()
@@ -355,8 +400,9 @@ def discover_dataset(config: DatasetConfig, seed: int = 0) -> ImageDataset:
         if suffix not in IMAGE_EXTENSIONS:
             skipped.append(SkippedFile(path, f"unsupported file type {suffix or '(no extension)'}"))
             continue
+        notes: list[str] = []
         try:
-            sample = _make_sample(path, root, config, seed)
+            sample = _make_sample(path, root, config, seed, notes)
         except _UnusableImage as exc:
             skipped.append(SkippedFile(path, str(exc)))
             continue
@@ -364,10 +410,11 @@ def discover_dataset(config: DatasetConfig, seed: int = 0) -> ImageDataset:
             missing_captions.append(path)
             continue
         samples.append(sample)
+        noted.extend(SkippedFile(path, note) for note in notes)
 
     if missing_captions:
         raise _missing_captions_error(config, missing_captions)
-    report = DiscoveryReport(dataset_id=config.id, used=len(samples), skipped=skipped)
+    report = DiscoveryReport(dataset_id=config.id, used=len(samples), skipped=skipped, notes=noted)
     if not samples:
         raise ConfigError(
             f"dataset '{config.id}': no usable images in instance_data_dir {str(root)!r} "
@@ -376,14 +423,18 @@ def discover_dataset(config: DatasetConfig, seed: int = 0) -> ImageDataset:
     return ImageDataset(config=config, samples=samples, report=report)
 
 
-def _make_sample(path: Path, root: Path, config: DatasetConfig, seed: int) -> Optional[TrainingSample]:
-    """Build the sample for one image file; None when its caption file is missing (reported by caller)."""
-    width, height = _probe_image(path)
+def _make_sample(path: Path, root: Path, config: DatasetConfig, seed: int, notes: list[str]
+                 ) -> Optional[TrainingSample]:
+    """Build the sample for one image file; None when its caption file is missing (reported by caller).
+    What was changed to make it usable (caption cleaning, first frame of an animation) goes to `notes`."""
+    width, height, frames = _probe_image(path)
+    if frames > 1:
+        notes.append(f"animated ({frames} frames): the first frame is used")
     minimum = config.minimum_image_size or 0
     if minimum and min(width, height) < minimum:
         raise _UnusableImage(f"smaller than minimum_image_size ({width}x{height} < {minimum})")
 
-    caption = _caption_for(path, config)
+    caption = _caption_for(path, config, notes)
     if caption is None:
         return None
 
@@ -395,6 +446,10 @@ def _make_sample(path: Path, root: Path, config: DatasetConfig, seed: int) -> Op
     bucket, resize_to = bucket_for_size(
         width, height, config.resolution, config.resolution_type, config.crop, config.crop_aspect
     )
+    aspect = max(bucket) / min(bucket)
+    if aspect > MAX_BUCKET_ASPECT:
+        raise _UnusableImage(f"aspect ratio {width}x{height} is beyond {MAX_BUCKET_ASPECT:g}:1; crop it, or set "
+                             "crop: true with crop_aspect: square")
     relative = path.relative_to(root).as_posix()
     # A string seed is hashed with SHA-512 by `random`, so it does not depend on PYTHONHASHSEED.
     rng = random.Random(f"{seed}\0{config.id}\0{relative}") if config.crop else None

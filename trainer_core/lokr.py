@@ -26,6 +26,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from .atomic import write_with
 from .config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -290,16 +291,15 @@ def save_lokr(network, path: Path, config: LycorisConfig, dtype: torch.dtype = t
               metadata: Optional[dict] = None) -> Path:
     """Write the LoKr as safetensors with LyCORIS key names and the LyCORIS config in the metadata.
 
-    Written to a temporary name and renamed, so a crash never leaves a half-written file under the real name.
+    Written to a temporary name, flushed and renamed, so a crash never leaves a half-written file under the real
+    name and the previous file stays intact until the new one is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix != ".safetensors":
         raise ConfigError(f"LoKr files are written as .safetensors, got {path.name}")
-    tmp = path.with_name(f".{path.stem}.tmp.safetensors")  # LyCORIS picks the format from the extension
-    network.save_weights(str(tmp), dtype, lokr_metadata(config, metadata))
-    tmp.replace(path)
-    return path
+    # LyCORIS picks the file format from the extension, so the temporary name keeps it.
+    return write_with(path, lambda tmp: network.save_weights(str(tmp), dtype, lokr_metadata(config, metadata)),
+                      suffix=".safetensors")
 
 
 def load_lokr(path: Path, transformer: nn.Module, multiplier: float = 1.0):
