@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .atomic import write_with
 from .config import ConfigError, TrainConfig
 from .lokr import LycorisConfig, create_lokr_network, is_mergeable, lokr_applied, remove_lokr, save_lokr
 
@@ -106,10 +107,7 @@ class PeftLoraAdapter:
         meta = {"lora_rank": str(self.rank), "lora_alpha": str(self.alpha), "format": "pt",
                 "lora_adapter_metadata": json.dumps(diffusers_config), "modelspec.architecture": "hidream-i1/lora"}
         meta.update({k: str(v) for k, v in (metadata or {}).items()})
-        tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_weights(self, path: Path) -> None:
         from peft import set_peft_model_state_dict

@@ -14,9 +14,11 @@ lists and dicts: it loads with `torch.load(weights_only=True)` (nothing is unpic
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .atomic import DiskFullError, fsync_directory, write_text
 from .config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -56,12 +59,24 @@ def save_checkpoint(output_dir: Path, step: int, write_files: Callable[[Path], N
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write_files(tmp)
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {"step": step,
-                "files": {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-                          for p in files}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    try:
+        write_files(tmp)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for path in files:  # durable before the manifest vouches for them
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        manifest = {"step": step,
+                    "files": {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                              for p in files}}
+        write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    except OSError as exc:
+        written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            previous = list_checkpoints(output_dir)
+            needed = sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file()) if previous else written
+            raise DiskFullError(final, needed, shutil.disk_usage(output_dir).free) from exc
+        raise
     if final.exists():
         old = output_dir / f".checkpoint-{step}.old"
         if old.exists():
@@ -71,6 +86,7 @@ def save_checkpoint(output_dir: Path, step: int, write_files: Callable[[Path], N
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+    fsync_directory(output_dir)
     return final
 
 

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import atomic
 from . import checkpoint as ckpt
 from .cache import CacheStats, ImageEncoder, LatentCache, TextEmbeddingCache, TextEncoder, VaeImageEncoder
 from .config import ConfigError, TrainConfig
@@ -225,6 +226,11 @@ def _text_encoder_precisions(config: TrainConfig) -> list[str]:
     return [getattr(config, f"text_encoder_{i}_precision") for i in range(1, 5)]
 
 
+def write_loss_curve(losses: list[float], path: Path) -> Path:
+    image = loss_curve_image(losses, title=f"training loss ({len(losses)} steps)")
+    return atomic.write_with(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
 def _config_json(config: TrainConfig) -> str:
     return json.dumps(dataclasses.asdict(config), indent=1, default=str)
 
@@ -414,7 +420,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
             if ema is not None:
                 state["ema"] = ema.state_dict()
             torch.save(state, folder / ckpt.STATE_FILE)
-            (folder / "config.json").write_text(_config_json(config))
+            (folder / "config.json").write_text(_config_json(config))  # the folder itself is published atomically
 
         path = ckpt.save_checkpoint(output_dir, step, write)
         ckpt.prune_checkpoints(output_dir, config.checkpoints_total_limit)
@@ -437,7 +443,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
                                                         output_dir / "validation")
         run_log.image("validation/grid", step, grid)
         if losses:  # the loss curve (with its moving average) is redrawn at every validation
-            loss_curve_image(losses, title=f"training loss ({len(losses)} steps)").save(output_dir / "loss_curve.png")
+            write_loss_curve(losses, output_dir / "loss_curve.png")
         if cb.on_validation:
             cb.on_validation(step, grid)
         if resume_phase:
@@ -541,9 +547,8 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     lokr_path, ema_path = adapter_files(output_dir, steps_done)
     if not stopped:
         validation_images += validate(steps_done, resume_phase=None)
-    curve_path = output_dir / "loss_curve.png"
-    loss_curve_image(losses, title=f"training loss ({steps_done} steps)").save(curve_path)
-    (output_dir / "losses.json").write_text(json.dumps(losses))
+    curve_path = write_loss_curve(losses, output_dir / "loss_curve.png")
+    atomic.write_text(output_dir / "losses.json", json.dumps(losses))
     run_log.close()
     load_balancing.remove()
     if given.transformer is not None:  # hand the caller's model back as it came

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from PIL import Image, ImageDraw
 
+from .atomic import write_with
 from .cache import TextEmbeddingCache
 from .config import ConfigError, SamplingConfig
 from .sample import denoise
@@ -72,13 +73,13 @@ def render_validation(step: int, prompts: dict[str, str], resolutions: list[tupl
             one = replace(settings, prompt=prompt, width=width, height=height)
             image = decode_latents(denoise(transformer, cond, uncond, one))[0]
             path = folder / f"{nickname}_{width}x{height}.png"
-            image.save(path)
+            write_with(path, lambda tmp: image.save(tmp, format="PNG"))
             paths.append(path)
             row.append(image)
         rows.append((nickname, row))
     grid = image_grid(rows, [f"{w}x{h}" for w, h in resolutions])
     grid_path = folder / "grid.png"
-    grid.save(grid_path)
+    write_with(grid_path, lambda tmp: grid.save(tmp, format="PNG"))
     return paths, grid, grid_path
 
 
