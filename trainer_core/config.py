@@ -119,6 +119,11 @@ class TrainConfig:
     validation_lycoris_strength: float = 1.0
     disable_benchmark: bool = False  # False: a validation image at step 0 (the base model) to compare against
     device: Optional[str] = None  # None: cuda when available, else cpu
+    # Speed-ups (trainer_core/speedups.py): each computes what the stock stack computes; these switch them off.
+    fast_lokr: bool = True  # LoKr applied through its Kronecker structure (kron_lokr.py)
+    fast_moe_dispatch: bool = True  # MoE training dispatch sorted by expert, no boolean masks (moe_dispatch.py)
+    lean_int8_backward: bool = True  # frozen quanto layers keep no activations for backward (frozen_qlinear.py)
+    compile_blocks: bool = False  # torch.compile each transformer block (compile time; not yet measured on GPU)
 
     def validate(self) -> None:
         if not self.datasets:

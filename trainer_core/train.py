@@ -30,6 +30,7 @@ from .models import (PromptEmbeds, component_identity, load_text_encoders, load_
 from .plot import loss_curve_image
 from .quantize import quantize_frozen
 from .sample import denoise, latents_to_images
+from .speedups import apply_speedups, remove_speedups
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +232,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
         transformer.enable_gradient_checkpointing()
     transformer.train()  # MoE routing stays differentiable; eval() would cut the routed experts' gradient
     network = create_lokr_network(transformer, lycoris, seed=config.seed, init_lokr_norm=config.init_lokr_norm)
+    apply_speedups(transformer, network, config)
     network.to(device)
     params = [p for p in network.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, params)
@@ -334,6 +336,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     (output_dir / "losses.json").write_text(json.dumps(losses))
     load_balancing.remove()
     if given.transformer is not None:  # hand the caller's model back as it came
+        remove_speedups(transformer, network)
         remove_lokr(network)
         if not was_checkpointing and transformer.is_gradient_checkpointing:
             transformer.disable_gradient_checkpointing()
