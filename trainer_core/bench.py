@@ -214,7 +214,7 @@ def set_lokr_weights(network, seed: int = 0) -> None:
     for lora in sorted(network.loras, key=lambda l: l.lora_name):
         g = torch.Generator().manual_seed(seed + sum(map(ord, lora.lora_name)))
         for name, param in sorted(lora.named_parameters()):
-            std = 0.25 if name.startswith("lokr_w1") else 1e-3
+            std = 0.25 if name.startswith("lokr_w1") else 5e-3
             param.copy_(torch.randn(param.shape, generator=g) * std)
 
 
@@ -251,15 +251,56 @@ def compare(reference: dict, project: dict, loss_ref: float, loss_proj: float, d
 
 # ----------------------------------------------------------------------------------------------------- timing
 
-def median_time(fn: Callable[[int], None], device: torch.device, steps: int, warmup: int) -> list[float]:
-    times = []
+@dataclass
+class Timed:
+    """One configuration ready to run: `step(i)` runs step i; `close()` frees it."""
+
+    step: Callable[[int], object]
+    close: Callable[[], None] = lambda: None
+    info: dict = field(default_factory=dict)
+
+
+def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, steps: int, warmup: int,
+                 interleave: bool) -> dict[str, dict]:
+    """Median step time (and peak memory) of each configuration.
+
+    interleave=False (GPU): one configuration lives at a time: set up, time, count FLOPs, close. Peak memory is
+    per configuration. interleave=True (CPU): all configurations live together and their steps alternate (the
+    order flips every round), so load from other processes on a shared CPU hits all of them alike.
+    """
+    results: dict[str, dict] = {}
+    if not interleave:
+        for label, setup in configs.items():
+            timed = setup()
+            _release(device)
+            _reset_peak(device)
+            times = []
+            for i in range(warmup + steps):
+                _sync(device)
+                started = time.perf_counter()
+                timed.step(i)
+                _sync(device)
+                times.append(time.perf_counter() - started)
+            peak = _peak_gib(device)
+            flops = count_flops(lambda: timed.step(0))
+            results[label] = {**summarise(times, warmup, peak, flops), "flops_per_step": flops, **timed.info}
+            timed.close()
+            del timed
+            _release(device)
+        return results
+    live = {label: setup() for label, setup in configs.items()}
+    times = {label: [] for label in live}
+    labels = list(live)
     for i in range(warmup + steps):
-        _sync(device)
-        started = time.perf_counter()
-        fn(i)
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return times
+        for label in (labels if i % 2 == 0 else labels[::-1]):
+            started = time.perf_counter()
+            live[label].step(i)
+            times[label].append(time.perf_counter() - started)
+    for label, timed in live.items():
+        flops = count_flops(lambda: timed.step(0))
+        results[label] = {**summarise(times[label], warmup, None, flops), "flops_per_step": flops, **timed.info}
+        timed.close()
+    return results
 
 
 def summarise(times: list[float], warmup: int, peak: Optional[float], flops: Optional[float]) -> dict:
@@ -269,7 +310,8 @@ def summarise(times: list[float], warmup: int, peak: Optional[float], flops: Opt
             "tflops_per_s": (flops / med / 1e12) if flops else None}
 
 
-def count_flops(fn: Callable[[], None]) -> float:
+def count_flops(fn: Callable[[], object]) -> float:
+    """FLOPs torch's FlopCounterMode sees (matmuls, attention; quanto's int8 matmul op is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -289,33 +331,9 @@ class BenchOptions:
     speedups: Speedups = field(default_factory=Speedups)
     learning_rate: float = 1e-4
 
-
-def _train_one(model, network, inputs, opts, load_balancing) -> Callable[[int], float]:
-    params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.learning_rate)
-
-    def step(i: int) -> float:
-        noise, sigmas = step_noise(inputs, i)
-        loss = training_loss(model, inputs, noise, sigmas, load_balancing, opts.dtype)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
-
-
-def _check_step(model, network, inputs, opts, load_balancing) -> tuple[float, dict]:
-    set_lokr_weights(network)
-    for p in network.parameters():
-        p.grad = None
-    noise, sigmas = step_noise(inputs, 0)
-    loss = training_loss(model, inputs, noise, sigmas, load_balancing, opts.dtype)
-    loss.backward()
-    grads = lokr_grads(network)
-    for p in network.parameters():
-        p.grad = None
-    return loss.item(), grads
+    @property
+    def interleave(self) -> bool:
+        return self.device.type == "cpu"
 
 
 def _prepare_train_model(mode: str, opts: BenchOptions, extra: dict):
@@ -340,12 +358,13 @@ def _prepare_train_model(mode: str, opts: BenchOptions, extra: dict):
     return model
 
 
-def _run_train_config(mode: str, label: str, opts: BenchOptions, extra: dict):
+def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks: dict) -> Timed:
+    """Build the model and LoKr of one side, run the check step (fixed batch, no update), return its step."""
     device = opts.device
     model = _prepare_train_model(mode, opts, extra)
     if mode == "offload_gc":
-        # Reference: diffusers' group offloading as documented, blocking copies. Project: copies on a side stream,
-        # prefetching the next block while the current one computes.
+        # Reference: diffusers' group offloading with blocking copies. Project: copies on a side stream, the next
+        # block prefetched while the current one computes.
         fast = label == "project"
         model.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
                                    offload_type="block_level", num_blocks_per_group=1, use_stream=fast,
@@ -356,27 +375,40 @@ def _run_train_config(mode: str, label: str, opts: BenchOptions, extra: dict):
         network, report = reference_lokr(model, device, opts.reference_lokr), None
     else:
         network, report = project_lokr(model, device, opts.speedups)
-    loss, grads = _check_step(model, network, inputs, opts, load_balancing)
-    step = _train_one(model, network, inputs, opts, load_balancing)
-    _release(device)
-    _reset_peak(device)
-    times = median_time(step, device, opts.steps, opts.warmup)
-    peak = _peak_gib(device)
-    flops = count_flops(lambda: step(0))
-    result = summarise(times, opts.warmup, peak, flops)
-    result["flops_per_step"] = flops
-    result["lokr_params"] = sum(p.numel() for p in network.parameters())
-    load_balancing.remove()
-    del network, step, model, inputs
-    _release(device)
-    return result, loss, grads, report
+
+    # The check: one fixed batch with identical non-zero LoKr factors on both sides, loss and gradients kept.
+    set_lokr_weights(network)
+    noise, sigmas = step_noise(inputs, 0)
+    loss = training_loss(model, inputs, noise, sigmas, load_balancing, opts.dtype)
+    loss.backward()
+    checks[label] = (loss.item(), lokr_grads(network), report)
+    for p in network.parameters():
+        p.grad = None
+
+    params = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=opts.learning_rate)
+
+    def step(i: int) -> torch.Tensor:
+        noise, sigmas = step_noise(inputs, i)
+        loss = training_loss(model, inputs, noise, sigmas, load_balancing, opts.dtype)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    # Model, network and optimizer live in this closure; dropping the Timed frees them (gc breaks the
+    # model <-> LoKr hook cycles).
+    return Timed(step, load_balancing.remove, {"lokr_params": sum(p.numel() for p in params)})
 
 
 def run_train_mode(mode: str, opts: BenchOptions) -> dict:
     extra: dict = {}
-    ref, ref_loss, ref_grads, _ = _run_train_config(mode, "reference", opts, extra)
-    proj, proj_loss, proj_grads, report = _run_train_config(mode, "project", opts, extra)
-    row = _row(mode, opts, proj, ref, extra)
+    checks: dict = {}
+    results = time_configs({label: (lambda label=label: _train_config(mode, label, opts, extra, checks))
+                            for label in ("reference", "project")},
+                           opts.device, opts.steps, opts.warmup, opts.interleave)
+    (ref_loss, ref_grads, _), (proj_loss, proj_grads, report) = checks["reference"], checks["project"]
+    row = _row(mode, opts, results["project"], results["reference"], extra)
     row["check"] = compare(ref_grads, proj_grads, ref_loss, proj_loss, opts.dtype)
     row["speedups"] = report
     return row
@@ -385,7 +417,7 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
 def _row(mode: str, opts: BenchOptions, proj: dict, ref: dict, extra: dict) -> dict:
     row = {"mode": mode, "size": opts.size.name, "resolution": opts.size.resolution,
            "device": device_name(opts.device), "dtype": str(opts.dtype).replace("torch.", ""),
-           "reference_lokr": opts.reference_lokr,
+           "reference_lokr": opts.reference_lokr, "timing": "interleaved" if opts.interleave else "sequential",
            "step_s": proj["step_s"], "peak_gib": proj["peak_gib"], "tflops_per_s": proj.get("tflops_per_s"),
            "reference_step_s": ref["step_s"], "reference_peak_gib": ref["peak_gib"],
            "speedup_vs_reference": ref["step_s"] / proj["step_s"],
@@ -394,51 +426,53 @@ def _row(mode: str, opts: BenchOptions, proj: dict, ref: dict, extra: dict) -> d
     return row
 
 
-def run_sample_mode(opts: BenchOptions) -> dict:
-    """One CFG denoising step at batch 2 (eval mode, no grad): base, project (LoKr merged), reference (hooked)."""
+def _sample_config(label: str, opts: BenchOptions, outputs: dict) -> Timed:
+    """One CFG denoising step (batch 2, eval, no grad) on a fresh model: `base` (no adapter), `reference` (stock
+    LyCORIS hooks) or `project` (the sampler's path: LoKr merged into the weights by `lokr_applied`)."""
     from .lokr import lokr_applied
 
     device, dtype = opts.device, opts.dtype
-    model = build_transformer(opts.size, device, dtype)
-    model.eval()
+    model = build_transformer(opts.size, device, dtype).eval()
     inputs = make_inputs(opts.size, device, dtype).batch(2)
     timesteps = torch.full((2,), 500.0, device=device)
-
-    def forward(_: int = 0) -> torch.Tensor:
-        return model(hidden_states=inputs.latents.to(dtype), timesteps=timesteps, encoder_hidden_states_t5=inputs.t5,
-                     encoder_hidden_states_llama3=inputs.llama, pooled_embeds=inputs.pooled,
-                     return_dict=False)[0]
-
-    def timed() -> dict:
-        _reset_peak(device)
-        times = median_time(forward, device, opts.steps, opts.warmup)
-        return summarise(times, opts.warmup, _peak_gib(device), flops)
-
-    with torch.no_grad():
-        flops = count_flops(forward)
-        base = timed()
+    stack = contextlib.ExitStack()
+    info: dict = {}
+    if label == "reference":
         network = reference_lokr(model, device, opts.reference_lokr)
         set_lokr_weights(network)
-        ref_out = forward().float().cpu()
-        reference = timed()
-        remove_network(network)
-        del network
-        network, report = project_lokr(model, device, opts.speedups)
+    elif label == "project":
+        network, info["speedups"] = project_lokr(model, device, opts.speedups)
         set_lokr_weights(network)
-        with lokr_applied(network) as how:
-            proj_out = forward().float().cpu()
-            project = timed()
-        remove_speedups(model, network)
-        remove_network(network)
-    err = ((proj_out - ref_out).norm() / ref_out.norm()).item()
-    tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
-    row = _row("sample_cfg", opts, project, reference, {"fwd_flops_b2": flops, "lokr_applied_as": how})
+        info["lokr_applied_as"] = stack.enter_context(lokr_applied(network))
+
+    @torch.no_grad()
+    def step(_: int = 0) -> torch.Tensor:
+        return model(hidden_states=inputs.latents.to(dtype), timesteps=timesteps,
+                     encoder_hidden_states_t5=inputs.t5, encoder_hidden_states_llama3=inputs.llama,
+                     pooled_embeds=inputs.pooled, return_dict=False)[0]
+
+    outputs[label] = step().float().cpu()
+
+    return Timed(step, stack.close, info)
+
+
+def run_sample_mode(opts: BenchOptions) -> dict:
+    outputs: dict = {}
+    results = time_configs({label: (lambda label=label: _sample_config(label, opts, outputs))
+                            for label in ("base", "reference", "project")},
+                           opts.device, opts.steps, opts.warmup, opts.interleave)
+    project, reference, base = results["project"], results["reference"], results["base"]
+    row = _row("sample_cfg", opts, project, reference, {})
+    row["speedups"] = project.pop("speedups", None)
+    row["lokr_applied_as"] = project.pop("lokr_applied_as", None)
     row.update(base_step_s=base["step_s"], base_peak_gib=base["peak_gib"],
-               merged_vs_base=project["step_s"] / base["step_s"])
-    row["check"] = {"output_rel_err": err, "tolerance": tol, "passed": bool(err <= tol)}
-    row["speedups"] = report
-    del model, network
-    _release(device)
+               merged_vs_base=project["step_s"] / base["step_s"], base=base)
+    ref_out, proj_out = outputs["reference"], outputs["project"]
+    err = ((proj_out - ref_out).norm() / ref_out.norm()).item()
+    lokr_effect = ((ref_out - outputs["base"]).norm() / ref_out.norm()).item()
+    tol = 2e-2 if opts.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    row["check"] = {"output_rel_err": err, "lokr_effect_rel": lokr_effect, "tolerance": tol,
+                    "passed": bool(err <= tol and lokr_effect > err)}
     return row
 
 
