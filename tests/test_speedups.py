@@ -151,3 +151,24 @@ def test_speedups_on_int8_base_with_lokr(tiny_transformer):
     assert abs(flow1 - flow0) <= 1e-5 * abs(flow0)
     for name, g0 in grads0.items():
         torch.testing.assert_close(grads1[name], g0, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_load_balancing_hooks_keep_nothing_from_checkpoint_recomputation(tiny_transformer):
+    """With checkpointing the backward re-runs every block; the aux losses it re-fires must not be kept (each would
+    pin a recomputed block's activations until the next step)."""
+    network = create_lokr_network(tiny_transformer, CONFIG)
+    _set_factors(network)
+    apply_speedups(tiny_transformer, network)
+    tiny_transformer.train()
+    tiny_transformer.enable_gradient_checkpointing()
+    lb = LoadBalancingLoss(tiny_transformer, 0.01)
+    embeds = random_conditioning(tiny_transformer, seed=1)
+    for _ in range(2):
+        lb.clear()
+        out = tiny_transformer(hidden_states=torch.randn(1, 16, 8, 8), timesteps=torch.tensor([400.0]),
+                               encoder_hidden_states_t5=embeds.t5, encoder_hidden_states_llama3=embeds.llama,
+                               pooled_embeds=embeds.pooled, return_dict=False)[0]
+        aux = lb.take()
+        assert aux is not None and aux.requires_grad
+        (out.square().mean() + aux).backward()
+        assert lb._losses == []  # the recomputation fired the hooks; nothing was kept
