@@ -386,19 +386,26 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
         p.grad = None
 
     params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.learning_rate)
+    # Everything big lives in `state`, which close() empties: on a GPU the next configuration must not find this
+    # one's 32 GB of weights still referenced.
+    state = {"model": model, "optimizer": torch.optim.AdamW(params, lr=opts.learning_rate)}
+    del model
 
     def step(i: int) -> torch.Tensor:
         noise, sigmas = step_noise(inputs, i)
-        loss = training_loss(model, inputs, noise, sigmas, load_balancing, opts.dtype)
+        loss = training_loss(state["model"], inputs, noise, sigmas, load_balancing, opts.dtype)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        state["optimizer"].step()
+        state["optimizer"].zero_grad(set_to_none=True)
         return loss.detach()
 
-    # Model, network and optimizer live in this closure; dropping the Timed frees them (gc breaks the
-    # model <-> LoKr hook cycles).
-    return Timed(step, load_balancing.remove, {"lokr_params": sum(p.numel() for p in params)})
+    def close() -> None:
+        load_balancing.remove()
+        remove_speedups(state["model"], network)
+        remove_network(network)
+        state.clear()
+
+    return Timed(step, close, {"lokr_params": sum(p.numel() for p in params)})
 
 
 def run_train_mode(mode: str, opts: BenchOptions) -> dict:
