@@ -14,6 +14,7 @@ same inputs:
 and checks on one fixed batch that both compute the same loss and LoKr gradients (the `check` field; speed that
 changes the maths does not count). One training step = noise, forward, flow-matching loss (+ MoE load-balancing
 loss, with gradient), backward, optimizer step. Timings are the median of `--steps` after `--warmup` steps.
+FLOPs are what torch's FlopCounterMode sees one step execute (checkpoint recomputation included).
 
 Modes: bf16_nogc, bf16_gc (gradient checkpointing), int8_gc (optimum-quanto int8 base + checkpointing),
 offload_gc (blocks streamed from CPU memory with diffusers' group offloading + checkpointing; CUDA only),
@@ -347,6 +348,7 @@ def _prepare_train_model(mode: str, opts: BenchOptions, extra: dict):
         started = time.perf_counter()
         quantize_frozen(model, "int8-quanto")
         extra["quantize_s"] = time.perf_counter() - started
+        extra["flops_note"] = "quanto's int8 matmuls are invisible to torch's FLOP counter: TFLOP/s is a floor"
     if mode == "offload_gc":
         model.to("cpu")
     _release(device)
