@@ -331,10 +331,11 @@ class BenchOptions:
     reference_lokr: str = "bypass"
     speedups: Speedups = field(default_factory=Speedups)
     learning_rate: float = 1e-4
+    sequential: Optional[bool] = None  # None: sequential on CUDA (per-configuration peak memory), interleaved on CPU
 
     @property
     def interleave(self) -> bool:
-        return self.device.type == "cpu"
+        return not self.sequential if self.sequential is not None else self.device.type == "cpu"
 
 
 def _prepare_train_model(mode: str, opts: BenchOptions, extra: dict):

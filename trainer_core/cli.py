@@ -103,7 +103,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     speedups = Speedups(fast_lokr=not args.no_fast_lokr, fast_moe_dispatch=not args.no_fast_moe_dispatch,
                         lean_int8_backward=not args.no_lean_int8_backward, compile_blocks=args.compile_blocks)
     opts = BenchOptions(size=SIZES[args.size], device=device, dtype=dtype, steps=args.steps, warmup=args.warmup,
-                        reference_lokr=args.reference_lokr, speedups=speedups)
+                        reference_lokr=args.reference_lokr, speedups=speedups,
+                        sequential=True if args.sequential else None)
     run_bench(modes, opts, Path(args.out) if args.out else None, emit=lambda line: print(line, flush=True))
     return 0
 
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fast-moe-dispatch", action="store_true", help="project step with diffusers' MoE dispatch")
     p.add_argument("--no-lean-int8-backward", action="store_true", help="project step with quanto's own backward")
     p.add_argument("--compile-blocks", action="store_true", help="torch.compile every transformer block")
+    p.add_argument("--sequential", action="store_true",
+                   help="time one configuration after the other (the CUDA default) instead of alternating steps")
     p.set_defaults(func=_cmd_bench)
     return parser
 
