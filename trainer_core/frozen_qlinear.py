@@ -8,9 +8,8 @@ and the backward dequantises it again through quanto's own matmul: the activatio
 the maths is quanto's (same kernels, forward and backward).
 
 Applies to `QLinear` modules whose weight is a frozen quanto tensor and does not require grad; anything else keeps
-quanto's forward. LoKr-wrapped layers reach this through their base forward (LyCORIS keeps the module's original
-`forward` as `org_forward`, which is the class method, so this module patches `QLinear.forward` per instance
-*before* the LoKr hooks are installed, or the LoKr's `org_forward` is updated in place, see `install`).
+quanto's forward. A QLinear that LyCORIS already hooked keeps the LoKr's forward as its `forward`; the LoKr's
+`org_forward` (its base-layer call) is pointed at the lean forward instead.
 """
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def apply_speedups(transformer: nn.Module, network=None, config=None) -> dict:
         blocks = transformer_blocks(transformer)
         for block in blocks:
             if not getattr(block, "_compiled_call_impl", None):
-                block.compile()
+                block.compile(dynamic=False)  # the recomputation must pick the forward's graph
         report["compiled_blocks"] = len(blocks)
     logger.info("speed-ups: %s", report)
     return report
