@@ -16,4 +16,8 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
     --out "$out" "$@"
 # The issue's measured starting point used LyCORIS' default (rebuild) forward: one mode against it for the link.
 "$PY" -m trainer_core bench --size full --device cuda --modes bf16_nogc --reference-lokr rebuild --out "$out" "$@"
+# Optional (BENCH_COMPILE=1): regional torch.compile of the blocks, off by default until measured here.
+if [ "${BENCH_COMPILE:-0}" = "1" ]; then
+    "$PY" -m trainer_core bench --size full --device cuda --modes bf16_nogc,bf16_gc --compile-blocks --out "$out" "$@"
+fi
 echo "results: $out"
