@@ -93,7 +93,9 @@ class LoadBalancingLoss:
         for module in transformer.modules():
             if type(module).__name__ == "MoEGate":
                 module.alpha = alpha
-                self._handles.append(module.register_forward_hook(self._hook))
+                # Run eagerly even inside compiled blocks: the hook's collect-or-not branch must not select
+                # between two compiled graphs (checkpoint recomputation would then save other tensors).
+                self._handles.append(module.register_forward_hook(torch.compiler.disable(self._hook)))
 
     def _hook(self, module, inputs, output) -> None:
         aux = output[2] if isinstance(output, tuple) and len(output) > 2 else None
