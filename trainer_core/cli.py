@@ -1,4 +1,4 @@
-"""`python -m trainer_core ...`: make-tiny-model, train, sample, demo."""
+"""`python -m trainer_core ...`: make-tiny-model, train, sample, demo, bench."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .models import load_text_encoders, load_transformer, load_vae, resolve_model_paths
     from .quantize import quantize_frozen
     from .sample import sample_image
+    from .speedups import apply_speedups
     from .train import resolve_device
 
     settings = SamplingConfig(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
@@ -67,6 +68,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     transformer = load_transformer(paths, dtype=dtype, device=device)
     quantize_frozen(transformer, args.base_model_precision)
     network = load_lokr(Path(args.lokr), transformer) if args.lokr else None
+    apply_speedups(transformer, network)  # the unmerged (quantised-base) LoKr path
     vae = load_vae(paths, dtype=torch.float32, device=device)
     image, _ = sample_image(transformer, vae, cond, uncond, settings, network=network)
     out = Path(args.out)
@@ -80,6 +82,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(Path(args.out), steps=args.steps)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import ALL_MODES, SIZES, BenchOptions, run_bench
+    from .speedups import Speedups
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else list(ALL_MODES)
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if unknown:
+        raise ConfigError(f"unknown bench mode(s) {unknown}; choose from {', '.join(ALL_MODES)}")
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda"
+                                                                          else "fp32")]
+    speedups = Speedups(fast_lokr=not args.no_fast_lokr, fast_moe_dispatch=not args.no_fast_moe_dispatch,
+                        lean_int8_backward=not args.no_lean_int8_backward, compile_blocks=args.compile_blocks)
+    opts = BenchOptions(size=SIZES[args.size], device=device, dtype=dtype, steps=args.steps, warmup=args.warmup,
+                        reference_lokr=args.reference_lokr, speedups=speedups,
+                        sequential=True if args.sequential else None)
+    run_bench(modes, opts, Path(args.out) if args.out else None, emit=lambda line: print(line, flush=True))
     return 0
 
 
@@ -125,7 +151,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="output/demo", help="output folder")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="time training/sampling steps against the stock diffusers+LyCORIS step; "
+                                     "one JSON line per mode")
+    p.add_argument("--size", choices=["full", "small"], default="full",
+                   help="full: HiDream-I1 at 1024 px (needs a large GPU); small: a reduced config for CPUs")
+    p.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--modes", default=None, help="comma-separated: bf16_nogc,bf16_gc,sample_cfg,offload_gc,int8_gc "
+                                                 "(default: all)")
+    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--reference-lokr", choices=["bypass", "rebuild"], default="bypass",
+                   help="the reference LoKr's forward: LyCORIS bypass (what this trainer used before) or "
+                        "LyCORIS' default rebuild (the issue's measured starting point)")
+    p.add_argument("--no-fast-lokr", action="store_true", help="project step without the Kronecker LoKr path")
+    p.add_argument("--no-fast-moe-dispatch", action="store_true", help="project step with diffusers' MoE dispatch")
+    p.add_argument("--no-lean-int8-backward", action="store_true", help="project step with quanto's own backward")
+    p.add_argument("--compile-blocks", action="store_true", help="torch.compile every transformer block")
+    p.add_argument("--sequential", action="store_true",
+                   help="time one configuration after the other (the CUDA default) instead of alternating steps")
+    p.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -170,6 +170,11 @@ class TrainConfig:
     report_to: ReportTo = "none"  # a JSONL scalar log is always written; "tensorboard" adds event files
     tracker_run_name: str = "hidream-lokr"
     device: Optional[str] = None  # None: cuda when available, else cpu
+    # Speed-ups (trainer_core/speedups.py): each computes what the stock stack computes; these switch them off.
+    fast_lokr: bool = True  # LoKr applied through its Kronecker structure (kron_lokr.py)
+    fast_moe_dispatch: bool = True  # MoE training dispatch sorted by expert, no boolean masks (moe_dispatch.py)
+    lean_int8_backward: bool = True  # frozen quanto layers keep no activations for backward (frozen_qlinear.py)
+    compile_blocks: bool = False  # torch.compile each transformer block (compile time; not yet measured on GPU)
 
     def validate(self) -> None:
         if not self.datasets:

@@ -82,19 +82,24 @@ class LoadBalancingLoss:
     diffusers computes each gate's aux loss alpha * sum_e P_e * f_e in train() mode and then throws it away; forward
     hooks keep it, with its graph. `alpha` is set on every gate. `take()` returns the mean over gates (HiDream's
     official form, independent of the number of layers) and clears the list, so graphs never outlive a step.
+    Between `take()` and the next `clear()` nothing is collected: with gradient checkpointing the backward re-runs
+    every block, and a kept aux loss of a recomputed block would pin that block's recomputed activations.
     """
 
     def __init__(self, transformer: nn.Module, alpha: float):
         self._losses: list[torch.Tensor] = []
+        self._collecting = True
         self._handles = []
         for module in transformer.modules():
             if type(module).__name__ == "MoEGate":
                 module.alpha = alpha
-                self._handles.append(module.register_forward_hook(self._hook))
+                # Run eagerly even inside compiled blocks: the hook's collect-or-not branch must not select
+                # between two compiled graphs (checkpoint recomputation would then save other tensors).
+                self._handles.append(module.register_forward_hook(torch.compiler.disable(self._hook)))
 
     def _hook(self, module, inputs, output) -> None:
         aux = output[2] if isinstance(output, tuple) and len(output) > 2 else None
-        if aux is not None:
+        if aux is not None and self._collecting:
             self._losses.append(aux)
 
     @property
@@ -102,11 +107,13 @@ class LoadBalancingLoss:
         return len(self._handles)
 
     def clear(self) -> None:
-        """Forget collected losses; call before each forward (checkpoint recomputation re-fires the hooks)."""
+        """Forget collected losses and collect again; call before each forward."""
         self._losses = []
+        self._collecting = True
 
     def take(self) -> Optional[torch.Tensor]:
         losses, self._losses = self._losses, []
+        self._collecting = False  # until clear(): the backward's checkpoint recomputation re-fires the hooks
         if not losses:
             return None
         return torch.stack([l.float() for l in losses]).mean()

@@ -38,6 +38,7 @@ from .optimizers import build_lr_scheduler, build_optimizer
 from .plot import loss_curve_image
 from .quantize import quantize_frozen
 from .sample import latents_to_images
+from .speedups import apply_speedups, remove_speedups
 from .tracking import RunLog
 from .validation import render_validation, validation_prompts
 
@@ -348,6 +349,8 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
         adapter.load_weights(config.init_lokr_weights)
         logger.info("adapter initialised from %s", config.init_lokr_weights)
     adapter.module.to(device)
+    lokr_network = adapter.module if adapter.kind == "lokr" else None
+    apply_speedups(transformer, lokr_network, config)
     logger.info("adapter: %s", describe(adapter))
     if not adapter.mergeable:
         logger.warning("the base weights are quantised: a LoKr cannot be merged into them, so validation samples "
@@ -552,6 +555,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     run_log.close()
     load_balancing.remove()
     if given.transformer is not None:  # hand the caller's model back as it came
+        remove_speedups(transformer, lokr_network)
         adapter.remove()
         if not was_checkpointing and transformer.is_gradient_checkpointing:
             transformer.disable_gradient_checkpointing()

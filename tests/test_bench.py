@@ -1,0 +1,35 @@
+"""`python -m trainer_core bench` in small CPU mode: valid JSON lines, the equivalence check passes. No timing is
+asserted (speed figures belong in the benchmark's output, not in tests)."""
+from __future__ import annotations
+
+import json
+
+from trainer_core.cli import main
+
+
+def test_bench_small_cpu_training_mode_writes_json(tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    code = main(["bench", "--size", "small", "--device", "cpu", "--modes", "bf16_nogc,offload_gc", "--steps", "1",
+                 "--warmup", "0", "--out", str(out)])
+    assert code == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["mode"] for r in printed] == [r["mode"] for r in written] == ["bf16_nogc", "offload_gc"]
+    train, offload = written
+    assert "error" not in train, train
+    assert train["size"] == "small" and train["timing"] == "interleaved"
+    for key in ("step_s", "reference_step_s", "speedup_vs_reference", "tflops_per_s"):
+        assert train[key] > 0, key
+    assert train["project"]["flops_per_step"] > 1e9
+    check = train["check"]
+    assert check["passed"], check
+    assert check["grad_tensors"] > 0 and check["loss_rel_err"] <= 1e-4 and check["grad_rel_err"] <= 1e-3
+    assert train["speedups"]["fast_lokr_modules"] > 0 and train["speedups"]["sorted_moe_layers"] > 0
+    assert train["torch"] and train["lycoris"] and train["date"]
+    assert "skipped" in offload and "cuda" in offload["skipped"]
+
+
+def test_bench_rejects_unknown_mode(capsys):
+    assert main(["bench", "--size", "small", "--device", "cpu", "--modes", "bf16_turbo"]) == 2
+    err = capsys.readouterr().err
+    assert "bf16_turbo" in err and "bf16_gc" in err

@@ -1,0 +1,78 @@
+"""Switch the training/sampling speed-ups on a HiDream transformer (and its LoKr network) on and off.
+
+Each speed-up computes what the stock stack computes (tests/test_speedups.py holds them to the reference in
+float32) and has a switch in `TrainConfig`:
+
+    fast_lokr            LoKr through its Kronecker structure in one addmm        (kron_lokr.py)
+    fast_moe_dispatch    MoE training dispatch sorted by expert, one host sync    (moe_dispatch.py)
+    lean_int8_backward   frozen quanto layers keep no activations for backward   (frozen_qlinear.py)
+    compile_blocks       regional torch.compile of every transformer block       (off by default: compile time,
+                                                                                  and not measured on a GPU yet)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from .frozen_qlinear import install_frozen_qlinear, uninstall_frozen_qlinear
+from .kron_lokr import install_kron_lokr, uninstall_kron_lokr
+from .moe_dispatch import install_sorted_moe, uninstall_sorted_moe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Speedups:
+    fast_lokr: bool = True
+    fast_moe_dispatch: bool = True
+    lean_int8_backward: bool = True
+    compile_blocks: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> "Speedups":
+        """Read the switches from a TrainConfig (or anything with those attributes; missing ones keep defaults)."""
+        return cls(**{name: bool(getattr(config, name, default)) for name, default in
+                      (("fast_lokr", True), ("fast_moe_dispatch", True), ("lean_int8_backward", True),
+                       ("compile_blocks", False))})
+
+    @classmethod
+    def none(cls) -> "Speedups":
+        return cls(False, False, False, False)
+
+
+def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
+    return [*getattr(transformer, "double_stream_blocks", []), *getattr(transformer, "single_stream_blocks", [])]
+
+
+def apply_speedups(transformer: nn.Module, network=None, config=None) -> dict:
+    """Install the switched-on speed-ups in place; returns what was installed (for logs and the benchmark).
+
+    Call after the LoKr network is created and hooked (`create_lokr_network` / `load_lokr`). Safe to call twice.
+    `config` is a TrainConfig, a `Speedups`, or None (defaults).
+    """
+    options = config if isinstance(config, Speedups) else Speedups.from_config(config)
+    report = {}
+    if options.lean_int8_backward:
+        report["lean_int8_layers"] = install_frozen_qlinear(transformer, network)
+    if options.fast_lokr and network is not None:
+        report["fast_lokr_modules"], report["stock_lokr_modules"] = install_kron_lokr(network)
+    if options.fast_moe_dispatch:
+        report["sorted_moe_layers"] = install_sorted_moe(transformer)
+    if options.compile_blocks:
+        blocks = transformer_blocks(transformer)
+        for block in blocks:
+            if not getattr(block, "_compiled_call_impl", None):
+                block.compile(dynamic=False)  # the recomputation must pick the forward's graph
+        report["compiled_blocks"] = len(blocks)
+    logger.info("speed-ups: %s", report)
+    return report
+
+
+def remove_speedups(transformer: nn.Module, network=None) -> None:
+    """Undo `apply_speedups` (compiled blocks stay compiled; they compute the same thing)."""
+    uninstall_sorted_moe(transformer)
+    if network is not None:
+        uninstall_kron_lokr(network)
+    uninstall_frozen_qlinear(transformer, network)
