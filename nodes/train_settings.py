@@ -51,7 +51,7 @@ def core_settings() -> list:
                        tooltip="Weight of the load-balancing loss."),
         io.Float.Input("caption_dropout_probability", default=0.0, min=0.0, max=0.99, step=0.01,
                        tooltip="Chance to train a sample with an empty caption (helps CFG)."),
-        io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=False,
+        io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=True,
                      tooltip="Seed of noise, timesteps, dropout and the LoKr init: same seed, same run. Change it "
                              "to train again with unchanged inputs (ComfyUI reuses a finished run otherwise)."),
         io.String.Input("output_name", default="hidream_lokr",
