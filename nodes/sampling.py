@@ -52,6 +52,11 @@ class HiDreamLoKrSampler(io.ComfyNode):
                              tooltip="Noise seed."),
                 io.Combo.Input("scheduler", options=["unipc", "euler"], default="unipc",
                                tooltip="unipc (HiDream-I1-Full's) or flow-matching Euler."),
+                io.Conditioning.Input("positive_conditioning", optional=True,
+                                      tooltip="ComfyUI CONDITIONING (CLIPTextEncode with the HiDream CLIP) used "
+                                              "instead of the positive text."),
+                io.Conditioning.Input("negative_conditioning", optional=True,
+                                      tooltip="ComfyUI CONDITIONING used instead of the negative text."),
                 io.Vae.Input("vae", optional=True,
                              tooltip="ComfyUI VAE to decode with; without it the model's own VAE decodes."),
             ],
@@ -63,15 +68,25 @@ class HiDreamLoKrSampler(io.ComfyNode):
     @classmethod
     def execute(cls, hidream_model: HiDreamModel, strength: float, positive: str, negative: str, width: int,
                 height: int, steps: int, cfg: float, shift: float, seed: int, scheduler: str,
-                lokr: LoKrHandle = None, vae=None) -> io.NodeOutput:
-        if hidream_model.text_encoder is None:
-            raise ConfigError("this HiDream model has no text encoders to encode the prompt: load it with them")
+                lokr: LoKrHandle = None, vae=None, positive_conditioning=None,
+                negative_conditioning=None) -> io.NodeOutput:
+        from .comfy_adapters import conditioning_to_embeds
+
+        def embeds(text: str, conditioning, which: str):
+            if conditioning is not None:
+                cond, extras = conditioning[0]
+                return conditioning_to_embeds(cond, extras, llama_tokens=None)
+            if hidream_model.text_encoder is None:
+                raise ConfigError(f"nothing encodes the {which} prompt: this HiDream model has no text encoders; "
+                                  f"connect {which}_conditioning (CLIPTextEncode with QuadrupleCLIPLoader's CLIP)")
+            return hidream_model.text_encoder.encode([text])
+
         settings = SamplingConfig(prompt=positive, negative_prompt=negative, width=width, height=height,
                                   num_inference_steps=steps, guidance=cfg, shift=shift, seed=seed,
                                   scheduler=scheduler, lokr_strength=strength)
         settings.validate()
-        cond = hidream_model.text_encoder.encode([positive])
-        uncond = hidream_model.text_encoder.encode([negative]) if cfg > 1.0 else None
+        cond = embeds(positive, positive_conditioning, "positive")
+        uncond = embeds(negative, negative_conditioning, "negative") if cfg > 1.0 else None
         bar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id)
         transformer = hidream_model.transformer
         with torch.inference_mode(False):  # the LoKr modules patch normal (non-inference) weights

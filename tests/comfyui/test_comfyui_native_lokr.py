@@ -14,23 +14,9 @@ import sys
 import pytest
 import torch
 
-from comfy_server import REPO, comfyui_dir
+from comfy_server import REPO
 
 sys.path.insert(0, str(REPO))
-
-
-@pytest.fixture(scope="module")
-def comfy_modules():
-    sys.path.insert(0, str(comfyui_dir()))
-    from comfy.cli_args import args
-
-    args.cpu = True  # before comfy.model_management is imported: CPU-only torch has no CUDA
-    import comfy.model_management  # noqa: F401
-    import comfy.model_patcher
-    import comfy.sd
-    import comfy.supported_models
-
-    return comfy
 
 
 @pytest.fixture(scope="module")
