@@ -77,3 +77,28 @@ def test_comfy_hidream_conditioning_maps_onto_prompt_embeds(pack):
     missing = adapters.conditioning_to_embeds(  # an encoder left out: ComfyUI puts zeros [1, 32, 1, D]
         t5, {"pooled_output": pooled, "conditioning_llama3": torch.zeros(1, 4, 1, 48)})
     assert missing.llama.shape == (4, 1, 128, 48) and not missing.llama.any()
+
+
+def test_comfy_hidream_clip_adapter_gives_the_cores_layout(comfy_modules, pack):
+    """ComfyUI's HiDream text encoder with only CLIP-L present (the others are replaced by zeros, as ComfyUI does
+    for a partial set) -- the real widths: T5 4096, Llama 32 layers x 4096, pooled 768 + 1280."""
+    comfy = comfy_modules
+    from comfy.supported_models_base import ClipTarget
+    from comfy.text_encoders import hidream
+
+    adapters = importlib.import_module("hidream_lokr_pack.nodes.comfy_adapters")
+    target = ClipTarget(hidream.HiDreamTokenizer,
+                        hidream.hidream_clip(clip_l=True, clip_g=False, t5=False, llama=False))
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.parameters():  # ComfyUI leaves weights uninitialised until a file loads
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    encoder = adapters.ComfyClipTextEncoder(clip)
+    embeds = encoder.encode(["a red circle on a blue background", "a green square"])
+    assert embeds.t5.shape == (2, 128, 4096) and embeds.llama.shape == (32, 2, 128, 4096)
+    assert embeds.pooled.shape == (2, 2048)
+    assert embeds.pooled[:, :768].abs().sum() > 0 and not embeds.pooled[:, 768:].any()  # CLIP-L, then CLIP-G
+    assert not embeds.t5.any() and not embeds.llama.any()
+    assert not torch.equal(embeds.pooled[0], embeds.pooled[1])
+    assert adapters.ComfyClipTextEncoder(clip).identity == encoder.identity  # same weights, same cache entries
