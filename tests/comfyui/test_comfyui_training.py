@@ -168,3 +168,29 @@ def test_interrupt_stops_within_a_step_saves_the_lokr_and_restores_the_model(com
     base_only["8"]["inputs"]["strength"] = 0.5  # no LoKr connected: same maths, but not a cached result
     after = _sample_pixels(comfy, comfy.wait(comfy.submit(base_only)))
     assert np.array_equal(before, after)  # the transformer came back without LoKr, weights unchanged
+
+
+def test_image_batch_and_combined_datasets_train(comfy, demo_run):
+    import shutil
+
+    first = sorted((comfy.base_dir / "input" / "hidream_lokr_demo_shapes").glob("*.png"))[0]
+    shutil.copy(first, comfy.base_dir / "input" / "lokr_batch_image.png")
+    graph = load_graph(DEMO)
+    graph.pop("8"), graph.pop("9")
+    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "lokr_batch_image.png"}}
+    graph["21"] = {"class_type": "HiDreamLoKrDatasetFromImages",
+                   "inputs": {"images": ["20", 0], "captions": "a shape from the graph", "resolution": 64,
+                              "repeats": 1}}
+    graph["22"] = {"class_type": "HiDreamLoKrCombineDatasets", "inputs": {"dataset_1": ["2", 0],
+                                                                        "dataset_2": ["21", 0]}}
+    graph["3"]["inputs"]["dataset"] = ["22", 0]
+    graph[TRAIN]["inputs"].update(max_train_steps=2, validation_prompt="", output_name="combined")
+    entry = comfy.wait(comfy.submit(graph))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (name,) = entry["outputs"]["7"]["text"]
+    with safe_open(str(comfy.output_dir() / "loras" / name), "pt") as f:
+        config = json.loads(f.metadata()["training_config"])
+    assert [d["id"] for d in config["datasets"]] == ["hidream_lokr_demo_shapes", "image_batch"]
+    assert config["datasets"][1]["repeats"] == 1
+    (batch_folder,) = (comfy.output_dir() / "hidream_lokr" / "image_batches").iterdir()
+    assert (batch_folder / "00000.txt").read_text() == "a shape from the graph"
