@@ -24,7 +24,8 @@ from ..trainer_core.train import ModelComponents, StepMetrics, TrainingCallbacks
 from .lokr_config import LoKrSettings
 from .paths import new_run_dir
 from .run_registry import REGISTRY, TrainingRun
-from .train_settings import config_as_json, core_settings, optional_settings, train_config_from_settings
+from .train_settings import (CONFIG_FIELDS, INIT_LOKR_FIELD, RESUME_FIELD, config_as_json, core_settings,
+                             optional_settings, run_key, train_config_from_settings)
 from .types import CATEGORY, DatasetType, HiDreamModel, HiDreamModelType, LoKrConfigType, LoKrHandle, LoKrType, TrainingData
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,9 @@ class TrainHiDreamLoKr(io.ComfyNode):
                 LoKrConfigType.Input("lokr_config", tooltip="Which modules get a LoKr, and its shape."),
                 *core_settings(),
                 *optional_settings(),
+                *([LoKrType.Input("init_lokr", optional=True,
+                                  tooltip="Continue training from this LoKr (e.g. from Load HiDream LoKr).")]
+                  if INIT_LOKR_FIELD in CONFIG_FIELDS else []),
             ],
             outputs=[
                 LoKrType.Output(display_name="lokr", tooltip="The trained LoKr (save it with Save HiDream LoKr)"),
@@ -150,8 +154,16 @@ class TrainHiDreamLoKr(io.ComfyNode):
 
     @classmethod
     def execute(cls, hidream_model: HiDreamModel, dataset: TrainingData, lokr_config: LoKrSettings,
-                **settings) -> io.NodeOutput:
+                init_lokr: LoKrHandle = None, **settings) -> io.NodeOutput:
         node_id = cls.hidden.unique_id
+        if init_lokr is not None:
+            settings[INIT_LOKR_FIELD] = init_lokr.path
+        # Re-queueing a cancelled graph unchanged continues from the checkpoint the cancel left (when the core
+        # writes checkpoints); any change to the inputs starts a new run.
+        key = run_key(hidream_model.name, dataset.fingerprint, lokr_config.lycoris.to_dict(), settings)
+        resume = REGISTRY.interrupted_checkpoint(key)
+        if resume is not None and RESUME_FIELD in CONFIG_FIELDS and not settings.get(RESUME_FIELD):
+            settings[RESUME_FIELD] = str(resume)
         device = next(hidream_model.transformer.parameters()).device
         text_encoder = dataset.text_encoder or hidream_model.text_encoder
         image_encoder = dataset.image_encoder or hidream_model.image_encoder
@@ -190,6 +202,9 @@ class TrainHiDreamLoKr(io.ComfyNode):
             raise
         if watch.interrupted:
             REGISTRY.finish(run, "interrupted")
+            checkpoint = getattr(result, "checkpoint_path", None)  # TrainResult of cores that checkpoint
+            if checkpoint is not None:
+                REGISTRY.remember_interrupted(key, checkpoint)
             stopped_in = time.time() - watch.detected_at
             logger.info("HiDream LoKr: interrupted at step %d; LoKr saved to %s (%.2f s after the interrupt was "
                         "seen)", result.steps_done, result.lokr_path, stopped_in)
