@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))  # trainer_core, to check the saved files with the
 
 DEMO = "hidream_lokr_tiny_demo_api.json"
 TRAIN = "6"
+DEMO_WORKFLOW = json.loads((REPO / "workflows" / "hidream_lokr_tiny_demo.json").read_text())
 
 
 def lora_files(comfy) -> list[Path]:
@@ -41,7 +42,7 @@ def error_text(entry: dict) -> str:
 @pytest.fixture(scope="module")
 def demo_run(comfy, events):
     started = time.time()
-    prompt_id = comfy.submit(load_graph(DEMO))
+    prompt_id = comfy.submit(load_graph(DEMO), workflow=DEMO_WORKFLOW)  # as the browser sends it
     entry = comfy.wait(prompt_id)
     seconds = time.time() - started
     print(f"\ntiny demo workflow end to end: {seconds:.1f} s")
@@ -64,6 +65,8 @@ def test_demo_trains_saves_a_loadable_lokr_and_samples(comfy, events, demo_run):
     assert json.loads(meta["training_config"])["max_train_steps"] == 40
     assert json.loads(meta["lycoris_config"])["factor"] == 2
     assert meta["steps"] == "40"
+    assert json.loads(meta["workflow"]) == DEMO_WORKFLOW  # the graph that made it travels with the file
+    assert json.loads(meta["prompt"])[TRAIN]["class_type"] == "HiDreamLoKrTrain"
     # The LoKr learned something and loads onto the transformer it was trained for.
     model_dir = comfy.base_dir / "models" / "diffusers" / "tiny-hidream"
     transformer = load_transformer(resolve_model_paths(model_dir), dtype=torch.float32)
@@ -92,7 +95,7 @@ def test_demo_trains_saves_a_loadable_lokr_and_samples(comfy, events, demo_run):
 
 def test_unchanged_requeue_reuses_the_trained_run(comfy, demo_run):
     before_files, before_runs = lora_files(comfy), run_dirs(comfy, "tiny_demo")
-    entry = comfy.wait(comfy.submit(load_graph(DEMO)))
+    entry = comfy.wait(comfy.submit(load_graph(DEMO), workflow=DEMO_WORKFLOW))
     assert entry["status"]["status_str"] == "success"
     (cached,) = messages(entry, "execution_cached")
     assert set(cached["nodes"]) == set(load_graph(DEMO))  # nothing ran again, training included
