@@ -91,6 +91,8 @@ def test_demo_trains_saves_a_loadable_lokr_and_samples(comfy, events, demo_run):
     assert progress[-1]["phase"] == "finished"
     bar = [e for e in events.of("progress") if e.get("prompt_id") == prompt_id and e.get("node") == TRAIN]
     assert bar and bar[-1]["value"] == 40 and bar[-1]["max"] == 40
+    assert events.binary_types.count(1) >= 3  # previews on the node: steps 0, 20 and 40
+    assert "unloaded ComfyUI's models;" in comfy.log() and "GiB free on cpu" in comfy.log()
 
 
 def test_unchanged_requeue_reuses_the_trained_run(comfy, demo_run):
