@@ -193,26 +193,27 @@ class TrainHiDreamLoKr(io.ComfyNode):
                                       on_validation=reporter.on_validation, should_stop=watch.should_stop)
         components = ModelComponents(transformer=hidream_model.transformer, transformer_name=hidream_model.name,
                                      text_encoder=text_encoder, image_encoder=image_encoder, decode_latents=decode)
+        status = "failed"
         try:
             # ComfyUI executes nodes under inference_mode, where nothing records gradients.
             with torch.inference_mode(False), torch.enable_grad():
                 result = train(config, callbacks, components)
+            status = "interrupted" if watch.interrupted else "finished"
         except comfy.model_management.InterruptProcessingException:
-            REGISTRY.finish(run, "interrupted")  # raised by ComfyUI outside our guards (e.g. a cache phase)
+            status = "interrupted"  # raised by ComfyUI outside our guards (e.g. while the core filled a cache)
             raise
+        finally:
+            REGISTRY.finish(run, status)
         if watch.interrupted:
-            REGISTRY.finish(run, "interrupted")
             checkpoint = getattr(result, "checkpoint_path", None)  # TrainResult of cores that checkpoint
             if checkpoint is not None:
                 REGISTRY.remember_interrupted(key, checkpoint)
-            stopped_in = time.time() - watch.detected_at
             logger.info("HiDream LoKr: interrupted at step %d; LoKr saved to %s (%.2f s after the interrupt was "
-                        "seen)", result.steps_done, result.lokr_path, stopped_in)
+                        "seen)", result.steps_done, result.lokr_path, time.time() - watch.detected_at)
             (output_dir / "interrupted.json").write_text(json.dumps(
                 {"steps_done": result.steps_done, "detected_at": watch.detected_at, "stopped_at": time.time(),
                  "lokr": str(result.lokr_path)}), encoding="utf-8")
             watch.raise_if_interrupted()
-        REGISTRY.finish(run, "finished")
 
         handle = LoKrHandle(path=result.lokr_path, lycoris=lokr_config.lycoris, steps=result.steps_done,
                             metadata={"training_config": config_as_json(config), "steps": str(result.steps_done),

@@ -199,3 +199,13 @@ def test_image_batch_and_combined_datasets_train(comfy, demo_run):
     assert config["datasets"][1]["repeats"] == 1
     (batch_folder,) = (comfy.output_dir() / "hidream_lokr" / "image_batches").iterdir()
     assert (batch_folder / "00000.txt").read_text() == "a shape from the graph"
+
+
+def test_lokr_config_matching_nothing_fails_in_plain_words(comfy, events, demo_run):
+    graph = load_graph(DEMO)
+    graph["5"]["inputs"].update(preset="custom JSON", custom_json='{"target_module": ["NoSuchLayer"]}')
+    prompt_id = comfy.submit(graph)
+    text = error_text(comfy.wait(prompt_id))
+    assert "matches no module" in text and "HiDreamAttention" in text  # says what could be targeted
+    progress = [e for e in events.of("hidream_lokr.progress") if e.get("prompt_id") == prompt_id]
+    assert progress[-1]["phase"] == "failed"
