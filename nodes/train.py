@@ -51,6 +51,21 @@ def free_comfy_memory(device: torch.device) -> str:
     return f"unloaded ComfyUI's models; {free / 2**30:.1f} GiB free on {device}"
 
 
+def remove_leftover_lokr(transformer: torch.nn.Module) -> int:
+    """Unhook every LyCORIS module still hooked into `transformer`; returns how many.
+
+    ComfyUI keeps the loader's output cached and hands the same transformer to the next run, so a run that fails
+    half-way must not leave its LoKr hooked in (the next one would train on top of it). LyCORIS records its hooks
+    per module in `_lycoris_wrappers`; restoring them in reverse order puts the original forward back.
+    """
+    removed = 0
+    for module in transformer.modules():
+        for wrapper in reversed(list(getattr(module, "_lycoris_wrappers", []))):
+            wrapper.restore()
+            removed += 1
+    return removed
+
+
 class InterruptWatch:
     """Turns ComfyUI's interrupt into the core's should_stop, without losing it.
 
@@ -204,6 +219,8 @@ class TrainHiDreamLoKr(io.ComfyNode):
             raise
         finally:
             REGISTRY.finish(run, status)
+            if status == "failed" and remove_leftover_lokr(hidream_model.transformer):
+                logger.warning("HiDream LoKr: the failed run left LoKr hooks on the transformer; removed them")
         if watch.interrupted:
             checkpoint = getattr(result, "checkpoint_path", None)  # TrainResult of cores that checkpoint
             if checkpoint is not None:
