@@ -1,12 +1,19 @@
 """ComfyUI-HiDream-LoKr: ComfyUI entry point.
 
-ComfyUI imports this file when the repository sits in `custom_nodes/`. The graph nodes (`nodes/`, V3 schema via
-`comfy_entrypoint`) wrap `trainer_core`, which works on its own from the command line. Until the node pack lands
-this entry point registers no nodes, so importing it is always safe, inside ComfyUI or not.
+ComfyUI imports this file when the repository sits in (or is listed as) a `custom_nodes` folder. The nodes use
+ComfyUI's V3 schema and register through `comfy_entrypoint`. There is deliberately no NODE_CLASS_MAPPINGS here:
+ComfyUI would use it instead of `comfy_entrypoint`.
+
+Outside ComfyUI (the CLI, the core's tests) this file is never imported: trainer_core works on its own.
 """
 
 WEB_DIRECTORY = "./web"
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-__all__ = ["WEB_DIRECTORY", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+async def comfy_entrypoint():
+    from .nodes import HiDreamLoKrExtension
+
+    return HiDreamLoKrExtension()
+
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -1,0 +1,27 @@
+"""ComfyUI nodes (V3 schema): thin wrappers that validate inputs, call trainer_core, and convert types.
+
+Nothing in trainer_core imports from here. Every module in this package may import ComfyUI (comfy, comfy_api,
+folder_paths, server): it is only imported inside a running ComfyUI.
+"""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+
+def node_list() -> list[type[io.ComfyNode]]:
+    from .caches import CacheLatents, CacheTextEmbeddings
+    from .datasets import CombineDatasets, DatasetFromImages, ImageDataset
+    from .loaders import LoadHiDreamDiffusers, LoadHiDreamTransformerFile
+    from .lokr_config import LoKrConfigNode
+    from .lokr_files import LoadLoKr, SaveLoKr
+    from .sampling import ApplyLoKrToModel, HiDreamLoKrSampler
+    from .train import TrainHiDreamLoKr
+
+    return [LoadHiDreamDiffusers, LoadHiDreamTransformerFile, ImageDataset, CombineDatasets, DatasetFromImages, CacheTextEmbeddings,
+            CacheLatents, LoKrConfigNode, TrainHiDreamLoKr, HiDreamLoKrSampler, ApplyLoKrToModel, SaveLoKr,
+            LoadLoKr]
+
+
+class HiDreamLoKrExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return node_list()

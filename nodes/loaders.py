@@ -1,0 +1,142 @@
+"""Loader nodes: a HiDream-I1 diffusers folder -> HIDREAM_MODEL."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import folder_paths
+from comfy_api.latest import io
+
+from ..trainer_core.models import load_text_encoders, load_transformer, load_vae, resolve_model_paths, component_identity
+from ..trainer_core.cache import VaeImageEncoder
+from ..trainer_core.quantize import quantize_frozen
+from ..trainer_core.single_file import load_transformer_file
+from ..trainer_core.sample import latents_to_images
+from .paths import TINY_MODEL_NAME, diffusers_folder
+from .types import CATEGORY, HiDreamModel, HiDreamModelType
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TRANSFORMER_PRECISIONS = ["bf16", "fp32", "int8-quanto", "int4-quanto", "fp8-quanto"]
+TEXT_ENCODER_QUANTIZATION = ["none", "int8-quanto", "int4-quanto"]
+
+
+def comfy_device() -> torch.device:
+    import comfy.model_management
+
+    return comfy.model_management.get_torch_device()
+
+
+def _base_dtype(precision: str) -> torch.dtype:
+    """quanto precisions quantise a bf16 copy (fp32 on a CPU, where bf16 matmuls are slow and gain nothing)."""
+    if precision in DTYPES:
+        return DTYPES[precision]
+    return torch.float32 if comfy_device().type == "cpu" else torch.bfloat16
+
+
+class LoadHiDreamDiffusers(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HiDreamLoKrLoadDiffusers",
+            display_name="Load HiDream (diffusers folder)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a HiDream-I1 model saved in the diffusers layout (model_index.json, transformer/, "
+                        "vae/, text_encoder*/, tokenizer*/) with its four text encoders and VAE, for training and "
+                        f"for the LoKr sampler. '{TINY_MODEL_NAME}' builds the embedded tiny model (random weights, "
+                        "runs on a CPU) to try the pack.",
+            inputs=[
+                io.String.Input("model_folder", default=TINY_MODEL_NAME,
+                                tooltip="The HiDream-I1 diffusers folder: an absolute path or a folder name under "
+                                        f"models/diffusers. '{TINY_MODEL_NAME}' builds the embedded tiny model "
+                                        "there on first use."),
+                io.String.Input("llama_folder", default="",
+                                tooltip="Optional separate Llama-3.1-8B-Instruct folder (model + tokenizer). Leave "
+                                        "empty when the model folder has text_encoder_4/ and tokenizer_4/."),
+                io.Combo.Input("transformer_precision", options=TRANSFORMER_PRECISIONS, default="bf16",
+                               tooltip="Weights of the frozen transformer: bf16/fp32, or quantised with "
+                                       "optimum-quanto (int8 halves the memory of bf16; the LoKr still trains in "
+                                       "float32)."),
+                io.Combo.Input("text_encoder_precision", options=["bf16", "fp32"], default="bf16",
+                               tooltip="dtype of the four text encoders (they only run to fill the text cache)."),
+                io.Combo.Input("t5_quantization", options=TEXT_ENCODER_QUANTIZATION, default="none",
+                               tooltip="Quantise the T5-XXL encoder (about 10 GB in bf16) with optimum-quanto."),
+                io.Combo.Input("llama_quantization", options=TEXT_ENCODER_QUANTIZATION, default="none",
+                               tooltip="Quantise the Llama-3.1-8B encoder (about 16 GB in bf16) with "
+                                       "optimum-quanto."),
+            ],
+            outputs=[HiDreamModelType.Output(display_name="hidream_model",
+                                             tooltip="Transformer, text encoders and VAE for the HiDream LoKr nodes")],
+        )
+
+    @classmethod
+    def execute(cls, model_folder: str, llama_folder: str, transformer_precision: str, text_encoder_precision: str,
+                t5_quantization: str, llama_quantization: str) -> io.NodeOutput:
+        # ComfyUI runs nodes under torch.inference_mode(); weights created there are inference tensors, which
+        # autograd can never save for a backward pass, so training on them would fail. Load them as normal tensors.
+        with torch.inference_mode(False):
+            return io.NodeOutput(load_diffusers_model(model_folder, llama_folder, transformer_precision,
+                                                      text_encoder_precision, t5_quantization, llama_quantization))
+
+
+def load_diffusers_model(model_folder: str, llama_folder: str, transformer_precision: str,
+                         text_encoder_precision: str, t5_quantization: str, llama_quantization: str) -> HiDreamModel:
+    model_dir = diffusers_folder(model_folder)
+    llama_dir = diffusers_folder(llama_folder) if llama_folder.strip() else None
+    paths = resolve_model_paths(model_dir, llama_dir)
+    device = comfy_device()
+    transformer = load_transformer(paths, dtype=_base_dtype(transformer_precision), device=device)
+    if transformer_precision not in DTYPES:
+        quantize_frozen(transformer, transformer_precision)
+    transformer.requires_grad_(False)
+
+    text_encoders = load_text_encoders(paths, dtype=DTYPES[text_encoder_precision], device=device)
+    encoders = text_encoders._live_pipeline()
+    for module, precision in ((encoders.text_encoder_3, t5_quantization),
+                              (encoders.text_encoder_4, llama_quantization)):
+        if precision != "none":
+            quantize_frozen(module, precision)
+    # Embeddings cached with quantised encoders must never be mistaken for full-precision ones.
+    text_encoders.identity = f"{text_encoders.identity}|t5={t5_quantization}|llama={llama_quantization}"
+
+    vae = load_vae(paths, dtype=torch.float32, device=device)
+    model = HiDreamModel(
+        transformer=transformer, name=f"{model_dir.name} ({transformer_precision})",
+        text_encoder=text_encoders,
+        image_encoder=VaeImageEncoder(vae, component_identity(paths.model_dir / "vae")),
+        decode_latents=lambda latents: latents_to_images(vae, latents),
+        source=str(model_dir))
+    return model
+
+
+class LoadHiDreamTransformerFile(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HiDreamLoKrLoadTransformerFile",
+            display_name="Load HiDream transformer (ComfyUI file)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a HiDream-I1 transformer file from models/diffusion_models (e.g. "
+                        "hidream_i1_full_fp16.safetensors or an fp8 variant) for training and the LoKr sampler. Text "
+                        "and images are then encoded by ComfyUI's own CLIP (QuadrupleCLIPLoader) and VAE "
+                        "(VAELoader, ae.safetensors): connect them to the cache nodes.",
+            inputs=[
+                io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="The HiDream-I1 transformer file (Full, Dev or Fast; fp16 or fp8)."),
+                io.Combo.Input("precision", options=TRANSFORMER_PRECISIONS, default="bf16",
+                               tooltip="Weights in memory: fp8 files are dequantised to bf16/fp32, or quantised "
+                                       "again with optimum-quanto (int8-quanto: ~17 GB for HiDream-I1)."),
+            ],
+            outputs=[HiDreamModelType.Output(display_name="hidream_model",
+                                             tooltip="The transformer (encoders come from ComfyUI's CLIP and VAE)")],
+        )
+
+    @classmethod
+    def execute(cls, unet_name: str, precision: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        with torch.inference_mode(False):  # see LoadHiDreamDiffusers.execute
+            transformer = load_transformer_file(path, dtype=_base_dtype(precision), device=comfy_device())
+            if precision not in DTYPES:
+                quantize_frozen(transformer, precision)
+        return io.NodeOutput(HiDreamModel(transformer=transformer, name=f"{unet_name} ({precision})", source=path))

@@ -1,0 +1,86 @@
+"""Where this pack reads and writes inside a ComfyUI install (all through ComfyUI's folder_paths)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import folder_paths
+
+from ..trainer_core.config import ConfigError
+
+TINY_MODEL_NAME = "tiny-hidream"  # built on first use: the embedded tiny HiDream (random weights, ~9 MB)
+DEMO_DATASET_NAME = "hidream_lokr_demo_shapes"  # written on first use: 8 captioned shape images
+
+
+def pack_output_dir() -> Path:
+    """<output>/hidream_lokr: training runs and the shared embedding/latent caches."""
+    return Path(folder_paths.get_output_directory()) / "hidream_lokr"
+
+
+def cache_dir() -> Path:
+    """One cache for every run: entries are keyed by content and encoder identity, so sharing is safe."""
+    return pack_output_dir() / "cache"
+
+
+def diffusers_folder(name: str) -> Path:
+    """An absolute path, or a folder name under ComfyUI's models/diffusers folders. The name `tiny-hidream` is
+    built there on first use (the embedded tiny model, for the demo workflow and for trying the pack on a CPU)."""
+    name = name.strip()
+    if not name:
+        raise ConfigError("model_folder is empty: give a HiDream-I1 diffusers folder (absolute path, or a folder "
+                          f"name under models/diffusers), or '{TINY_MODEL_NAME}' for the embedded tiny model")
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return path
+    roots = [Path(p) for p in folder_paths.get_folder_paths("diffusers")]
+    for root in roots:
+        if (root / name).is_dir():
+            return root / name
+    if name == TINY_MODEL_NAME and roots:
+        from ..trainer_core.tiny_model import build_tiny_model
+
+        return build_tiny_model(roots[0] / name)
+    searched = ", ".join(str(r) for r in roots) or "(no models/diffusers folder configured)"
+    raise ConfigError(f"model folder {name!r} not found: it is not an absolute path and not a folder under "
+                      f"{searched}. Put the HiDream-I1 diffusers download there or give its full path.")
+
+
+def image_folder(name: str) -> Path:
+    """An absolute path, or a folder under ComfyUI's input directory. `hidream_lokr_demo_shapes` is written there
+    on first use (the demo's small captioned dataset)."""
+    name = name.strip()
+    if not name:
+        raise ConfigError("folder is empty: give the folder of training images (absolute path, or a folder "
+                          "under ComfyUI's input directory)")
+    path = Path(name).expanduser()
+    if not path.is_absolute():
+        path = Path(folder_paths.get_input_directory()) / name
+    if name == DEMO_DATASET_NAME and not path.exists():
+        from ..trainer_core.demo import write_demo_dataset
+
+        write_demo_dataset(path)
+    return path
+
+
+def new_run_dir(output_name: str) -> Path:
+    """<output>/hidream_lokr/<name>_00001, _00002, ...: a fresh folder per training run, never reused."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", output_name.strip()) or "hidream_lokr"
+    root = pack_output_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for p in root.glob(f"{safe}_*") if (m := re.fullmatch(rf"{re.escape(safe)}_(\d+)", p.name))]
+    path = root / f"{safe}_{max(taken, default=0) + 1:05d}"
+    path.mkdir(parents=True)
+    return path
+
+
+def new_lora_file(prefix: str) -> Path:
+    """<output>/loras/<prefix>_00001.safetensors, ...: a new name every time (ComfyUI's LoRA loader caches by
+    file name). output/loras is one of the folders LoraLoaderModelOnly and "Load LoKr" list."""
+    safe = re.sub(r"[^A-Za-z0-9._/-]+", "_", prefix.strip()).strip("/") or "hidream_lokr"
+    root = Path(folder_paths.get_output_directory()) / "loras"
+    stem = Path(safe)
+    folder = (root / stem).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(rf"{re.escape(stem.name)}_(\d+)\.safetensors")
+    taken = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))]
+    return folder / f"{stem.name}_{max(taken, default=0) + 1:05d}.safetensors"

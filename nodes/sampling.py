@@ -1,0 +1,136 @@
+"""LoKr-merged sampling with the trainer core's transformer, and applying a LoKr to a native ComfyUI MODEL."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from ..trainer_core.config import ConfigError, SamplingConfig
+from ..trainer_core.lokr import load_lokr, lokr_applied, remove_lokr
+from ..trainer_core.tiny_model import FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR
+from ..trainer_core.sample import denoise
+from .train import pil_to_image
+from .types import CATEGORY, HiDreamModel, HiDreamModelType, LoKrHandle, LoKrType
+
+
+def scaled_to_comfy_latents(latents: torch.Tensor) -> torch.Tensor:
+    """The core's scaled latents (z - 0.1159) x 0.3611 -> ComfyUI's raw Flux latents z (what VAEDecode takes)."""
+    return latents / FLUX_VAE_SCALING_FACTOR + FLUX_VAE_SHIFT_FACTOR
+
+
+def comfy_to_scaled_latents(latents: torch.Tensor) -> torch.Tensor:
+    return (latents - FLUX_VAE_SHIFT_FACTOR) * FLUX_VAE_SCALING_FACTOR
+
+
+class HiDreamLoKrSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HiDreamLoKrSampler",
+            display_name="HiDream LoKr sampler",
+            category=f"{CATEGORY}/sampling",
+            description="Samples an image with the LoKr merged into the transformer's weights (the same sampling "
+                        "as the training previews), then restores the base weights exactly. Outputs ComfyUI's "
+                        "LATENT (raw Flux latents, for the stock VAEDecode) and, with a VAE, the IMAGE.",
+            inputs=[
+                HiDreamModelType.Input("hidream_model", tooltip="Model whose transformer (and encoders) sample."),
+                LoKrType.Input("lokr", optional=True, tooltip="The LoKr to merge (none: the base model)."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="LoKr strength (1 = as trained, 0 = base model)."),
+                io.String.Input("positive", multiline=True, default="", tooltip="Prompt (through the model's text "
+                                                                                 "encoders)."),
+                io.String.Input("negative", multiline=True, default="", tooltip="Negative prompt for CFG."),
+                io.Int.Input("width", default=1024, min=16, max=4096, step=16, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=1024, min=16, max=4096, step=16, tooltip="Image height in pixels."),
+                io.Int.Input("steps", default=50, min=1, max=500, tooltip="Sampling steps (Full: 50)."),
+                io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1, tooltip="CFG scale (Full: 5)."),
+                io.Float.Input("shift", default=3.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Flow shift (Full: 3.0, Dev: 6.0)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="Noise seed."),
+                io.Combo.Input("scheduler", options=["unipc", "euler"], default="unipc",
+                               tooltip="unipc (HiDream-I1-Full's) or flow-matching Euler."),
+                io.Conditioning.Input("positive_conditioning", optional=True,
+                                      tooltip="ComfyUI CONDITIONING (CLIPTextEncode with the HiDream CLIP) used "
+                                              "instead of the positive text."),
+                io.Conditioning.Input("negative_conditioning", optional=True,
+                                      tooltip="ComfyUI CONDITIONING used instead of the negative text."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="ComfyUI VAE to decode with; without it the model's own VAE decodes."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="Raw Flux latents (ComfyUI's format)"),
+                     io.Image.Output(display_name="image", tooltip="The decoded image")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, hidream_model: HiDreamModel, strength: float, positive: str, negative: str, width: int,
+                height: int, steps: int, cfg: float, shift: float, seed: int, scheduler: str,
+                lokr: LoKrHandle = None, vae=None, positive_conditioning=None,
+                negative_conditioning=None) -> io.NodeOutput:
+        from .comfy_adapters import conditioning_to_embeds
+
+        def embeds(text: str, conditioning, which: str):
+            if conditioning is not None:
+                cond, extras = conditioning[0]
+                return conditioning_to_embeds(cond, extras, llama_tokens=None)
+            if hidream_model.text_encoder is None:
+                raise ConfigError(f"nothing encodes the {which} prompt: this HiDream model has no text encoders; "
+                                  f"connect {which}_conditioning (CLIPTextEncode with QuadrupleCLIPLoader's CLIP)")
+            return hidream_model.text_encoder.encode([text])
+
+        settings = SamplingConfig(prompt=positive, negative_prompt=negative, width=width, height=height,
+                                  num_inference_steps=steps, guidance=cfg, shift=shift, seed=seed,
+                                  scheduler=scheduler, lokr_strength=strength)
+        settings.validate()
+        cond = embeds(positive, positive_conditioning, "positive")
+        uncond = embeds(negative, negative_conditioning, "negative") if cfg > 1.0 else None
+        bar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id)
+        transformer = hidream_model.transformer
+        with torch.inference_mode(False):  # the LoKr modules patch normal (non-inference) weights
+            network = load_lokr(lokr.path, transformer) if lokr is not None else None
+        try:
+            if network is not None:
+                with lokr_applied(network, strength):
+                    latents = denoise(transformer, cond, uncond, settings, lambda i, n: bar.update_absolute(i, n))
+            else:
+                latents = denoise(transformer, cond, uncond, settings, lambda i, n: bar.update_absolute(i, n))
+        finally:
+            if network is not None:
+                remove_lokr(network)
+        raw = scaled_to_comfy_latents(latents.float().cpu())
+        if vae is not None:
+            image = vae.decode(raw)
+        elif hidream_model.decode_latents is not None:
+            image = pil_to_image(hidream_model.decode_latents(latents))
+        else:
+            raise ConfigError("nothing to decode the image with: connect a VAE")
+        return io.NodeOutput({"samples": raw}, image)
+
+
+class ApplyLoKrToModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HiDreamLoKrApplyToModel",
+            display_name="Apply HiDream LoKr to MODEL",
+            category=f"{CATEGORY}/sampling",
+            description="Patches a native ComfyUI HiDream MODEL (UNETLoader) with the LoKr, exactly as "
+                        "LoraLoaderModelOnly does with a saved file, so the stock KSampler samples with it.",
+            inputs=[io.Model.Input("model", tooltip="A HiDream-I1 MODEL from UNETLoader / Load Diffusion Model."),
+                    LoKrType.Input("lokr", tooltip="The trained or loaded LoKr."),
+                    io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
+                                   tooltip="LoKr strength (1 = as trained).")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The MODEL with the LoKr patches added")],
+        )
+
+    @classmethod
+    def execute(cls, model, lokr: LoKrHandle, strength: float) -> io.NodeOutput:
+        import comfy.sd
+
+        if strength == 0:
+            return io.NodeOutput(model)
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lokr.state_dict(), strength, 0)
+        return io.NodeOutput(patched)
