@@ -98,6 +98,7 @@ class StepReporter:
     def on_phase(self, name: str) -> None:
         self.phase = name
         logger.info("HiDream LoKr run %s: %s", self.run.run_id, name)
+        REGISTRY.set_phase(self.run, name)
 
     def on_step(self, m: StepMetrics) -> None:
         now = time.perf_counter()
@@ -179,6 +180,8 @@ class TrainHiDreamLoKr(io.ComfyNode):
                                 device)
         callbacks = TrainingCallbacks(on_phase=reporter.on_phase, on_step=reporter.on_step,
                                       on_validation=reporter.on_validation, should_stop=watch.should_stop)
+        if hasattr(callbacks, "poll_commands"):  # the core drains the browser's Sample/Save/Stop at step boundaries
+            callbacks.poll_commands = run.commands.drain
         components = ModelComponents(transformer=hidream_model.transformer, transformer_name=hidream_model.name,
                                      text_encoder=text_encoder, image_encoder=image_encoder, decode_latents=decode)
         try:
