@@ -71,29 +71,38 @@ class LoadHiDreamDiffusers(io.ComfyNode):
     @classmethod
     def execute(cls, model_folder: str, llama_folder: str, transformer_precision: str, text_encoder_precision: str,
                 t5_quantization: str, llama_quantization: str) -> io.NodeOutput:
-        model_dir = diffusers_folder(model_folder)
-        llama_dir = diffusers_folder(llama_folder) if llama_folder.strip() else None
-        paths = resolve_model_paths(model_dir, llama_dir)
-        device = comfy_device()
-        transformer = load_transformer(paths, dtype=_base_dtype(transformer_precision), device=device)
-        if transformer_precision not in DTYPES:
-            quantize_frozen(transformer, transformer_precision)
-        transformer.requires_grad_(False)
+        # ComfyUI runs nodes under torch.inference_mode(); weights created there are inference tensors, which
+        # autograd can never save for a backward pass, so training on them would fail. Load them as normal tensors.
+        with torch.inference_mode(False):
+            return io.NodeOutput(load_diffusers_model(model_folder, llama_folder, transformer_precision,
+                                                      text_encoder_precision, t5_quantization, llama_quantization))
 
-        text_encoders = load_text_encoders(paths, dtype=DTYPES[text_encoder_precision], device=device)
-        encoders = text_encoders._live_pipeline()
-        for module, precision in ((encoders.text_encoder_3, t5_quantization),
-                                  (encoders.text_encoder_4, llama_quantization)):
-            if precision != "none":
-                quantize_frozen(module, precision)
-        # Embeddings cached with quantised encoders must never be mistaken for full-precision ones.
-        text_encoders.identity = f"{text_encoders.identity}|t5={t5_quantization}|llama={llama_quantization}"
 
-        vae = load_vae(paths, dtype=torch.float32, device=device)
-        model = HiDreamModel(
-            transformer=transformer, name=f"{model_dir.name} ({transformer_precision})",
-            text_encoder=text_encoders,
-            image_encoder=VaeImageEncoder(vae, component_identity(paths.model_dir / "vae")),
-            decode_latents=lambda latents: latents_to_images(vae, latents),
-            source=str(model_dir))
-        return io.NodeOutput(model)
+def load_diffusers_model(model_folder: str, llama_folder: str, transformer_precision: str,
+                         text_encoder_precision: str, t5_quantization: str, llama_quantization: str) -> HiDreamModel:
+    model_dir = diffusers_folder(model_folder)
+    llama_dir = diffusers_folder(llama_folder) if llama_folder.strip() else None
+    paths = resolve_model_paths(model_dir, llama_dir)
+    device = comfy_device()
+    transformer = load_transformer(paths, dtype=_base_dtype(transformer_precision), device=device)
+    if transformer_precision not in DTYPES:
+        quantize_frozen(transformer, transformer_precision)
+    transformer.requires_grad_(False)
+
+    text_encoders = load_text_encoders(paths, dtype=DTYPES[text_encoder_precision], device=device)
+    encoders = text_encoders._live_pipeline()
+    for module, precision in ((encoders.text_encoder_3, t5_quantization),
+                              (encoders.text_encoder_4, llama_quantization)):
+        if precision != "none":
+            quantize_frozen(module, precision)
+    # Embeddings cached with quantised encoders must never be mistaken for full-precision ones.
+    text_encoders.identity = f"{text_encoders.identity}|t5={t5_quantization}|llama={llama_quantization}"
+
+    vae = load_vae(paths, dtype=torch.float32, device=device)
+    model = HiDreamModel(
+        transformer=transformer, name=f"{model_dir.name} ({transformer_precision})",
+        text_encoder=text_encoders,
+        image_encoder=VaeImageEncoder(vae, component_identity(paths.model_dir / "vae")),
+        decode_latents=lambda latents: latents_to_images(vae, latents),
+        source=str(model_dir))
+    return model

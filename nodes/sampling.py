@@ -73,7 +73,8 @@ class HiDreamLoKrSampler(io.ComfyNode):
         uncond = hidream_model.text_encoder.encode([negative]) if cfg > 1.0 else None
         bar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id)
         transformer = hidream_model.transformer
-        network = load_lokr(lokr.path, transformer) if lokr is not None else None
+        with torch.inference_mode(False):  # the LoKr modules patch normal (non-inference) weights
+            network = load_lokr(lokr.path, transformer) if lokr is not None else None
         try:
             if network is not None:
                 with lokr_applied(network, strength):

@@ -174,7 +174,7 @@ class TrainHiDreamLoKr(io.ComfyNode):
         logger.info("HiDream LoKr: %s", message)
         _progress_text(message, node_id)
 
-        run = REGISTRY.start(node_id, None, output_dir, config.max_train_steps)
+        run = REGISTRY.start(node_id, _current_prompt_id(), output_dir, config.max_train_steps)
         watch = InterruptWatch()
         reporter = StepReporter(run, comfy.utils.ProgressBar(config.max_train_steps, node_id=node_id), watch,
                                 device)
@@ -185,7 +185,9 @@ class TrainHiDreamLoKr(io.ComfyNode):
         components = ModelComponents(transformer=hidream_model.transformer, transformer_name=hidream_model.name,
                                      text_encoder=text_encoder, image_encoder=image_encoder, decode_latents=decode)
         try:
-            result = train(config, callbacks, components)
+            # ComfyUI executes nodes under inference_mode, where nothing records gradients.
+            with torch.inference_mode(False), torch.enable_grad():
+                result = train(config, callbacks, components)
         except comfy.model_management.InterruptProcessingException:
             REGISTRY.finish(run, "interrupted")  # raised by ComfyUI outside our guards (e.g. a cache phase)
             raise
@@ -209,6 +211,13 @@ class TrainHiDreamLoKr(io.ComfyNode):
         shown = ui.ImageSaveHelper.save_images(previews, "hidream_lokr_preview", io.FolderType.temp, cls, 1) + \
             ui.ImageSaveHelper.save_images(curve, "hidream_lokr_loss", io.FolderType.temp, cls, 1)
         return io.NodeOutput(handle, curve, previews, ui={"images": shown})
+
+
+def _current_prompt_id():
+    from comfy_execution.utils import get_executing_context
+
+    context = get_executing_context()
+    return context.prompt_id if context else None
 
 
 def _progress_text(text: str, node_id) -> None:

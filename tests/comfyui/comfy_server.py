@@ -123,6 +123,61 @@ class ComfyServer:
         return self.base_dir / "output"
 
 
+class EventListener:
+    """Collects the server's websocket JSON messages for our client id (progress, custom events, ...)."""
+
+    def __init__(self, server: ComfyServer) -> None:
+        import threading
+
+        self.server = server
+        self.events: list[tuple[float, str, dict]] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("websocket did not connect")
+
+    def _run(self) -> None:
+        import asyncio
+
+        import aiohttp
+
+        async def listen() -> None:
+            url = f"ws://127.0.0.1:{self.server.port}/ws?clientId={self.server.client_id}"
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                self._ready.set()
+                while not self._stop.is_set():
+                    try:
+                        msg = await ws.receive(timeout=0.2)
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        data = json.loads(msg.data)
+                        self.events.append((time.time(), data["type"], data.get("data", {})))
+                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        return
+
+        asyncio.run(listen())
+
+    def of(self, kind: str, prompt_id: Optional[str] = None) -> list[dict]:
+        return [d for _, k, d in list(self.events)
+                if k == kind and (prompt_id is None or d.get("prompt_id") in (None, prompt_id))]
+
+    def wait_for(self, predicate, timeout: float = 300.0) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for _, kind, data in list(self.events):
+                if predicate(kind, data):
+                    return data
+            time.sleep(0.05)
+        raise TimeoutError("the awaited websocket event never came")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def messages(entry: dict, kind: str) -> list[dict]:
     return [data for name, data in entry["status"].get("messages", []) if name == kind]
 

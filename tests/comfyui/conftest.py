@@ -15,3 +15,12 @@ def comfy(tmp_path_factory):
     server.stop()
     if os.environ.get("HIDREAM_LOKR_KEEP_COMFY_LOG"):
         print(server.log())
+
+
+@pytest.fixture(scope="session")
+def events(comfy):
+    from comfy_server import EventListener
+
+    listener = EventListener(comfy)
+    yield listener
+    listener.close()

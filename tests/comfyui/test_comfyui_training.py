@@ -1,0 +1,170 @@
+"""The tiny demo workflow through a real ComfyUI server: train, save, sample, cache, errors, interrupt.
+
+Tests in this module share one server and run in order: the first trains (and builds the tiny model), the
+following ones reuse its caches and ComfyUI's output cache.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from comfy_server import REPO, load_graph, messages
+
+sys.path.insert(0, str(REPO))  # trainer_core, to check the saved files with the core's own loader
+
+DEMO = "hidream_lokr_tiny_demo_api.json"
+TRAIN = "6"
+
+
+def lora_files(comfy) -> list[Path]:
+    return sorted((comfy.output_dir() / "loras").rglob("*.safetensors"))
+
+
+def run_dirs(comfy, name: str) -> list[Path]:
+    return sorted((comfy.output_dir() / "hidream_lokr").glob(f"{name}_*"))
+
+
+def error_text(entry: dict) -> str:
+    errors = messages(entry, "execution_error")
+    assert errors, f"expected an execution error, got {entry['status']}"
+    return errors[0]["exception_message"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(comfy, events):
+    started = time.time()
+    prompt_id = comfy.submit(load_graph(DEMO))
+    entry = comfy.wait(prompt_id)
+    seconds = time.time() - started
+    print(f"\ntiny demo workflow end to end: {seconds:.1f} s")
+    return prompt_id, entry
+
+
+def test_demo_trains_saves_a_loadable_lokr_and_samples(comfy, events, demo_run):
+    import torch
+    from trainer_core.lokr import load_lokr
+    from trainer_core.models import load_transformer, resolve_model_paths
+
+    prompt_id, entry = demo_run
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (saved,) = lora_files(comfy)
+    assert entry["outputs"]["7"]["text"] == [saved.relative_to(comfy.output_dir() / "loras").as_posix()]
+    with safe_open(str(saved), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert any(k.startswith("lycoris_") and k.endswith(".lokr_w1") for k in keys)
+    assert json.loads(meta["training_config"])["max_train_steps"] == 40
+    assert json.loads(meta["lycoris_config"])["factor"] == 2
+    assert meta["steps"] == "40"
+    # The LoKr learned something and loads onto the transformer it was trained for.
+    model_dir = comfy.base_dir / "models" / "diffusers" / "tiny-hidream"
+    transformer = load_transformer(resolve_model_paths(model_dir), dtype=torch.float32)
+    network = load_lokr(saved, transformer)
+    assert len(network.loras) == 56
+    assert max(float(l.lokr_w2.detach().abs().max()) for l in network.loras) > 0
+
+    shown = entry["outputs"][TRAIN]["images"]
+    assert [i["filename"].split("_0")[0] for i in shown] == ["hidream_lokr_preview"] * 3 + ["hidream_lokr_loss"]
+    for image in shown + entry["outputs"]["9"]["images"]:
+        path = comfy.base_dir / image["type"] / image["subfolder"] / image["filename"]
+        assert Image.open(path).size[0] >= 64
+    (sample,) = entry["outputs"]["9"]["images"]
+    assert Image.open(comfy.base_dir / "temp" / sample["filename"]).size == (64, 64)
+
+    progress = [e for e in events.of("hidream_lokr.progress") if e.get("prompt_id") == prompt_id]
+    steps = [e["step"] for e in progress if "loss" in e]
+    assert steps == list(range(1, 41))
+    last = [e for e in progress if "loss" in e][-1]
+    assert last["total"] == 40 and last["node"] == TRAIN and last["it_per_s"] > 0 and last["peak_memory_bytes"] > 0
+    assert last["eta_s"] == 0 and np.isfinite(last["loss"]) and last["lr"] == pytest.approx(0.01)
+    assert progress[-1]["phase"] == "finished"
+    bar = [e for e in events.of("progress") if e.get("prompt_id") == prompt_id and e.get("node") == TRAIN]
+    assert bar and bar[-1]["value"] == 40 and bar[-1]["max"] == 40
+
+
+def test_unchanged_requeue_reuses_the_trained_run(comfy, demo_run):
+    before_files, before_runs = lora_files(comfy), run_dirs(comfy, "tiny_demo")
+    entry = comfy.wait(comfy.submit(load_graph(DEMO)))
+    assert entry["status"]["status_str"] == "success"
+    (cached,) = messages(entry, "execution_cached")
+    assert set(cached["nodes"]) == set(load_graph(DEMO))  # nothing ran again, training included
+    assert lora_files(comfy) == before_files and run_dirs(comfy, "tiny_demo") == before_runs
+
+
+def test_changed_dataset_file_retrains(comfy, demo_run):
+    """ComfyUI's cache keys on inputs; the dataset node also fingerprints its files, so an edited caption counts."""
+    folder = comfy.base_dir / "input" / "hidream_lokr_demo_shapes"
+    graph = load_graph(DEMO)
+    graph[TRAIN]["inputs"].update(max_train_steps=2, validation_prompt="")
+    graph.pop("8"), graph.pop("9")
+    first = comfy.wait(comfy.submit(graph))
+    assert first["status"]["status_str"] == "success"
+    caption = sorted(folder.glob("*.txt"))[0]
+    caption.write_text(caption.read_text() + ", edited")
+    second = comfy.wait(comfy.submit(graph))
+    assert second["status"]["status_str"] == "success"
+    (cached,) = messages(second, "execution_cached")
+    assert "2" not in cached["nodes"] and TRAIN not in cached["nodes"]
+
+
+def test_missing_folder_error_reaches_history_in_plain_words(comfy):
+    graph = load_graph(DEMO)
+    graph["2"]["inputs"]["folder"] = "/no/such/training/images"
+    entry = comfy.wait(comfy.submit(graph))
+    assert entry["status"]["status_str"] == "error"
+    text = error_text(entry)
+    assert "/no/such/training/images" in text and "does not exist" in text
+
+
+def test_empty_dataset_error_reaches_history_in_plain_words(comfy):
+    (comfy.base_dir / "input" / "empty_folder").mkdir(parents=True, exist_ok=True)
+    graph = load_graph(DEMO)
+    graph["2"]["inputs"]["folder"] = "empty_folder"
+    entry = comfy.wait(comfy.submit(graph))
+    text = error_text(entry)
+    assert "no usable images" in text and "empty_folder" in text
+
+
+def _sample_pixels(comfy, entry) -> np.ndarray:
+    (image,) = entry["outputs"]["9"]["images"]
+    return np.asarray(Image.open(comfy.base_dir / "temp" / image["filename"]))
+
+
+def test_interrupt_stops_within_a_step_saves_the_lokr_and_restores_the_model(comfy, events, demo_run):
+    base_only = {k: copy.deepcopy(v) for k, v in load_graph(DEMO).items() if k in ("1", "8", "9")}
+    del base_only["8"]["inputs"]["lokr"]
+    before = _sample_pixels(comfy, comfy.wait(comfy.submit(base_only)))
+
+    graph = load_graph(DEMO)
+    graph[TRAIN]["inputs"].update(max_train_steps=5000, validation_prompt="", output_name="interrupted", seed=3)
+    prompt_id = comfy.submit(graph)
+    events.wait_for(lambda kind, d: kind == "hidream_lokr.progress" and d.get("prompt_id") == prompt_id
+                    and d.get("step", 0) >= 5)
+    interrupted_at = time.time()
+    comfy.interrupt()
+    entry = comfy.wait(prompt_id)
+    finished_at = time.time()
+    assert entry["status"]["status_str"] == "error"
+    assert messages(entry, "execution_interrupted"), entry["status"]
+    (run,) = run_dirs(comfy, "interrupted")
+    record = json.loads((run / "interrupted.json").read_text())
+    last_step = max(e["step"] for e in events.of("hidream_lokr.progress") if e.get("prompt_id") == prompt_id
+                    and "loss" in e)
+    assert record["steps_done"] == last_step < 5000
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    print(f"\ninterrupt: stopped after step {record['steps_done']}, {record['stopped_at'] - interrupted_at:.2f} s "
+          f"from POST /interrupt to the LoKr saved, {finished_at - interrupted_at:.2f} s until /history said so")
+    assert [e for e in events.of("hidream_lokr.progress") if e.get("prompt_id") == prompt_id][-1]["phase"] == \
+        "interrupted"
+
+    base_only["8"]["inputs"]["strength"] = 0.5  # no LoKr connected: same maths, but not a cached result
+    after = _sample_pixels(comfy, comfy.wait(comfy.submit(base_only)))
+    assert np.array_equal(before, after)  # the transformer came back without LoKr, weights unchanged
