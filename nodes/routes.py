@@ -8,7 +8,7 @@
 
 ComfyUI also serves every route under /api/... (the frontend's api.fetchApi uses that prefix). Everything from the
 browser is validated before it touches the registry: a malformed run id or body is a 400, an unknown run a 404, a
-finished run a 409, each with a JSON {"error": message}. A command only ever reaches the run its URL names.
+finished run a 409 (a run whose trainer core cannot take commands: 501), each with a JSON {"error": message}. A command only ever reaches the run its URL names.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Optional
 
 from aiohttp import web
 
-from .run_registry import COMMANDS, REGISTRY, RUN_ID_PATTERN, RunNotFound, RunNotRunning
+from .run_registry import COMMANDS, REGISTRY, RUN_ID_PATTERN, CommandsUnsupported, RunNotFound, RunNotRunning
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ async def run_command(request: web.Request) -> web.Response:
         return _error(404, f"no training run {run_id!r}")
     except RunNotRunning as e:
         return _error(409, str(e))
+    except CommandsUnsupported as e:
+        return _error(501, str(e))
     logger.info("HiDream LoKr run %s: %s requested from the browser", run_id, command)
     return web.json_response({"run_id": run_id, "command": command, "queued": queued,
                               "note": "runs at the next step boundary" if queued else "already waiting"})

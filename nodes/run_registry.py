@@ -68,6 +68,10 @@ class RunNotRunning(RuntimeError):
     pass
 
 
+class CommandsUnsupported(RuntimeError):
+    """The trainer core this run uses has no TrainingCallbacks.poll_commands: nobody would read the queue."""
+
+
 @dataclass
 class TrainingRun:
     run_id: str
@@ -81,6 +85,7 @@ class TrainingRun:
     previews: list[dict] = field(default_factory=list)  # {step, path}
     phase: str = "starting"  # the latest phase the training reported (caching text, training, saving, ...)
     commands: CommandQueue = field(default_factory=CommandQueue, repr=False)
+    accepts_commands: bool = False  # set by the node when the core polls the queue (TrainingCallbacks.poll_commands)
 
     def summary(self) -> dict:
         last = self.events[-1] if self.events else {}
@@ -88,7 +93,7 @@ class TrainingRun:
                 "output_dir": str(self.output_dir), "total": self.total_steps, "status": self.status,
                 "started": self.started, "step": last.get("step", 0), "loss": last.get("loss"),
                 "phase": self.phase, "events": len(self.events), "previews": len(self.previews),
-                "pending_commands": self.commands.pending()}
+                "pending_commands": self.commands.pending(), "accepts_commands": self.accepts_commands}
 
 
 class RunRegistry:
@@ -128,7 +133,7 @@ class RunRegistry:
             run.phase = phase
             step = run.events[-1]["step"] if run.events else 0
         _send({"run_id": run.run_id, "node": run.node_id, "prompt_id": run.prompt_id, "kind": "phase",
-               "phase": phase, "step": step, "total": run.total_steps})
+               "phase": phase, "step": step, "total": run.total_steps, "accepts_commands": run.accepts_commands})
 
     def finish(self, run: TrainingRun, status: str) -> None:
         with self._lock:
@@ -171,13 +176,16 @@ class RunRegistry:
 
     def command(self, run_id: str, command: str) -> bool:
         """Queue a browser command for the named run only. Raises RunNotFound, RunNotRunning (finished runs take
-        no commands), ValueError (not one of COMMANDS). Returns False when that command was already waiting."""
+        no commands), CommandsUnsupported, ValueError (not one of COMMANDS). False: that command already waits."""
         with self._lock:
             run = self._runs.get(run_id)
             if run is None:
                 raise RunNotFound(run_id)
             if run.status != "running":
                 raise RunNotRunning(f"run {run_id} is {run.status}: it takes no more commands")
+            if not run.accepts_commands:
+                raise CommandsUnsupported(f"run {run_id} cannot take commands: its trainer core has no "
+                                          "TrainingCallbacks.poll_commands (update the pack)")
         return run.commands.put(command)
 
 

@@ -182,6 +182,7 @@ class TrainHiDreamLoKr(io.ComfyNode):
                                       on_validation=reporter.on_validation, should_stop=watch.should_stop)
         if hasattr(callbacks, "poll_commands"):  # the core drains the browser's Sample/Save/Stop at step boundaries
             callbacks.poll_commands = run.commands.drain
+            run.accepts_commands = True
         components = ModelComponents(transformer=hidream_model.transformer, transformer_name=hidream_model.name,
                                      text_encoder=text_encoder, image_encoder=image_encoder, decode_latents=decode)
         try:

@@ -62,7 +62,9 @@ class LiveView {
     this.previews = []; // {index, step}
     this.selectedPreview = null;
     this.lastMessageAt = 0;
+    this.acceptsCommands = false;
     this._restoring = null;
+    this._pending = []; // live messages that arrived while the history was loading, replayed after it
     this._buildDom();
     this.chart = new LossChart(this.canvas);
     this.chart.onDrawn = (stats) => {
@@ -140,6 +142,7 @@ class LiveView {
     this.lastEvent = null;
     this.previews = [];
     this.selectedPreview = null;
+    this.acceptsCommands = false;
     this.chart.reset(total || 0);
     this.message("");
   }
@@ -147,12 +150,21 @@ class LiveView {
   handleMessage(m) {
     if (!m || typeof m.run_id !== "string") return;
     this.lastMessageAt = performance.now();
+    if (this._restoring) {
+      this._pending.push(m); // applied on top of the history once it is in
+      return;
+    }
     if (m.run_id !== this.runId) {
-      if (this._restoring) return; // the history being loaded is for this run or a newer one: let it decide
+      if (m.step > 1) {
+        // We joined a run late (page reloaded, second tab): rebuild from the server's history, then this.
+        this.restore(m.run_id);
+        this._pending.push(m);
+        return;
+      }
       this._startRun(m.run_id, m.total);
-      if (m.step > 1) this.restore(m.run_id); // we joined late: fetch the steps we missed
     }
     if (m.total) this.chart.totalSteps = m.total;
+    if (typeof m.accepts_commands === "boolean") this.acceptsCommands = m.accepts_commands;
     if (m.kind === "preview") {
       this._addPreview(m.preview);
     } else if (m.kind === "finished") {
@@ -176,9 +188,11 @@ class LiveView {
     this.selectedPreview = null; // follow the newest
   }
 
-  /** Load the run's history from the server: the newest run of this node, or `runId`. */
+  /** Rebuild the view from the server's history of `runId` (default: the newest run of this node). Live messages
+   *  arriving meanwhile are held back and replayed on top, so no step is lost or drawn out of order. */
   async restore(runId = null) {
     if (this._restoring) return this._restoring;
+    this._pending = [];
     this._restoring = (async () => {
       try {
         if (!runId) {
@@ -189,7 +203,7 @@ class LiveView {
         }
         const history = await this._getJson(`${ROUTES}/${encodeURIComponent(runId)}`);
         if (!history) return;
-        if (history.run_id !== this.runId) this._startRun(history.run_id, history.total);
+        this._startRun(history.run_id, history.total);
         this._applyHistory(history);
       } catch (error) {
         this.message(`could not load the run's history: ${error.message || error}`);
@@ -199,6 +213,9 @@ class LiveView {
       await this._restoring;
     } finally {
       this._restoring = null;
+      const pending = this._pending;
+      this._pending = [];
+      for (const m of pending) this.handleMessage(m);
     }
   }
 
@@ -209,6 +226,7 @@ class LiveView {
     }
     for (const p of history.previews || []) this._addPreview(p);
     this.status = history.status;
+    this.acceptsCommands = !!history.accepts_commands;
     this.phase = history.status === "running" ? history.phase : history.status;
     this.chart.requestDraw();
     this._render();
@@ -251,8 +269,17 @@ class LiveView {
     } catch (error) {
       this.message(`${button.textContent} failed: ${error.message || error}`);
     } finally {
-      button.disabled = this.status !== "running";
+      button.disabled = this.status !== "running" || !this.acceptsCommands;
     }
+  }
+
+  /** ComfyUI reports the node failed or was cancelled: the run will send nothing more. */
+  executionEnded(status, text) {
+    if (this.status !== "running") return;
+    this.status = status;
+    this.phase = status;
+    this.message(text);
+    this._render();
   }
 
   message(text) {
@@ -271,7 +298,11 @@ class LiveView {
     this.lrEl.textContent = t.lr;
     this.lbEl.textContent = t.lb;
     this.memEl.textContent = t.memory;
-    for (const button of Object.values(this.buttons)) button.disabled = !running;
+    for (const button of Object.values(this.buttons)) {
+      button.disabled = !running || !this.acceptsCommands;
+      if (running && !this.acceptsCommands) button.dataset.why = "this trainer core cannot take commands";
+      else delete button.dataset.why;
+    }
     this._renderPreviews();
     const d = this.root.dataset;
     d.runId = this.runId || "";
@@ -354,6 +385,14 @@ app.registerExtension({
     api.addEventListener(EVENT, ({ detail }) => {
       for (const view of viewsForMessage(detail)) view.handleMessage(detail);
     });
+    const endedOn = (status) => ({ detail }) => {
+      const node = app.graph?.getNodeById?.(detail?.node_id ?? detail?.node);
+      if (node?.hidreamLokrView) {
+        node.hidreamLokrView.executionEnded(status, detail.exception_message ? `error: ${detail.exception_message}` : `run ${status}`);
+      }
+    };
+    api.addEventListener("execution_error", endedOn("failed"));
+    api.addEventListener("execution_interrupted", endedOn("interrupted"));
     // After a reload the websocket reconnects with the same client id; catch up on anything missed meanwhile.
     api.addEventListener("reconnected", () => {
       for (const n of app.graph?._nodes || []) if (n.hidreamLokrView) n.hidreamLokrView.restore(n.hidreamLokrView.runId);

@@ -23,8 +23,7 @@ VIEW = "[data-hidream-lokr-live]"
 # The demo workflow in the frontend's own format when the node pack ships it, else an API-format twin (the
 # frontend's loadApiJson turns it into a graph, as when a user drops an API json on the canvas).
 UI_WORKFLOW = REPO / "workflows" / "hidream_lokr_tiny_demo.json"
-API_WORKFLOWS = [REPO / "tests" / "comfyui" / "workflows" / "hidream_lokr_tiny_demo_api.json",
-                 Path(__file__).parent / "workflows" / "tiny_train_api.json"]
+API_WORKFLOW = REPO / "tests" / "comfyui" / "workflows" / "hidream_lokr_tiny_demo_api.json"
 
 
 def launch_chromium(playwright):
@@ -35,7 +34,7 @@ def launch_chromium(playwright):
 
 
 class ComfyPage:
-    def __init__(self, browser, url: str, viewport=(1600, 1000)) -> None:
+    def __init__(self, browser, url: str, viewport=(1500, 1500)) -> None:
         self.url = url
         self.context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
         self.page = self.context.new_page()
@@ -85,7 +84,7 @@ class ComfyPage:
             self.page.evaluate("(wf) => window.comfyAPI.app.app.loadGraphData(wf)", data)
             source = UI_WORKFLOW
         else:
-            source = next(p for p in API_WORKFLOWS if p.is_file())
+            source = API_WORKFLOW
             data = json.loads(source.read_text())
             self.page.evaluate("(api) => window.comfyAPI.app.app.loadApiJson(api, 'tiny_demo_api.json')", data)
         self.page.wait_for_function(
@@ -114,8 +113,8 @@ class ComfyPage:
                  const node = app.graph._nodes.find(n => n.type === 'HiDreamLoKrTrain');
                  const ds = app.canvas.ds;
                  ds.scale = 1;
-                 ds.offset[0] = -node.pos[0] + 40;
-                 ds.offset[1] = -node.pos[1] + 40;
+                 ds.offset[0] = -node.pos[0] + 120;  // clear of the sidebar
+                 ds.offset[1] = -node.pos[1] + 60;
                  app.canvas.setDirty(true, true);
                }""")
 
