@@ -74,7 +74,7 @@ class LiveView {
       d.draws = String(stats.draws);
       d.drawMs = stats.lastDrawMs.toFixed(3);
     };
-    this._render();
+    this._renderNow();
     this._poller = setInterval(() => this._pollIfSilent(), 1000);
   }
 
@@ -286,7 +286,17 @@ class LiveView {
     this.messageEl.textContent = text;
   }
 
+  /** Telemetry and buttons are refreshed at most once per animation frame, however fast events come. */
   _render() {
+    if (this._renderFrame) return;
+    const raf = window.requestAnimationFrame || ((f) => setTimeout(f, 16));
+    this._renderFrame = raf(() => {
+      this._renderFrame = null;
+      this._renderNow();
+    });
+  }
+
+  _renderNow() {
     const t = telemetryFields(this.lastEvent);
     const running = this.status === "running";
     this.phaseEl.textContent = this.phase;
@@ -378,13 +388,16 @@ function attachView(node) {
   return view;
 }
 
+// Listen as soon as this module loads, not in setup(): the websocket may already be delivering a running
+// training's events (after a reload), and the frontend reports message types nobody listens to as errors.
+api.addEventListener(EVENT, ({ detail }) => {
+  for (const view of viewsForMessage(detail)) view.handleMessage(detail);
+});
+
 app.registerExtension({
   name: "hidream_lokr.live_training_view",
 
   async setup() {
-    api.addEventListener(EVENT, ({ detail }) => {
-      for (const view of viewsForMessage(detail)) view.handleMessage(detail);
-    });
     const endedOn = (status) => ({ detail }) => {
       const node = app.graph?.getNodeById?.(detail?.node_id ?? detail?.node);
       if (node?.hidreamLokrView) {

@@ -87,8 +87,11 @@ class ComfyPage:
             source = API_WORKFLOW
             data = json.loads(source.read_text())
             self.page.evaluate("(api) => window.comfyAPI.app.app.loadApiJson(api, 'tiny_demo_api.json')", data)
-        self.page.wait_for_function(
-            "() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === 'HiDreamLoKrTrain')", timeout=30000)
+        has_train = "() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === 'HiDreamLoKrTrain')"
+        self.page.wait_for_function(has_train, timeout=30000)
+        # A frontend may still be opening its default workflow in the background; it must not replace ours.
+        self.page.wait_for_timeout(1000)
+        assert self.page.evaluate(has_train), "the demo workflow was replaced after loading"
         return str(source.relative_to(REPO))
 
     def set_train_widgets(self, values: dict) -> None:
@@ -114,7 +117,7 @@ class ComfyPage:
                  const ds = app.canvas.ds;
                  ds.scale = 1;
                  ds.offset[0] = -node.pos[0] + 120;  // clear of the sidebar
-                 ds.offset[1] = -node.pos[1] + 60;
+                 ds.offset[1] = -node.pos[1] + 110;  // below the tab bar / breadcrumb overlays
                  app.canvas.setDirty(true, true);
                }""")
 
