@@ -92,7 +92,7 @@ class TrainingRun:
         return {"run_id": self.run_id, "node": self.node_id, "prompt_id": self.prompt_id,
                 "output_dir": str(self.output_dir), "total": self.total_steps, "status": self.status,
                 "started": self.started, "step": last.get("step", 0), "loss": last.get("loss"),
-                "phase": self.phase, "events": len(self.events), "previews": len(self.previews),
+                "phase": self.phase, "events_total": len(self.events), "previews_total": len(self.previews),
                 "pending_commands": self.commands.pending(), "accepts_commands": self.accepts_commands}
 
 
