@@ -115,6 +115,9 @@ class StepReporter:
 
     def on_validation(self, step: int, image: Image.Image) -> None:
         path = self.run.output_dir / "validation" / f"step_{step:06d}.png"
+        if not path.is_file():  # the core wrote it elsewhere (newer cores: per-step folders): keep one to show
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
         REGISTRY.add_preview(self.run, step, path)
         self.watch.guarded(lambda: self.bar.update_absolute(
             step, self.run.total_steps, ("JPEG", image, PREVIEW_MAX_SIDE)))

@@ -50,7 +50,14 @@ class ComfyPage:
         if not request.url.startswith(self.url) and not request.url.startswith(("data:", "blob:")):
             self.external_requests.append(request.url)
 
-    def close(self) -> None:
+    def close(self, last_screenshot: Optional[Path] = None) -> None:
+        """Close the page; with a path, first keep a full screenshot of how it ended (what a failure looked like)."""
+        if last_screenshot is not None:
+            try:
+                last_screenshot.parent.mkdir(parents=True, exist_ok=True)
+                self.page.screenshot(path=str(last_screenshot))
+            except Exception as error:  # noqa: BLE001 - a screenshot must not hide the test's own result
+                print(f"no final screenshot: {error}")
         self.context.close()
 
     # ------------------------------------------------------------------------------------------ page life
@@ -155,6 +162,9 @@ class ComfyPage:
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; view state: {state}")
 
     def click_button(self, label: str) -> None:
+        """Click one of the view's buttons like a user: with the node on screen, nothing covering it."""
+        self.center_on_train_node()
+        self.page.wait_for_timeout(300)
         self.page.locator(VIEW).get_by_role("button", name=label).click()
 
     def screenshot_view(self, path: Path) -> None:

@@ -128,10 +128,10 @@ def test_live_view_follows_a_run_and_survives_a_reload(comfy_ui, browser, artifa
         print(f"\n[{version}] workflow {source}; {steps_run} steps; view draw {done['drawMs']} ms; "
               f"screenshot {shot.relative_to(REPO)}")
     finally:
-        page.close()
+        page.close(artifacts / f"end_live_view_{version}.png")
 
 
-def test_buttons_sample_save_and_stop(comfy_ui, browser):
+def test_buttons_sample_save_and_stop(comfy_ui, browser, artifacts):
     """Needs a trainer core with TrainingCallbacks.poll_commands (issue 3). On a core without it the run says
     accepts_commands=false, the buttons stay disabled, and this test reports xfail instead of passing."""
     server, version = comfy_ui
@@ -183,7 +183,7 @@ def test_buttons_sample_save_and_stop(comfy_ui, browser):
         assert sampled["previewShown"] or int(sampled["previews"]) > 0
         _assert_clean(page)
     finally:
-        page.close()
+        page.close(artifacts / f"end_buttons_{version}.png")
 
 
 def test_routes_reject_malformed_and_foreign_requests(comfy_ui):
