@@ -157,12 +157,13 @@ def test_buttons_sample_save_and_stop(comfy_ui, browser, artifacts):
 
         # Save now: a checkpoint and the LoKr file on disk while training goes on.
         page.click_button("Save now")
+        lokr = output_dir / "pytorch_lora_weights.safetensors"
         deadline = time.time() + 120
-        while time.time() < deadline and not list(output_dir.glob("checkpoint-*")):
-            time.sleep(0.3)
+        while time.time() < deadline and not (list(output_dir.glob("checkpoint-*")) and lokr.is_file()):
+            time.sleep(0.3)  # the checkpoint folder comes first, the LoKr file right after it
         checkpoints = sorted(output_dir.glob("checkpoint-*"))
         assert checkpoints, f"Save now wrote no checkpoint under {output_dir}"
-        assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
+        assert lokr.is_file(), f"Save now wrote no LoKr file into {output_dir}"
         saved_at = int(checkpoints[-1].name.split("-")[1])
         page.wait_view(lambda s: int(s["step"]) >= saved_at + 3 and s["status"] == "running", 120,
                        "training going on after Save now")
