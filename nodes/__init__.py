@@ -11,13 +11,13 @@ from comfy_api.latest import ComfyExtension, io
 def node_list() -> list[type[io.ComfyNode]]:
     from .caches import CacheLatents, CacheTextEmbeddings
     from .datasets import CombineDatasets, DatasetFromImages, ImageDataset
-    from .loaders import LoadHiDreamDiffusers
+    from .loaders import LoadHiDreamDiffusers, LoadHiDreamTransformerFile
     from .lokr_config import LoKrConfigNode
     from .lokr_files import LoadLoKr, SaveLoKr
     from .sampling import ApplyLoKrToModel, HiDreamLoKrSampler
     from .train import TrainHiDreamLoKr
 
-    return [LoadHiDreamDiffusers, ImageDataset, CombineDatasets, DatasetFromImages, CacheTextEmbeddings,
+    return [LoadHiDreamDiffusers, LoadHiDreamTransformerFile, ImageDataset, CombineDatasets, DatasetFromImages, CacheTextEmbeddings,
             CacheLatents, LoKrConfigNode, TrainHiDreamLoKr, HiDreamLoKrSampler, ApplyLoKrToModel, SaveLoKr,
             LoadLoKr]
 

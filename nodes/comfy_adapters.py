@@ -37,14 +37,21 @@ def _object_identity(kind: str, obj) -> str:
     return f"comfy-{kind}-{h.hexdigest()[:32]}"
 
 
-def conditioning_to_embeds(cond: torch.Tensor, extras: dict) -> PromptEmbeds:
-    """One ComfyUI HiDream conditioning entry -> PromptEmbeds (llama truncated / zero-padded to 128 tokens)."""
+def conditioning_to_embeds(cond: torch.Tensor, extras: dict, llama_tokens: int | None = LLAMA_TOKENS) -> PromptEmbeds:
+    """One ComfyUI HiDream conditioning entry -> PromptEmbeds.
+
+    llama_tokens: the Llama length to cut or zero-pad to (128 for the caches, whose entries have a fixed shape);
+    None keeps ComfyUI's length (for sampling, where the transformer takes any length).
+    """
+    if "conditioning_llama3" not in extras or "pooled_output" not in extras:
+        raise ValueError("this CONDITIONING is not HiDream's (no conditioning_llama3 / pooled_output): encode with "
+                         "the CLIP from QuadrupleCLIPLoader (the four HiDream text encoders)")
     llama = extras["conditioning_llama3"]  # (B, L, T, D)
     b, layers, t, d = llama.shape
-    if t >= LLAMA_TOKENS:
-        llama = llama[:, :, :LLAMA_TOKENS]
-    else:
-        llama = torch.cat([llama, llama.new_zeros(b, layers, LLAMA_TOKENS - t, d)], dim=2)
+    if llama_tokens is not None and t >= llama_tokens:
+        llama = llama[:, :, :llama_tokens]
+    elif llama_tokens is not None:
+        llama = torch.cat([llama, llama.new_zeros(b, layers, llama_tokens - t, d)], dim=2)
     return PromptEmbeds(t5=cond, llama=llama.permute(1, 0, 2, 3).contiguous(), pooled=extras["pooled_output"])
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 import logging
 
 import torch
+import folder_paths
 from comfy_api.latest import io
 
 from ..trainer_core.models import load_text_encoders, load_transformer, load_vae, resolve_model_paths, component_identity
 from ..trainer_core.cache import VaeImageEncoder
 from ..trainer_core.quantize import quantize_frozen
+from ..trainer_core.single_file import load_transformer_file
 from ..trainer_core.sample import latents_to_images
 from .paths import TINY_MODEL_NAME, diffusers_folder
 from .types import CATEGORY, HiDreamModel, HiDreamModelType
@@ -106,3 +108,35 @@ def load_diffusers_model(model_folder: str, llama_folder: str, transformer_preci
         decode_latents=lambda latents: latents_to_images(vae, latents),
         source=str(model_dir))
     return model
+
+
+class LoadHiDreamTransformerFile(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HiDreamLoKrLoadTransformerFile",
+            display_name="Load HiDream transformer (ComfyUI file)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a HiDream-I1 transformer file from models/diffusion_models (e.g. "
+                        "hidream_i1_full_fp16.safetensors or an fp8 variant) for training and the LoKr sampler. Text "
+                        "and images are then encoded by ComfyUI's own CLIP (QuadrupleCLIPLoader) and VAE "
+                        "(VAELoader, ae.safetensors): connect them to the cache nodes.",
+            inputs=[
+                io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="The HiDream-I1 transformer file (Full, Dev or Fast; fp16 or fp8)."),
+                io.Combo.Input("precision", options=TRANSFORMER_PRECISIONS, default="bf16",
+                               tooltip="Weights in memory: fp8 files are dequantised to bf16/fp32, or quantised "
+                                       "again with optimum-quanto (int8-quanto: ~17 GB for HiDream-I1)."),
+            ],
+            outputs=[HiDreamModelType.Output(display_name="hidream_model",
+                                             tooltip="The transformer (encoders come from ComfyUI's CLIP and VAE)")],
+        )
+
+    @classmethod
+    def execute(cls, unet_name: str, precision: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        with torch.inference_mode(False):  # see LoadHiDreamDiffusers.execute
+            transformer = load_transformer_file(path, dtype=_base_dtype(precision), device=comfy_device())
+            if precision not in DTYPES:
+                quantize_frozen(transformer, precision)
+        return io.NodeOutput(HiDreamModel(transformer=transformer, name=f"{unet_name} ({precision})", source=path))

@@ -103,6 +103,7 @@ class RunRegistry:
         self._runs: dict[str, TrainingRun] = {}
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
+        self._interrupted: dict[str, Path] = {}  # run key -> checkpoint a cancelled run left
 
     def start(self, node_id: Optional[str], prompt_id: Optional[str], output_dir: Path,
               total_steps: int) -> TrainingRun:
@@ -142,6 +143,15 @@ class RunRegistry:
         _send({"run_id": run.run_id, "node": run.node_id, "prompt_id": run.prompt_id, "phase": status,
                "step": run.events[-1]["step"] if run.events else 0, "total": run.total_steps,
                "kind": "finished", "status": status})
+
+    def remember_interrupted(self, key: str, checkpoint: Path) -> None:
+        with self._lock:
+            self._interrupted[key] = Path(checkpoint)
+
+    def interrupted_checkpoint(self, key: str) -> Optional[Path]:
+        with self._lock:
+            path = self._interrupted.get(key)
+        return path if path is not None and path.exists() else None
 
     def runs(self) -> list[dict]:
         with self._lock:

@@ -48,9 +48,15 @@ class HiDreamLoKrSampler(io.ComfyNode):
                 io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1, tooltip="CFG scale (Full: 5)."),
                 io.Float.Input("shift", default=3.0, min=0.0, max=100.0, step=0.1,
                                tooltip="Flow shift (Full: 3.0, Dev: 6.0)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Noise seed."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="Noise seed."),
                 io.Combo.Input("scheduler", options=["unipc", "euler"], default="unipc",
                                tooltip="unipc (HiDream-I1-Full's) or flow-matching Euler."),
+                io.Conditioning.Input("positive_conditioning", optional=True,
+                                      tooltip="ComfyUI CONDITIONING (CLIPTextEncode with the HiDream CLIP) used "
+                                              "instead of the positive text."),
+                io.Conditioning.Input("negative_conditioning", optional=True,
+                                      tooltip="ComfyUI CONDITIONING used instead of the negative text."),
                 io.Vae.Input("vae", optional=True,
                              tooltip="ComfyUI VAE to decode with; without it the model's own VAE decodes."),
             ],
@@ -62,15 +68,25 @@ class HiDreamLoKrSampler(io.ComfyNode):
     @classmethod
     def execute(cls, hidream_model: HiDreamModel, strength: float, positive: str, negative: str, width: int,
                 height: int, steps: int, cfg: float, shift: float, seed: int, scheduler: str,
-                lokr: LoKrHandle = None, vae=None) -> io.NodeOutput:
-        if hidream_model.text_encoder is None:
-            raise ConfigError("this HiDream model has no text encoders to encode the prompt: load it with them")
+                lokr: LoKrHandle = None, vae=None, positive_conditioning=None,
+                negative_conditioning=None) -> io.NodeOutput:
+        from .comfy_adapters import conditioning_to_embeds
+
+        def embeds(text: str, conditioning, which: str):
+            if conditioning is not None:
+                cond, extras = conditioning[0]
+                return conditioning_to_embeds(cond, extras, llama_tokens=None)
+            if hidream_model.text_encoder is None:
+                raise ConfigError(f"nothing encodes the {which} prompt: this HiDream model has no text encoders; "
+                                  f"connect {which}_conditioning (CLIPTextEncode with QuadrupleCLIPLoader's CLIP)")
+            return hidream_model.text_encoder.encode([text])
+
         settings = SamplingConfig(prompt=positive, negative_prompt=negative, width=width, height=height,
                                   num_inference_steps=steps, guidance=cfg, shift=shift, seed=seed,
                                   scheduler=scheduler, lokr_strength=strength)
         settings.validate()
-        cond = hidream_model.text_encoder.encode([positive])
-        uncond = hidream_model.text_encoder.encode([negative]) if cfg > 1.0 else None
+        cond = embeds(positive, positive_conditioning, "positive")
+        uncond = embeds(negative, negative_conditioning, "negative") if cfg > 1.0 else None
         bar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id)
         transformer = hidream_model.transformer
         with torch.inference_mode(False):  # the LoKr modules patch normal (non-inference) weights

@@ -24,7 +24,8 @@ from ..trainer_core.train import ModelComponents, StepMetrics, TrainingCallbacks
 from .lokr_config import LoKrSettings
 from .paths import new_run_dir
 from .run_registry import REGISTRY, TrainingRun
-from .train_settings import config_as_json, core_settings, optional_settings, train_config_from_settings
+from .train_settings import (CONFIG_FIELDS, INIT_LOKR_FIELD, RESUME_FIELD, config_as_json, core_settings,
+                             optional_settings, run_key, train_config_from_settings)
 from .types import CATEGORY, DatasetType, HiDreamModel, HiDreamModelType, LoKrConfigType, LoKrHandle, LoKrType, TrainingData
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,21 @@ def free_comfy_memory(device: torch.device) -> str:
     comfy.model_management.soft_empty_cache()
     free = comfy.model_management.get_free_memory(device)
     return f"unloaded ComfyUI's models; {free / 2**30:.1f} GiB free on {device}"
+
+
+def remove_leftover_lokr(transformer: torch.nn.Module) -> int:
+    """Unhook every LyCORIS module still hooked into `transformer`; returns how many.
+
+    ComfyUI keeps the loader's output cached and hands the same transformer to the next run, so a run that fails
+    half-way must not leave its LoKr hooked in (the next one would train on top of it). LyCORIS records its hooks
+    per module in `_lycoris_wrappers`; restoring them in reverse order puts the original forward back.
+    """
+    removed = 0
+    for module in transformer.modules():
+        for wrapper in reversed(list(getattr(module, "_lycoris_wrappers", []))):
+            wrapper.restore()
+            removed += 1
+    return removed
 
 
 class InterruptWatch:
@@ -141,6 +157,9 @@ class TrainHiDreamLoKr(io.ComfyNode):
                 LoKrConfigType.Input("lokr_config", tooltip="Which modules get a LoKr, and its shape."),
                 *core_settings(),
                 *optional_settings(),
+                *([LoKrType.Input("init_lokr", optional=True,
+                                  tooltip="Continue training from this LoKr (e.g. from Load HiDream LoKr).")]
+                  if INIT_LOKR_FIELD in CONFIG_FIELDS else []),
             ],
             outputs=[
                 LoKrType.Output(display_name="lokr", tooltip="The trained LoKr (save it with Save HiDream LoKr)"),
@@ -154,8 +173,16 @@ class TrainHiDreamLoKr(io.ComfyNode):
 
     @classmethod
     def execute(cls, hidream_model: HiDreamModel, dataset: TrainingData, lokr_config: LoKrSettings,
-                **settings) -> io.NodeOutput:
+                init_lokr: LoKrHandle = None, **settings) -> io.NodeOutput:
         node_id = cls.hidden.unique_id
+        if init_lokr is not None:
+            settings[INIT_LOKR_FIELD] = init_lokr.path
+        # Re-queueing a cancelled graph unchanged continues from the checkpoint the cancel left (when the core
+        # writes checkpoints); any change to the inputs starts a new run.
+        key = run_key(hidream_model.name, dataset.fingerprint, lokr_config.lycoris.to_dict(), settings)
+        resume = REGISTRY.interrupted_checkpoint(key)
+        if resume is not None and RESUME_FIELD in CONFIG_FIELDS and not settings.get(RESUME_FIELD):
+            settings[RESUME_FIELD] = str(resume)
         device = next(hidream_model.transformer.parameters()).device
         text_encoder = dataset.text_encoder or hidream_model.text_encoder
         image_encoder = dataset.image_encoder or hidream_model.image_encoder
@@ -188,23 +215,29 @@ class TrainHiDreamLoKr(io.ComfyNode):
             run.accepts_commands = True
         components = ModelComponents(transformer=hidream_model.transformer, transformer_name=hidream_model.name,
                                      text_encoder=text_encoder, image_encoder=image_encoder, decode_latents=decode)
+        status = "failed"
         try:
             # ComfyUI executes nodes under inference_mode, where nothing records gradients.
             with torch.inference_mode(False), torch.enable_grad():
                 result = train(config, callbacks, components)
+            status = "interrupted" if watch.interrupted else "finished"
         except comfy.model_management.InterruptProcessingException:
-            REGISTRY.finish(run, "interrupted")  # raised by ComfyUI outside our guards (e.g. a cache phase)
+            status = "interrupted"  # raised by ComfyUI outside our guards (e.g. while the core filled a cache)
             raise
+        finally:
+            REGISTRY.finish(run, status)
+            if status == "failed" and remove_leftover_lokr(hidream_model.transformer):
+                logger.warning("HiDream LoKr: the failed run left LoKr hooks on the transformer; removed them")
         if watch.interrupted:
-            REGISTRY.finish(run, "interrupted")
-            stopped_in = time.time() - watch.detected_at
+            checkpoint = getattr(result, "checkpoint_path", None)  # TrainResult of cores that checkpoint
+            if checkpoint is not None:
+                REGISTRY.remember_interrupted(key, checkpoint)
             logger.info("HiDream LoKr: interrupted at step %d; LoKr saved to %s (%.2f s after the interrupt was "
-                        "seen)", result.steps_done, result.lokr_path, stopped_in)
+                        "seen)", result.steps_done, result.lokr_path, time.time() - watch.detected_at)
             (output_dir / "interrupted.json").write_text(json.dumps(
                 {"steps_done": result.steps_done, "detected_at": watch.detected_at, "stopped_at": time.time(),
                  "lokr": str(result.lokr_path)}), encoding="utf-8")
             watch.raise_if_interrupted()
-        REGISTRY.finish(run, "finished")
 
         handle = LoKrHandle(path=result.lokr_path, lycoris=lokr_config.lycoris, steps=result.steps_done,
                             metadata={"training_config": config_as_json(config), "steps": str(result.steps_done),

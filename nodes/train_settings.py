@@ -17,6 +17,8 @@ from ..trainer_core.config import ConfigError, TrainConfig
 from .types import TrainingData
 
 CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
+INIT_LOKR_FIELD = "init_lokr_weights"  # continue from an existing LoKr
+RESUME_FIELD = "resume_from_checkpoint"
 OPTIMIZERS = ["adamw"]  # what trainer_core.train.build_optimizer accepts
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
 
@@ -51,7 +53,7 @@ def core_settings() -> list:
                        tooltip="Weight of the load-balancing loss."),
         io.Float.Input("caption_dropout_probability", default=0.0, min=0.0, max=0.99, step=0.01,
                        tooltip="Chance to train a sample with an empty caption (helps CFG)."),
-        io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=False,
+        io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=True,
                      tooltip="Seed of noise, timesteps, dropout and the LoKr init: same seed, same run. Change it "
                              "to train again with unchanged inputs (ComfyUI reuses a finished run otherwise)."),
         io.String.Input("output_name", default="hidream_lokr",
@@ -99,6 +101,16 @@ def _jsonable(value):
 
 def config_as_json(config: TrainConfig) -> str:
     return json.dumps(_jsonable(asdict(config)), sort_keys=True)
+
+
+def run_key(model_name: str, dataset_fingerprint: str, lycoris: dict, settings: dict) -> str:
+    """Identifies "the same training" across queueings (everything that shapes the run except where it is written
+    and what it resumes from)."""
+    import hashlib
+
+    relevant = {k: v for k, v in settings.items() if k not in ("output_name", RESUME_FIELD)}
+    payload = json.dumps([model_name, dataset_fingerprint, lycoris, _jsonable(relevant)], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def train_config_from_settings(settings: dict, data: TrainingData, output_dir: Path, lycoris_config_path: Path,

@@ -52,12 +52,6 @@ class TrainingData:
     image_encoder: Optional[Any] = None
     cached: tuple[str, ...] = ()  # "text", "latents": which caches a node has filled for these datasets
 
-    @property
-    def num_images(self) -> int:
-        from ..trainer_core.data import discover_dataset
-
-        return sum(len(discover_dataset(d).samples) for d in self.datasets)
-
 
 @dataclass(frozen=True)
 class LoKrHandle:

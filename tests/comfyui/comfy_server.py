@@ -131,6 +131,7 @@ class EventListener:
 
         self.server = server
         self.events: list[tuple[float, str, dict]] = []
+        self.binary_types: list[int] = []  # binary frames: 1 = preview image (clients without feature flags)
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -155,6 +156,8 @@ class EventListener:
                     if msg.type == aiohttp.WSMsgType.TEXT:
                         data = json.loads(msg.data)
                         self.events.append((time.time(), data["type"], data.get("data", {})))
+                    elif msg.type == aiohttp.WSMsgType.BINARY:
+                        self.binary_types.append(int.from_bytes(msg.data[:4], "big"))
                     elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                         return
 

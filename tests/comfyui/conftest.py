@@ -24,3 +24,38 @@ def events(comfy):
     listener = EventListener(comfy)
     yield listener
     listener.close()
+
+
+@pytest.fixture(scope="session")
+def comfy_modules():
+    """ComfyUI's Python modules in this process (for tests that build ComfyUI objects directly)."""
+    import sys
+
+    from comfy_server import comfyui_dir
+
+    sys.path.insert(0, str(comfyui_dir()))
+    from comfy.cli_args import args
+
+    args.cpu = True  # before comfy.model_management is imported: CPU-only torch has no CUDA
+    import comfy.model_management  # noqa: F401
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+
+    return comfy
+
+
+@pytest.fixture(scope="session")
+def pack(comfy_modules):
+    """This pack imported as a package, the way ComfyUI imports it (relative imports, no name of its own)."""
+    import importlib.util
+    import sys
+
+    from comfy_server import REPO
+
+    spec = importlib.util.spec_from_file_location("hidream_lokr_pack", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hidream_lokr_pack"] = module
+    spec.loader.exec_module(module)
+    return module

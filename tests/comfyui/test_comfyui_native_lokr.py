@@ -14,23 +14,9 @@ import sys
 import pytest
 import torch
 
-from comfy_server import REPO, comfyui_dir
+from comfy_server import REPO
 
 sys.path.insert(0, str(REPO))
-
-
-@pytest.fixture(scope="module")
-def comfy_modules():
-    sys.path.insert(0, str(comfyui_dir()))
-    from comfy.cli_args import args
-
-    args.cpu = True  # before comfy.model_management is imported: CPU-only torch has no CUDA
-    import comfy.model_management  # noqa: F401
-    import comfy.model_patcher
-    import comfy.sd
-    import comfy.supported_models
-
-    return comfy
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +69,10 @@ PRESETS = {
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_native_comfyui_prediction_matches_the_core_with_the_same_lokr(comfy_modules, tiny_dir, tmp_path, caplog,
-                                                                         preset):
+def test_native_comfyui_prediction_matches_the_core_with_the_same_lokr(comfy_modules, pack, tiny_dir, tmp_path,
+                                                                         caplog, preset):
+    import importlib
+
     from safetensors.torch import load_file
     from trainer_core.lokr import LycorisConfig, load_lokr, lokr_applied, remove_lokr
     from trainer_core.models import load_transformer, resolve_model_paths
@@ -126,10 +114,15 @@ def test_native_comfyui_prediction_matches_the_core_with_the_same_lokr(comfy_mod
                                 encoder_hidden_states_llama3=llama, pooled_embeds=pooled, return_dict=False)[0]
     torch.testing.assert_close(base_native, -base_core, rtol=1e-4, atol=1e-5)  # same model, sign convention
 
+    # The pack's "Apply HiDream LoKr to MODEL" node, which calls comfy.sd.load_lora_for_models as
+    # LoraLoaderModelOnly does.
+    nodes = importlib.import_module("hidream_lokr_pack.nodes.sampling")
+    types = importlib.import_module("hidream_lokr_pack.nodes.types")
+    handle = types.LoKrHandle(path=lokr_path, lycoris=LycorisConfig(**PRESETS[preset]))
     lokr_sd = load_file(str(lokr_path))
     with caplog.at_level(logging.WARNING):
-        patched, clip = comfy.sd.load_lora_for_models(patcher, None, lokr_sd, 0.8, 0)
-    assert clip is None
+        (patched,) = nodes.ApplyLoKrToModel.execute(patcher, handle, 0.8).result
+    assert patched is not patcher and not patcher.patches  # ComfyUI clones; the input MODEL stays unpatched
     assert "lora key not loaded" not in caplog.text
     n_modules = len({k.rsplit(".", 1)[0] for k in lokr_sd})
     assert len(patched.patches) == n_modules  # every LoKr module patched one weight

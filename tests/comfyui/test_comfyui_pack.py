@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 NODES = {
-    "HiDreamLoKrLoadDiffusers", "HiDreamLoKrImageDataset", "HiDreamLoKrCombineDatasets",
+    "HiDreamLoKrLoadDiffusers", "HiDreamLoKrLoadTransformerFile", "HiDreamLoKrImageDataset", "HiDreamLoKrCombineDatasets",
     "HiDreamLoKrDatasetFromImages", "HiDreamLoKrCacheTextEmbeddings", "HiDreamLoKrCacheLatents", "HiDreamLoKrConfig",
     "HiDreamLoKrTrain", "HiDreamLoKrSampler", "HiDreamLoKrApplyToModel", "HiDreamLoKrSave", "HiDreamLoKrLoad",
 }
@@ -37,4 +37,5 @@ def test_every_node_is_registered_with_description_and_tooltips(comfy):
 
 def test_example_workflows_are_listed_as_templates(comfy):
     templates = comfy.get("/api/workflow_templates")
-    assert "hidream_lokr_tiny_demo" in templates["ComfyUI-HiDream-LoKr"]
+    assert set(templates["ComfyUI-HiDream-LoKr"]) == {"hidream_lokr_tiny_demo", "hidream_lokr_train",
+                                                      "hidream_lokr_sample_native"}

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))  # trainer_core, to check the saved files with the
 
 DEMO = "hidream_lokr_tiny_demo_api.json"
 TRAIN = "6"
+DEMO_WORKFLOW = json.loads((REPO / "workflows" / "hidream_lokr_tiny_demo.json").read_text())
 
 
 def lora_files(comfy) -> list[Path]:
@@ -41,7 +42,7 @@ def error_text(entry: dict) -> str:
 @pytest.fixture(scope="module")
 def demo_run(comfy, events):
     started = time.time()
-    prompt_id = comfy.submit(load_graph(DEMO))
+    prompt_id = comfy.submit(load_graph(DEMO), workflow=DEMO_WORKFLOW)  # as the browser sends it
     entry = comfy.wait(prompt_id)
     seconds = time.time() - started
     print(f"\ntiny demo workflow end to end: {seconds:.1f} s")
@@ -64,6 +65,8 @@ def test_demo_trains_saves_a_loadable_lokr_and_samples(comfy, events, demo_run):
     assert json.loads(meta["training_config"])["max_train_steps"] == 40
     assert json.loads(meta["lycoris_config"])["factor"] == 2
     assert meta["steps"] == "40"
+    assert json.loads(meta["workflow"]) == DEMO_WORKFLOW  # the graph that made it travels with the file
+    assert json.loads(meta["prompt"])[TRAIN]["class_type"] == "HiDreamLoKrTrain"
     # The LoKr learned something and loads onto the transformer it was trained for.
     model_dir = comfy.base_dir / "models" / "diffusers" / "tiny-hidream"
     transformer = load_transformer(resolve_model_paths(model_dir), dtype=torch.float32)
@@ -88,11 +91,13 @@ def test_demo_trains_saves_a_loadable_lokr_and_samples(comfy, events, demo_run):
     assert progress[-1]["phase"] == "finished"
     bar = [e for e in events.of("progress") if e.get("prompt_id") == prompt_id and e.get("node") == TRAIN]
     assert bar and bar[-1]["value"] == 40 and bar[-1]["max"] == 40
+    assert events.binary_types.count(1) >= 3  # previews on the node: steps 0, 20 and 40
+    assert "unloaded ComfyUI's models;" in comfy.log() and "GiB free on cpu" in comfy.log()
 
 
 def test_unchanged_requeue_reuses_the_trained_run(comfy, demo_run):
     before_files, before_runs = lora_files(comfy), run_dirs(comfy, "tiny_demo")
-    entry = comfy.wait(comfy.submit(load_graph(DEMO)))
+    entry = comfy.wait(comfy.submit(load_graph(DEMO), workflow=DEMO_WORKFLOW))
     assert entry["status"]["status_str"] == "success"
     (cached,) = messages(entry, "execution_cached")
     assert set(cached["nodes"]) == set(load_graph(DEMO))  # nothing ran again, training included
@@ -168,3 +173,39 @@ def test_interrupt_stops_within_a_step_saves_the_lokr_and_restores_the_model(com
     base_only["8"]["inputs"]["strength"] = 0.5  # no LoKr connected: same maths, but not a cached result
     after = _sample_pixels(comfy, comfy.wait(comfy.submit(base_only)))
     assert np.array_equal(before, after)  # the transformer came back without LoKr, weights unchanged
+
+
+def test_image_batch_and_combined_datasets_train(comfy, demo_run):
+    import shutil
+
+    first = sorted((comfy.base_dir / "input" / "hidream_lokr_demo_shapes").glob("*.png"))[0]
+    shutil.copy(first, comfy.base_dir / "input" / "lokr_batch_image.png")
+    graph = load_graph(DEMO)
+    graph.pop("8"), graph.pop("9")
+    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "lokr_batch_image.png"}}
+    graph["21"] = {"class_type": "HiDreamLoKrDatasetFromImages",
+                   "inputs": {"images": ["20", 0], "captions": "a shape from the graph", "resolution": 64,
+                              "repeats": 1}}
+    graph["22"] = {"class_type": "HiDreamLoKrCombineDatasets", "inputs": {"dataset_1": ["2", 0],
+                                                                        "dataset_2": ["21", 0]}}
+    graph["3"]["inputs"]["dataset"] = ["22", 0]
+    graph[TRAIN]["inputs"].update(max_train_steps=2, validation_prompt="", output_name="combined")
+    entry = comfy.wait(comfy.submit(graph))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (name,) = entry["outputs"]["7"]["text"]
+    with safe_open(str(comfy.output_dir() / "loras" / name), "pt") as f:
+        config = json.loads(f.metadata()["training_config"])
+    assert [d["id"] for d in config["datasets"]] == ["hidream_lokr_demo_shapes", "image_batch"]
+    assert config["datasets"][1]["repeats"] == 1
+    (batch_folder,) = (comfy.output_dir() / "hidream_lokr" / "image_batches").iterdir()
+    assert (batch_folder / "00000.txt").read_text() == "a shape from the graph"
+
+
+def test_lokr_config_matching_nothing_fails_in_plain_words(comfy, events, demo_run):
+    graph = load_graph(DEMO)
+    graph["5"]["inputs"].update(preset="custom JSON", custom_json='{"target_module": ["NoSuchLayer"]}')
+    prompt_id = comfy.submit(graph)
+    text = error_text(comfy.wait(prompt_id))
+    assert "matches no module" in text and "HiDreamAttention" in text  # says what could be targeted
+    progress = [e for e in events.of("hidream_lokr.progress") if e.get("prompt_id") == prompt_id]
+    assert progress[-1]["phase"] == "failed"

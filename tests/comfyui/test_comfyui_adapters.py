@@ -1,0 +1,104 @@
+"""ComfyUI's VAE and CONDITIONING layouts mapped onto the trainer core's caches.
+
+ComfyUI's Flux VAE class is built at a small width (its GroupNorm needs channels divisible by 32) with the same
+weights as a diffusers AutoencoderKL, so the adapter's latents and images can be compared with the core's own VAE
+path: ComfyUI returns raw latents z and takes/gives IMAGE (B, H, W, 3) in [0, 1]; the core caches (z - 0.1159) x
+0.3611 and works on pixels (B, 3, H, W) in [-1, 1].
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+
+
+def small_flux_vaes(comfy):
+    """(diffusers AutoencoderKL, ComfyUI VAE) with identical random weights, Flux's latent layout (16 channels)."""
+    from comfy import diffusers_convert
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    diffusers_vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[32, 32, 32, 32],
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1,
+        norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+        use_post_quant_conv=False).eval()
+    ldm = diffusers_convert.convert_vae_state_dict(diffusers_vae.state_dict())
+    # ComfyUI's configurable AutoencoderKL always has the 1x1 quant convs Flux's VAE lacks: make them identities.
+    for name, channels in (("quant_conv", 32), ("post_quant_conv", 16)):
+        ldm[f"{name}.weight"] = torch.eye(channels).reshape(channels, channels, 1, 1)
+        ldm[f"{name}.bias"] = torch.zeros(channels)
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    comfy_vae = comfy.sd.VAE(sd=ldm, config={"params": {"embed_dim": 16, "ddconfig": ddconfig}},
+                             dtype=torch.float32)
+    return diffusers_vae, comfy_vae
+
+
+def test_comfy_vae_adapter_caches_the_cores_scaled_latents_and_decodes_back(comfy_modules, pack):
+    adapters = importlib.import_module("hidream_lokr_pack.nodes.comfy_adapters")
+    from trainer_core.cache import VaeImageEncoder
+    from trainer_core.sample import latents_to_images
+
+    diffusers_vae, comfy_vae = small_flux_vaes(comfy_modules)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ours = adapters.ComfyVaeImageEncoder(comfy_vae).encode(pixels, [torch.Generator()] * 2)
+    with torch.no_grad():
+        mean = diffusers_vae.encode(pixels).latent_dist.mean
+    assert ours.shape == (2, 16, 8, 8)
+    torch.testing.assert_close(ours, (mean - 0.1159) * 0.3611, rtol=1e-4, atol=1e-5)
+
+    # the core's sampling latents -> the adapter's decode == the diffusers path (up to uint8 rounding)
+    theirs = np.stack([np.asarray(i) for i in latents_to_images(diffusers_vae, ours)]).astype(int)
+    decoded = np.stack([np.asarray(i) for i in adapters.ComfyVaeImageEncoder(comfy_vae).decode_latents(ours)])
+    assert decoded.shape == (2, 64, 64, 3)
+    assert np.abs(decoded.astype(int) - theirs).max() <= 1
+
+    # and the sampler's LATENT output is what ComfyUI's own VAEDecode expects: raw z
+    sampling = importlib.import_module("hidream_lokr_pack.nodes.sampling")
+    raw = sampling.scaled_to_comfy_latents(ours)
+    torch.testing.assert_close(raw, mean, rtol=1e-4, atol=1e-4)
+
+
+def test_comfy_hidream_conditioning_maps_onto_prompt_embeds(pack):
+    adapters = importlib.import_module("hidream_lokr_pack.nodes.comfy_adapters")
+    g = torch.Generator().manual_seed(0)
+    t5 = torch.randn(1, 128, 32, generator=g)
+    pooled = torch.randn(1, 40, generator=g)
+    llama = torch.randn(1, 4, 150, 48, generator=g)  # ComfyUI: (B, layers, T, D), T > 128 (never truncated)
+    embeds = adapters.conditioning_to_embeds(t5, {"pooled_output": pooled, "conditioning_llama3": llama})
+    assert embeds.llama.shape == (4, 1, 128, 48)  # the core: (layers, B, 128, D)
+    assert torch.equal(embeds.llama[2, 0], llama[0, 2, :128]) and torch.equal(embeds.t5, t5)
+    assert torch.equal(embeds.pooled, pooled)
+    full = adapters.conditioning_to_embeds(t5, {"pooled_output": pooled, "conditioning_llama3": llama},
+                                           llama_tokens=None)
+    assert full.llama.shape == (4, 1, 150, 48)
+    missing = adapters.conditioning_to_embeds(  # an encoder left out: ComfyUI puts zeros [1, 32, 1, D]
+        t5, {"pooled_output": pooled, "conditioning_llama3": torch.zeros(1, 4, 1, 48)})
+    assert missing.llama.shape == (4, 1, 128, 48) and not missing.llama.any()
+
+
+def test_comfy_hidream_clip_adapter_gives_the_cores_layout(comfy_modules, pack):
+    """ComfyUI's HiDream text encoder with only CLIP-L present (the others are replaced by zeros, as ComfyUI does
+    for a partial set) -- the real widths: T5 4096, Llama 32 layers x 4096, pooled 768 + 1280."""
+    comfy = comfy_modules
+    from comfy.supported_models_base import ClipTarget
+    from comfy.text_encoders import hidream
+
+    adapters = importlib.import_module("hidream_lokr_pack.nodes.comfy_adapters")
+    target = ClipTarget(hidream.HiDreamTokenizer,
+                        hidream.hidream_clip(clip_l=True, clip_g=False, t5=False, llama=False))
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.parameters():  # ComfyUI leaves weights uninitialised until a file loads
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    encoder = adapters.ComfyClipTextEncoder(clip)
+    embeds = encoder.encode(["a red circle on a blue background", "a green square"])
+    assert embeds.t5.shape == (2, 128, 4096) and embeds.llama.shape == (32, 2, 128, 4096)
+    assert embeds.pooled.shape == (2, 2048)
+    assert embeds.pooled[:, :768].abs().sum() > 0 and not embeds.pooled[:, 768:].any()  # CLIP-L, then CLIP-G
+    assert not embeds.t5.any() and not embeds.llama.any()
+    assert not torch.equal(embeds.pooled[0], embeds.pooled[1])
+    assert adapters.ComfyClipTextEncoder(clip).identity == encoder.identity  # same weights, same cache entries

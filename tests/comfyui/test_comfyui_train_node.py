@@ -1,0 +1,31 @@
+"""Pieces of the training node that protect the models ComfyUI keeps cached between runs."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+
+from comfy_server import REPO
+
+sys.path.insert(0, str(REPO))
+
+
+def test_a_failed_runs_lokr_hooks_are_removed_from_the_cached_transformer(pack, tmp_path):
+    from trainer_core.lokr import LycorisConfig, create_lokr_network
+    from trainer_core.models import load_transformer, resolve_model_paths
+    from trainer_core.tiny_model import build_tiny_model
+
+    train_node = importlib.import_module("hidream_lokr_pack.nodes.train")
+    transformer = load_transformer(resolve_model_paths(build_tiny_model(tmp_path / "tiny")), dtype=torch.float32)
+    linear = transformer.double_stream_blocks[0].block.attn1.to_q
+    x = torch.randn(3, linear.in_features)
+    before = linear(x)
+    network = create_lokr_network(transformer, LycorisConfig(), seed=0)  # hooked, as mid-training
+    with torch.no_grad():
+        for p in network.parameters():
+            p.fill_(0.1)
+    assert not torch.allclose(linear(x), before)
+    assert train_node.remove_leftover_lokr(transformer) == len(network.loras) > 0
+    torch.testing.assert_close(linear(x), before, rtol=0, atol=0)
+    assert train_node.remove_leftover_lokr(transformer) == 0
