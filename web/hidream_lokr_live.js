@@ -65,6 +65,7 @@ class LiveView {
     this.acceptsCommands = false;
     this._restoring = null;
     this._pending = []; // live messages that arrived while the history was loading, replayed after it
+    this._noHistory = new Set(); // runs the server could not give a history for: follow them live only
     this._buildDom();
     this.chart = new LossChart(this.canvas);
     this.chart.onDrawn = (stats) => {
@@ -155,7 +156,7 @@ class LiveView {
       return;
     }
     if (m.run_id !== this.runId) {
-      if (m.step > 1) {
+      if (m.step > 1 && !this._noHistory.has(m.run_id)) {
         // We joined a run late (page reloaded, second tab): rebuild from the server's history, then this.
         this.restore(m.run_id);
         this._pending.push(m);
@@ -206,6 +207,7 @@ class LiveView {
         this._startRun(history.run_id, history.total);
         this._applyHistory(history);
       } catch (error) {
+        if (runId) this._noHistory.add(runId); // don't ask again for every message of this run
         this.message(`could not load the run's history: ${error.message || error}`);
       }
     })();
