@@ -11,7 +11,7 @@ WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():
-    from .nodes import HiDreamLoKrExtension
+    from .nodes import HiDreamLoKrExtension, routes  # noqa: F401  (routes: the live view's HTTP routes)
 
     return HiDreamLoKrExtension()
 

@@ -2,12 +2,17 @@
 
 Each run gets an id; every step appends an event {step, total, loss, lr, load_balancing_loss, it_per_s, eta_s,
 peak_memory_bytes, phase} and validation previews are listed as they are written. Every event is also pushed to
-the browser as the custom websocket message `hidream_lokr.progress`. HTTP routes that serve `history()` (and take
-commands) can be added on top of `REGISTRY` without touching the training node.
+the browser as the custom websocket message `hidream_lokr.progress`; phase changes and new previews are pushed too
+(messages with `kind` "phase" / "preview"; per-step messages have no `kind`).
+
+The browser's buttons (routes.py) put commands into a run's CommandQueue; the training loop drains it at step
+boundaries through TrainingCallbacks.poll_commands. The queue is the only thing the HTTP side may change in a run.
 """
 from __future__ import annotations
 
+import collections
 import itertools
+import re
 import threading
 import time
 import uuid
@@ -16,6 +21,55 @@ from pathlib import Path
 from typing import Optional
 
 PROGRESS_EVENT = "hidream_lokr.progress"
+COMMANDS = ("sample", "save", "stop")  # what the browser may ask a running training for
+RUN_ID_PATTERN = re.compile(r"^[0-9]{1,9}-[0-9a-f]{8}$")  # the shape of the ids RunRegistry.start makes
+
+
+class CommandQueue:
+    """Commands from the browser for one run, thread-safe: routes put on the server's event loop, the training
+    loop drains on ComfyUI's execution thread. A command already waiting is not queued twice (two clicks on
+    Save before the next step boundary make one checkpoint, not two)."""
+
+    MAX_PENDING = len(COMMANDS)
+
+    def __init__(self) -> None:
+        self._pending: collections.deque[str] = collections.deque()
+        self._lock = threading.Lock()
+        self.accepted = 0  # how many commands were queued over the run's life (for the UI's and tests' benefit)
+
+    def put(self, command: str) -> bool:
+        """Queue `command` (one of COMMANDS); False when the same command is already waiting."""
+        if command not in COMMANDS:
+            raise ValueError(f"unknown command {command!r}: expected one of {', '.join(COMMANDS)}")
+        with self._lock:
+            if command in self._pending:
+                return False
+            self._pending.append(command)
+            self.accepted += 1
+            return True
+
+    def drain(self) -> list[str]:
+        """Every waiting command, oldest first, and an empty queue (TrainingCallbacks.poll_commands)."""
+        with self._lock:
+            commands = list(self._pending)
+            self._pending.clear()
+            return commands
+
+    def pending(self) -> list[str]:
+        with self._lock:
+            return list(self._pending)
+
+
+class RunNotFound(KeyError):
+    pass
+
+
+class RunNotRunning(RuntimeError):
+    pass
+
+
+class CommandsUnsupported(RuntimeError):
+    """The trainer core this run uses has no TrainingCallbacks.poll_commands: nobody would read the queue."""
 
 
 @dataclass
@@ -29,12 +83,17 @@ class TrainingRun:
     status: str = "running"  # running | finished | interrupted | failed
     events: list[dict] = field(default_factory=list)
     previews: list[dict] = field(default_factory=list)  # {step, path}
+    phase: str = "starting"  # the latest phase the training reported (caching text, training, saving, ...)
+    commands: CommandQueue = field(default_factory=CommandQueue, repr=False)
+    accepts_commands: bool = False  # set by the node when the core polls the queue (TrainingCallbacks.poll_commands)
 
     def summary(self) -> dict:
         last = self.events[-1] if self.events else {}
         return {"run_id": self.run_id, "node": self.node_id, "prompt_id": self.prompt_id,
                 "output_dir": str(self.output_dir), "total": self.total_steps, "status": self.status,
-                "started": self.started, "step": last.get("step", 0), "loss": last.get("loss")}
+                "started": self.started, "step": last.get("step", 0), "loss": last.get("loss"),
+                "phase": self.phase, "events_total": len(self.events), "previews_total": len(self.previews),
+                "pending_commands": self.commands.pending(), "accepts_commands": self.accepts_commands}
 
 
 class RunRegistry:
@@ -64,12 +123,26 @@ class RunRegistry:
     def add_preview(self, run: TrainingRun, step: int, path: Path) -> None:
         with self._lock:
             run.previews.append({"step": step, "path": str(path)})
+            index = len(run.previews) - 1
+        _send({"run_id": run.run_id, "node": run.node_id, "prompt_id": run.prompt_id, "kind": "preview",
+               "preview": {"index": index, "step": step}, "total": run.total_steps})
+
+    def set_phase(self, run: TrainingRun, phase: str) -> None:
+        """The training entered `phase`: remember it (a reloaded page shows it) and tell the browser now, since
+        caching phases can last long before the first step event."""
+        with self._lock:
+            run.phase = phase
+            step = run.events[-1]["step"] if run.events else 0
+        _send({"run_id": run.run_id, "node": run.node_id, "prompt_id": run.prompt_id, "kind": "phase",
+               "phase": phase, "step": step, "total": run.total_steps, "accepts_commands": run.accepts_commands})
 
     def finish(self, run: TrainingRun, status: str) -> None:
         with self._lock:
             run.status = status
+            run.phase = status
         _send({"run_id": run.run_id, "node": run.node_id, "prompt_id": run.prompt_id, "phase": status,
-               "step": run.events[-1]["step"] if run.events else 0, "total": run.total_steps})
+               "step": run.events[-1]["step"] if run.events else 0, "total": run.total_steps,
+               "kind": "finished", "status": status})
 
     def remember_interrupted(self, key: str, checkpoint: Path) -> None:
         with self._lock:
@@ -84,12 +157,46 @@ class RunRegistry:
         with self._lock:
             return [r.summary() for r in self._runs.values()]
 
-    def history(self, run_id: str) -> Optional[dict]:
+    def history(self, run_id: str, since: int = 0) -> Optional[dict]:
+        """The run's summary with its events from index `since` on (the whole history by default) and its
+        previews (step and index; the image itself is served by index, never by a path from the browser)."""
         with self._lock:
             run = self._runs.get(run_id)
             if run is None:
                 return None
-            return {**run.summary(), "events": list(run.events), "previews": list(run.previews)}
+            return {**run.summary(), "since": since, "events": run.events[since:],
+                    "previews": [{"index": i, "step": p["step"]} for i, p in enumerate(run.previews)]}
+
+    def get(self, run_id: str) -> Optional[TrainingRun]:
+        with self._lock:
+            return self._runs.get(run_id)
+
+    def preview_path(self, run_id: str, index: int) -> Optional[Path]:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or not 0 <= index < len(run.previews):
+                return None
+            return Path(run.previews[index]["path"])
+
+    def runs_for(self, node_id: Optional[str] = None, prompt_id: Optional[str] = None) -> list[dict]:
+        """Summaries of the runs of one node (and/or prompt), oldest first; every run when both are None."""
+        with self._lock:
+            return [r.summary() for r in self._runs.values()
+                    if (node_id is None or r.node_id == node_id) and (prompt_id is None or r.prompt_id == prompt_id)]
+
+    def command(self, run_id: str, command: str) -> bool:
+        """Queue a browser command for the named run only. Raises RunNotFound, RunNotRunning (finished runs take
+        no commands), CommandsUnsupported, ValueError (not one of COMMANDS). False: that command already waits."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                raise RunNotFound(run_id)
+            if run.status != "running":
+                raise RunNotRunning(f"run {run_id} is {run.status}: it takes no more commands")
+            if not run.accepts_commands:
+                raise CommandsUnsupported(f"run {run_id} cannot take commands: its trainer core has no "
+                                          "TrainingCallbacks.poll_commands (update the pack)")
+        return run.commands.put(command)
 
 
 def _send(message: dict) -> None:

@@ -114,6 +114,7 @@ class StepReporter:
     def on_phase(self, name: str) -> None:
         self.phase = name
         logger.info("HiDream LoKr run %s: %s", self.run.run_id, name)
+        REGISTRY.set_phase(self.run, name)
 
     def on_step(self, m: StepMetrics) -> None:
         now = time.perf_counter()
@@ -130,6 +131,9 @@ class StepReporter:
 
     def on_validation(self, step: int, image: Image.Image) -> None:
         path = self.run.output_dir / "validation" / f"step_{step:06d}.png"
+        if not path.is_file():  # the core wrote it elsewhere (newer cores: per-step folders): keep one to show
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
         REGISTRY.add_preview(self.run, step, path)
         self.watch.guarded(lambda: self.bar.update_absolute(
             step, self.run.total_steps, ("JPEG", image, PREVIEW_MAX_SIDE)))
@@ -206,6 +210,9 @@ class TrainHiDreamLoKr(io.ComfyNode):
                                 device)
         callbacks = TrainingCallbacks(on_phase=reporter.on_phase, on_step=reporter.on_step,
                                       on_validation=reporter.on_validation, should_stop=watch.should_stop)
+        if hasattr(callbacks, "poll_commands"):  # the core drains the browser's Sample/Save/Stop at step boundaries
+            callbacks.poll_commands = run.commands.drain
+            run.accepts_commands = True
         components = ModelComponents(transformer=hidream_model.transformer, transformer_name=hidream_model.name,
                                      text_encoder=text_encoder, image_encoder=image_encoder, decode_latents=decode)
         status = "failed"

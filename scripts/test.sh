@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fresh machine -> tests: set up .venv and run the suite, then build (once, cached in .cache/comfyui) a headless
-# ComfyUI 0.3.75 with its own Python and run tests/comfyui against a real ComfyUI server.
+# ComfyUI 0.3.75 with its own Python and run tests/comfyui and tests/browser against a real ComfyUI server.
 # "No tests collected" counts as a failure. Arguments go to the first pytest run (the core suite).
 # SKIP_COMFYUI_TESTS=1 runs only the core suite (the ComfyUI tests then do not run; nothing counts them as passed).
 set -uo pipefail
@@ -22,7 +22,8 @@ paths="$(bash scripts/comfyui_env.sh)" || exit 1
 COMFYUI_DIR="$(echo "$paths" | sed -n 's/^COMFYUI_DIR=//p')"
 COMFYUI_PYTHON="$(echo "$paths" | sed -n 's/^COMFYUI_PYTHON=//p')"
 export COMFYUI_DIR
-"$COMFYUI_PYTHON" -m pytest tests/comfyui
+# tests/browser: the live training view in headless Chromium (Debian's `chromium`; .ci/run installs it).
+"$COMFYUI_PYTHON" -m pytest tests/comfyui tests/browser
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "pytest collected no ComfyUI tests: failing" >&2

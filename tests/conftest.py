@@ -15,7 +15,8 @@ torch.set_num_threads(1)
 
 # tests/comfyui/ run against a real ComfyUI server in ComfyUI's own environment (scripts/test.sh runs them there
 # with COMFYUI_DIR set); this suite's environment has no ComfyUI.
-collect_ignore = [] if os.environ.get("COMFYUI_DIR") else ["comfyui"]
+# tests/browser/ (the live training view in headless Chromium) likewise.
+collect_ignore = [] if os.environ.get("COMFYUI_DIR") else ["comfyui", "browser"]
 
 
 @pytest.fixture(scope="session")

@@ -36,8 +36,10 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base_dir: Path, comfy_dir: Path, python: str = sys.executable) -> None:
+    def __init__(self, base_dir: Path, comfy_dir: Path, python: str = sys.executable,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.base_dir, self.comfy_dir, self.python = base_dir, comfy_dir, python
+        self.extra_args = tuple(extra_args)  # e.g. ("--front-end-root", <folder>) for the browser tests
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base_dir / "comfyui.log"
@@ -53,7 +55,8 @@ class ComfyServer:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
         cmd = [self.python, "main.py", "--cpu", "--disable-api-nodes", "--listen", "127.0.0.1", "--port",
-               str(self.port), "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:"]
+               str(self.port), "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
+               *self.extra_args]
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
                                         env=env)

@@ -1,0 +1,194 @@
+"""Headless Chromium (Debian's package, never a downloaded browser) on a ComfyUI page, driven by Playwright.
+
+`ComfyPage` wraps one page: it records console messages and page errors, loads the tiny demo workflow through the
+frontend's own API, sets widgets on the Train node, queues the graph like the Queue button does, and reads the live
+view's read-only debug hook (the `data-*` attributes of its root element, see web/hidream_lokr_live.js).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = os.environ.get("HIDREAM_LOKR_CHROMIUM", "/usr/bin/chromium")
+# Headless, no GPU, and nothing that would reach the network on its own (the page may only talk to ComfyUI).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TRAIN_NODE = "HiDreamLoKrTrain"
+VIEW = "[data-hidream-lokr-live]"
+
+# The demo workflow in the frontend's own format when the node pack ships it, else an API-format twin (the
+# frontend's loadApiJson turns it into a graph, as when a user drops an API json on the canvas).
+UI_WORKFLOW = REPO / "workflows" / "hidream_lokr_tiny_demo.json"
+API_WORKFLOW = REPO / "tests" / "comfyui" / "workflows" / "hidream_lokr_tiny_demo_api.json"
+
+
+def launch_chromium(playwright):
+    if not Path(CHROMIUM).exists():
+        raise RuntimeError(f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install -y chromium) or "
+                           "set HIDREAM_LOKR_CHROMIUM; these tests never download a browser")
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+
+
+class ComfyPage:
+    def __init__(self, browser, url: str, viewport=(1500, 1500)) -> None:
+        self.url = url
+        self.context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+        self.page = self.context.new_page()
+        self.console: list[dict] = []
+        self.page_errors: list[str] = []
+        self.external_requests: list[str] = []
+        self.page.on("console", lambda m: self.console.append(
+            {"type": m.type, "text": m.text, "url": (m.location or {}).get("url", "")}))
+        self.page.on("pageerror", lambda e: self.page_errors.append(f"{e}\n{getattr(e, 'stack', '')}"))
+        self.page.on("request", self._note_request)
+
+    def _note_request(self, request) -> None:
+        if not request.url.startswith(self.url) and not request.url.startswith(("data:", "blob:")):
+            self.external_requests.append(request.url)
+
+    def close(self, last_screenshot: Optional[Path] = None) -> None:
+        """Close the page; with a path, first keep a full screenshot of how it ended (what a failure looked like)."""
+        if last_screenshot is not None:
+            try:
+                last_screenshot.parent.mkdir(parents=True, exist_ok=True)
+                self.page.screenshot(path=str(last_screenshot))
+            except Exception as error:  # noqa: BLE001 - a screenshot must not hide the test's own result
+                print(f"no final screenshot: {error}")
+        self.context.close()
+
+    # ------------------------------------------------------------------------------------------ page life
+
+    def open(self, timeout: float = 90.0) -> None:
+        self.page.goto(self.url, wait_until="domcontentloaded", timeout=timeout * 1000)
+        self.wait_ready(timeout)
+
+    def reload(self, timeout: float = 90.0) -> None:
+        self.page.reload(wait_until="domcontentloaded", timeout=timeout * 1000)
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        """The app is up, our extension registered and the Train node type known to the graph."""
+        self.page.wait_for_function(
+            """() => window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app
+                  && window.comfyAPI.app.app.graph
+                  && (window.comfyAPI.app.app.extensions || []).some(e => e.name === 'hidream_lokr.live_training_view')
+                  && window.LiteGraph && window.LiteGraph.registered_node_types['HiDreamLoKrTrain']""",
+            timeout=timeout * 1000)
+
+    def frontend_version(self) -> str:
+        return self.page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || ''")
+
+    # ------------------------------------------------------------------------------------------ the graph
+
+    def load_demo_workflow(self) -> str:
+        """Load the tiny demo workflow through the frontend; returns which file was loaded."""
+        if UI_WORKFLOW.is_file():
+            data = json.loads(UI_WORKFLOW.read_text())
+            self.page.evaluate("(wf) => window.comfyAPI.app.app.loadGraphData(wf)", data)
+            source = UI_WORKFLOW
+        else:
+            source = API_WORKFLOW
+            data = json.loads(source.read_text())
+            self.page.evaluate("(api) => window.comfyAPI.app.app.loadApiJson(api, 'tiny_demo_api.json')", data)
+        has_train = "() => window.comfyAPI.app.app.graph._nodes.some(n => n.type === 'HiDreamLoKrTrain')"
+        self.page.wait_for_function(has_train, timeout=30000)
+        # A frontend may still be opening its default workflow in the background; it must not replace ours.
+        self.page.wait_for_timeout(1000)
+        assert self.page.evaluate(has_train), "the demo workflow was replaced after loading"
+        return str(source.relative_to(REPO))
+
+    def set_train_widgets(self, values: dict) -> None:
+        missing = self.page.evaluate(
+            """(values) => {
+                 const node = window.comfyAPI.app.app.graph._nodes.find(n => n.type === 'HiDreamLoKrTrain');
+                 const missing = [];
+                 for (const [name, value] of Object.entries(values)) {
+                   const w = (node.widgets || []).find(w => w.name === name);
+                   if (!w) { missing.push(name); continue; }
+                   w.value = value;
+                 }
+                 return missing;
+               }""", values)
+        assert not missing, f"Train node has no widgets {missing}"
+
+    def center_on_train_node(self) -> None:
+        """Scroll the canvas so the Train node (and its live view) is on screen, at zoom 1."""
+        self.page.evaluate(
+            """() => {
+                 const app = window.comfyAPI.app.app;
+                 const node = app.graph._nodes.find(n => n.type === 'HiDreamLoKrTrain');
+                 const ds = app.canvas.ds;
+                 ds.scale = 1;
+                 ds.offset[0] = -node.pos[0] + 120;  // clear of the sidebar
+                 ds.offset[1] = -node.pos[1] + 110;  // below the tab bar / breadcrumb overlays
+                 app.canvas.setDirty(true, true);
+               }""")
+
+    def queue(self) -> None:
+        """What the Queue/Run button does."""
+        self.page.evaluate("() => window.comfyAPI.app.app.queuePrompt(0, 1)")
+
+    # ------------------------------------------------------------------------------------------ the live view
+
+    def view_state(self) -> dict:
+        """The live view's debug hook: its root element's data-* attributes and its visible texts."""
+        return self.page.evaluate(
+            """(sel) => {
+                 const root = document.querySelector(sel);
+                 if (!root) return null;
+                 const text = (c) => (root.querySelector(c) || {}).textContent || '';
+                 const img = root.querySelector('img.hl-preview');
+                 return {...root.dataset,
+                         telemetry: ['.hl-phase', '.hl-step', '.hl-speed', '.hl-eta', '.hl-loss', '.hl-lr',
+                                     '.hl-lb', '.hl-mem'].map(text).join(' | '),
+                         message: text('.hl-message'),
+                         previewShown: !!(img && !img.hidden && img.complete && img.naturalWidth > 0),
+                         previewSrc: img ? img.getAttribute('src') : null,
+                         thumbs: root.querySelectorAll('.hl-thumbs button').length};
+               }""", VIEW)
+
+    def wait_view(self, predicate: Callable[[dict], bool], timeout: float, what: str) -> dict:
+        deadline = time.time() + timeout
+        state = None
+        while time.time() < deadline:
+            state = self.view_state()
+            if state and predicate(state):
+                return state
+            self.page.wait_for_timeout(200)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; view state: {state}")
+
+    def click_button(self, label: str) -> None:
+        """Click one of the view's buttons like a user: with the node on screen, nothing covering it."""
+        self.center_on_train_node()
+        self.page.wait_for_timeout(300)
+        self.page.locator(VIEW).get_by_role("button", name=label).click()
+
+    def screenshot_view(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.center_on_train_node()
+        self.page.wait_for_timeout(300)
+        box = self.page.evaluate(
+            """() => {
+                 const app = window.comfyAPI.app.app;
+                 const node = app.graph._nodes.find(n => n.type === 'HiDreamLoKrTrain');
+                 const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1]]);
+                 const r = app.canvas.canvas.getBoundingClientRect();
+                 const s = app.canvas.ds.scale;
+                 return {x: r.left + x - 10, y: r.top + y - 40, w: node.size[0] * s + 20, h: node.size[1] * s + 60};
+               }""")
+        clip = {"x": max(box["x"], 0), "y": max(box["y"], 0), "width": box["w"], "height": box["h"]}
+        self.page.screenshot(path=str(path), clip=clip)
+
+    # ------------------------------------------------------------------------------------------ console
+
+    def extension_errors(self) -> list[str]:
+        """Console errors and uncaught page errors that come from this pack's code (or name it)."""
+        ours = ("hidream_lokr", "HiDream-LoKr", "hidream-lokr", "/extensions/ComfyUI-HiDream-LoKr")
+        found = [f"console {m['type']}: {m['text']} ({m['url']})" for m in self.console
+                 if m["type"] == "error" and any(k in m["text"] + m["url"] for k in ours)]
+        found += [e for e in self.page_errors if any(k in e for k in ours)]
+        return found
