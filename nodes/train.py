@@ -33,8 +33,15 @@ PREVIEW_MAX_SIDE = 512
 
 
 def pil_to_image(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images of one size -> ComfyUI IMAGE (B, H, W, 3) float32 in [0, 1]."""
-    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0) for im in images])
+    """PIL images -> ComfyUI IMAGE (B, H, W, 3) float32 in [0, 1]. An IMAGE batch has one size, so smaller images
+    are placed top-left on a white canvas of the largest width and height."""
+    width, height = max(im.width for im in images), max(im.height for im in images)
+    canvases = []
+    for im in images:
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        canvas.paste(im.convert("RGB"), (0, 0))
+        canvases.append(torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0))
+    return torch.stack(canvases)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -210,9 +217,8 @@ class TrainHiDreamLoKr(io.ComfyNode):
                                 device)
         callbacks = TrainingCallbacks(on_phase=reporter.on_phase, on_step=reporter.on_step,
                                       on_validation=reporter.on_validation, should_stop=watch.should_stop)
-        if hasattr(callbacks, "poll_commands"):  # the core drains the browser's Sample/Save/Stop at step boundaries
-            callbacks.poll_commands = run.commands.drain
-            run.accepts_commands = True
+        callbacks.poll_commands = run.commands.drain  # the browser's Sample/Save/Stop, at step boundaries
+        run.accepts_commands = True
         components = ModelComponents(transformer=hidream_model.transformer, transformer_name=hidream_model.name,
                                      text_encoder=text_encoder, image_encoder=image_encoder, decode_latents=decode)
         status = "failed"
@@ -243,7 +249,9 @@ class TrainHiDreamLoKr(io.ComfyNode):
                             metadata={"training_config": config_as_json(config), "steps": str(result.steps_done),
                                       "base_model": hidream_model.name})
         curve = pil_to_image([Image.open(result.loss_curve_path)])
-        images = [Image.open(p) for p in result.validation_images]
+        # One preview per validation step: its grid (prompts x resolutions) when the core draws one.
+        grids = [p for p in result.validation_images if p.name == "grid.png"]
+        images = [Image.open(p) for p in (grids or result.validation_images)]
         previews = pil_to_image(images) if images else curve
         shown = ui.ImageSaveHelper.save_images(previews, "hidream_lokr_preview", io.FolderType.temp, cls, 1) + \
             ui.ImageSaveHelper.save_images(curve, "hidream_lokr_loss", io.FolderType.temp, cls, 1)

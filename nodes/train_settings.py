@@ -14,12 +14,13 @@ from typing import Optional
 from comfy_api.latest import io
 
 from ..trainer_core.config import ConfigError, TrainConfig
+from ..trainer_core.optimizers import OPTIMIZER_NAMES
 from .types import TrainingData
 
 CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
 INIT_LOKR_FIELD = "init_lokr_weights"  # continue from an existing LoKr
 RESUME_FIELD = "resume_from_checkpoint"
-OPTIMIZERS = ["adamw"]  # what trainer_core.train.build_optimizer accepts
+OPTIMIZERS = [name for name in OPTIMIZER_NAMES if name != "adamw_bf16"]  # adamw_bf16 is adamw here
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
 
 
@@ -77,7 +78,7 @@ def optional_settings() -> list:
     candidates = [
         io.Boolean.Input("use_ema", default=False, optional=True,
                          tooltip="Keep an exponential moving average of the LoKr weights and save it."),
-        io.Float.Input("ema_decay", default=0.999, min=0.0, max=1.0, step=0.0001, optional=True,
+        io.Float.Input("ema_decay", default=0.995, min=0.0, max=1.0, step=0.0001, optional=True,
                        tooltip="EMA decay per step."),
         io.Int.Input("checkpoint_step_interval", default=500, min=0, max=1_000_000, optional=True,
                      tooltip="Save a resumable checkpoint every N steps (0: never)."),
@@ -130,6 +131,8 @@ def train_config_from_settings(settings: dict, data: TrainingData, output_dir: P
         values["validation_prompt"] = None
     if values.get("resume_from_checkpoint") == "":
         values["resume_from_checkpoint"] = None
+    if values.get("checkpoints_total_limit") == 0:  # the widget's "keep all"
+        values["checkpoints_total_limit"] = None
     config = TrainConfig(
         pretrained_model_name_or_path=Path(output_dir),  # models come from the graph (ModelComponents)
         datasets=list(data.datasets), output_dir=Path(output_dir), cache_dir=data.cache_dir,

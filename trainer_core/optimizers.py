@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 _BNB = {"bnb-adamw8bit": "AdamW8bit", "bnb-adamw-paged": "PagedAdamW", "bnb-adamw8bit-paged": "PagedAdamW8bit",
         "bnb-lion8bit": "Lion8bit", "bnb-lion8bit-paged": "PagedLion8bit"}
+OPTIMIZER_NAMES = ("adamw", "adamw_bf16", "optimi-adamw", "optimi-lion", "prodigy", *_BNB)
 
 
 def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter],
@@ -49,8 +50,7 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter],
         return Prodigy(params, lr=lr, weight_decay=decay)
     if name in _BNB:
         return _bitsandbytes_optimizer(name, params, lr, decay, device)
-    raise ConfigError(f"optimizer {config.optimizer!r} is not supported; use one of: adamw, adamw_bf16, "
-                      f"optimi-adamw, optimi-lion, prodigy, {', '.join(_BNB)}")
+    raise ConfigError(f"optimizer {config.optimizer!r} is not supported; use one of: {', '.join(OPTIMIZER_NAMES)}")
 
 
 def _bitsandbytes_optimizer(name: str, params, lr: float, decay: float, device: torch.device):

@@ -174,6 +174,17 @@ def test_interrupt_stops_within_a_step_saves_the_lokr_and_restores_the_model(com
     after = _sample_pixels(comfy, comfy.wait(comfy.submit(base_only)))
     assert np.array_equal(before, after)  # the transformer came back without LoKr, weights unchanged
 
+    # The cancel left a resumable checkpoint; queueing the same graph again continues from it.
+    checkpoint = run / f"checkpoint-{record['steps_done']}"
+    assert (checkpoint / "manifest.json").is_file() and (checkpoint / "training_state.pt").is_file()
+    again = comfy.submit(graph)
+    first = events.wait_for(lambda kind, d: kind == "hidream_lokr.progress" and d.get("prompt_id") == again
+                            and "loss" in d)
+    comfy.interrupt()
+    assert comfy.wait(again)["status"]["status_str"] == "error"
+    print(f"re-queue after the cancel resumed at step {first['step']}")
+    assert first["step"] == record["steps_done"] + 1
+
 
 def test_image_batch_and_combined_datasets_train(comfy, demo_run):
     import shutil
