@@ -13,14 +13,13 @@ from typing import Optional
 
 from comfy_api.latest import io
 
-from ..trainer_core.config import ConfigError, TrainConfig
-from ..trainer_core.optimizers import OPTIMIZER_NAMES
+from ..trainer_core.config import OPTIMIZERS as CORE_OPTIMIZERS, ConfigError, TrainConfig
 from .types import TrainingData
 
 CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
 INIT_LOKR_FIELD = "init_lokr_weights"  # continue from an existing LoKr
 RESUME_FIELD = "resume_from_checkpoint"
-OPTIMIZERS = [name for name in OPTIMIZER_NAMES if name != "adamw_bf16"]  # adamw_bf16 is adamw here
+OPTIMIZERS = [n for n in CORE_OPTIMIZERS if n not in ("adamw_bf16", "torch-adamw")]  # both are adamw here
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
 
 

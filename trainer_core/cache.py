@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from .atomic import write_with
 
 from .data import TrainingSample, display_path, load_sample_pixels
+from .faults import crash_point
 from .models import PromptEmbeds
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ class TextEmbeddingCache:
                 one = embeds.select(i)
                 _atomic_save({"t5": one.t5[0], "llama": one.llama[:, 0], "pooled": one.pooled[0]},
                              self.path_for(caption), {"caption": caption[:4096], "encoder": self.encoder_identity})
+                crash_point("text-cache-write")
             if progress:
                 progress(min(start + batch_size, len(missing)), len(missing))
         return self.stats
@@ -281,6 +283,7 @@ class LatentCache:
                 self.stats.encoder_calls += 1
                 self.stats.misses += len(chunk)
                 self._save(chunk, latents)
+                crash_point("latent-cache-write")
                 done += len(chunk)
                 if progress:
                     progress(done, len(missing))

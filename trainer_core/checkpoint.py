@@ -28,6 +28,7 @@ import torch
 
 from .atomic import DiskFullError, fsync_directory, write_text
 from .config import ConfigError
+from .faults import crash_point
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def save_checkpoint(output_dir: Path, step: int, write_files: Callable[[Path], N
     tmp.mkdir(parents=True)
     try:
         write_files(tmp)
+        crash_point("checkpoint-write")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         for path in files:  # durable before the manifest vouches for them
             with open(path, "rb+") as f:

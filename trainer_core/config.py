@@ -170,6 +170,7 @@ class TrainConfig:
     report_to: ReportTo = "none"  # a JSONL scalar log is always written; "tensorboard" adds event files
     tracker_run_name: str = "hidream-lokr"
     device: Optional[str] = None  # None: cuda when available, else cpu
+    max_consecutive_nonfinite_steps: int = 5  # NaN/inf steps are skipped; this many in a row stop the run
     # Speed-ups (trainer_core/speedups.py): each computes what the stock stack computes; these switch them off.
     fast_lokr: bool = True  # LoKr applied through its Kronecker structure (kron_lokr.py)
     fast_moe_dispatch: bool = True  # MoE training dispatch sorted by expert, no boolean masks (moe_dispatch.py)
@@ -185,7 +186,8 @@ class TrainConfig:
         if self.optimizer.lower() not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer!r} is not supported; use one of: {', '.join(OPTIMIZERS)}")
         for name in ("train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "lora_rank",
-                     "text_cache_write_batch_size", "eval_timesteps", "lr_num_cycles"):
+                     "text_cache_write_batch_size", "eval_timesteps", "lr_num_cycles",
+                     "max_consecutive_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_train_steps", "num_train_epochs", "lr_warmup_steps", "validation_step_interval",

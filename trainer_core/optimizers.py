@@ -18,13 +18,12 @@ import logging
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import OPTIMIZERS, ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 
 _BNB = {"bnb-adamw8bit": "AdamW8bit", "bnb-adamw-paged": "PagedAdamW", "bnb-adamw8bit-paged": "PagedAdamW8bit",
         "bnb-lion8bit": "Lion8bit", "bnb-lion8bit-paged": "PagedLion8bit"}
-OPTIMIZER_NAMES = ("adamw", "adamw_bf16", "optimi-adamw", "optimi-lion", "prodigy", *_BNB)
 
 
 def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter],
@@ -50,7 +49,7 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter],
         return Prodigy(params, lr=lr, weight_decay=decay)
     if name in _BNB:
         return _bitsandbytes_optimizer(name, params, lr, decay, device)
-    raise ConfigError(f"optimizer {config.optimizer!r} is not supported; use one of: {', '.join(OPTIMIZER_NAMES)}")
+    raise ConfigError(f"optimizer {config.optimizer!r} is not supported; use one of: {', '.join(OPTIMIZERS)}")
 
 
 def _bitsandbytes_optimizer(name: str, params, lr: float, decay: float, device: torch.device):

@@ -6,9 +6,11 @@ eval loss, checkpoints and front-end commands at step boundaries), save. One ste
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
+import math
 import resource
 import logging
 import random
@@ -28,6 +30,7 @@ from .config import ConfigError, TrainConfig
 from .data import BucketBatches, ImageDataset, TrainingSample, check_enough_samples, discover_dataset
 from .ema import AdapterEMA
 from .evaluation import eval_loss
+from .faults import crash_point
 from .flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
                             patch_tokens_to_image, resolution_shift, sample_sigmas, shift_sigmas)
 from .adapters import create_adapter, describe
@@ -113,6 +116,7 @@ class TrainResult:
     ema_lokr_path: Optional[Path] = None
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean eval loss)
     log_dir: Optional[Path] = None
+    nonfinite_steps: int = 0  # steps whose update was skipped for a NaN/inf loss or gradient
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -236,10 +240,45 @@ def _config_json(config: TrainConfig) -> str:
     return json.dumps(dataclasses.asdict(config), indent=1, default=str)
 
 
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (out of memory, or a run of non-finite losses). A checkpoint of the last good state
+    was written first: `checkpoint` (resume from it once the cause is fixed)."""
+
+    def __init__(self, message: str, checkpoint: Optional[Path]):
+        super().__init__(message + (f" The last good state is in {checkpoint}: fix the cause, then resume with "
+                                    "resume_from_checkpoint: latest." if checkpoint else ""))
+        self.checkpoint = checkpoint
+
+
+def out_of_memory_message(config: TrainConfig, device: torch.device, step: int) -> str:
+    """What ran out, how much was in use, and the settings that need less."""
+    peak = peak_memory_bytes(device) / 2**30
+    fixes = []
+    if not config.gradient_checkpointing:
+        fixes.append("gradient_checkpointing: true (about half the activation memory)")
+    if config.base_model_precision == "no_change":
+        fixes.append("base_model_precision: int8-quanto (half the weight memory)")
+    fixes.append(f"a smaller resolution (now {sorted({d.resolution for d in config.datasets})}) or train_batch_size "
+                 f"(now {config.train_batch_size}; raise gradient_accumulation_steps to keep the effective batch)")
+    if config.validation_prompt and max(max(r) for r in config.validation_resolutions) > 1024:
+        fixes.append("smaller validation_resolution")
+    return (f"out of memory on {device} at step {step} (peak {peak:.1f} GiB in use). Settings that need less: "
+            + "; ".join(fixes) + ".")
+
+
 def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
           components: Optional[ModelComponents] = None) -> TrainResult:
-    cb = callbacks or TrainingCallbacks()
-    given = components or ModelComponents()
+    """Run one training as `config` says; see the module docstring for the phases.
+
+    However it ends (finished, stopped, an error), hooks come off the model and files are closed; a transformer
+    the caller passed in comes back without the adapter, in its original mode.
+    """
+    with contextlib.ExitStack() as cleanup:
+        return _train(config, callbacks or TrainingCallbacks(), components or ModelComponents(), cleanup)
+
+
+def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
+           cleanup: contextlib.ExitStack) -> TrainResult:
     phase = cb.on_phase or (lambda name: logger.info("phase: %s", name))
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
@@ -351,6 +390,17 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     adapter.module.to(device)
     lokr_network = adapter.module if adapter.kind == "lokr" else None
     apply_speedups(transformer, lokr_network, config)
+
+    @cleanup.callback
+    def hand_back_callers_model() -> None:
+        if given.transformer is None:
+            return  # ours: it is dropped with this function
+        remove_speedups(transformer, lokr_network)
+        adapter.remove()
+        if not was_checkpointing and transformer.is_gradient_checkpointing:
+            transformer.disable_gradient_checkpointing()
+        transformer.train(was_training)
+
     logger.info("adapter: %s", describe(adapter))
     if not adapter.mergeable:
         logger.warning("the base weights are quantised: a LoKr cannot be merged into them, so validation samples "
@@ -360,6 +410,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     lr_schedule = build_lr_scheduler(config, optimizer, total_steps)
     ema = AdapterEMA(adapter.module, config.ema_decay) if config.use_ema else None
     load_balancing = LoadBalancingLoss(transformer, config.hidream_load_balancing_loss_weight)
+    cleanup.callback(load_balancing.remove)
     if config.hidream_use_load_balancing_loss:
         logger.info("MoE load-balancing loss on %d gates, weight %g, with gradient (SimpleTuner adds it detached "
                     "and weights it twice)", load_balancing.num_gates, config.hidream_load_balancing_loss_weight)
@@ -401,6 +452,7 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
         logger.info("resumed from %s at step %d of %d", resume_from, start_step, total_steps)
     run_log = RunLog(output_dir / "logs" / config.tracker_run_name, tensorboard=config.report_to == "tensorboard",
                      resume_step=start_step if resume_from is not None else None)
+    cleanup.callback(run_log.close)
     checkpoint_path: Optional[Path] = None
 
     def adapter_files(folder: Path, step: int) -> tuple[Path, Optional[Path]]:
@@ -473,6 +525,8 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
         evaluate(0)
     steps_done = start_step
     stopped = False
+    nonfinite_in_a_row = nonfinite_steps = 0
+    is_main = True
     session_started = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=None)
     for step in range(start_step + 1, total_steps + 1):
@@ -484,28 +538,56 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
         optimizer.zero_grad(set_to_none=True)
         step_loss = step_flow = 0.0
         step_lb: Optional[float] = None
-        for _ in range(config.gradient_accumulation_steps):
-            batch = next(batch_iter)
-            latents = load_latents(batch).to(device)
-            captions = ["" if dropout_rng.random() < config.caption_dropout_probability else s.caption
-                        for s in batch]
-            embeds = text_cache.load(captions)
-            loss, flow_loss, lb_loss = flow_matching_step(transformer, latents, embeds, noise_generator, config,
-                                                          load_balancing)
-            (loss / config.gradient_accumulation_steps).backward()
-            step_loss += loss.item() / config.gradient_accumulation_steps
-            step_flow += flow_loss.item() / config.gradient_accumulation_steps
-            if lb_loss is not None:
-                step_lb = (step_lb or 0.0) + lb_loss.item() / config.gradient_accumulation_steps
-        if config.grad_clip_method == "value":
-            torch.nn.utils.clip_grad_value_(params, config.max_grad_norm)
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
+        try:
+            for _ in range(config.gradient_accumulation_steps):
+                batch = next(batch_iter)
+                latents = load_latents(batch).to(device)
+                captions = ["" if dropout_rng.random() < config.caption_dropout_probability else s.caption
+                            for s in batch]
+                embeds = text_cache.load(captions)
+                loss, flow_loss, lb_loss = flow_matching_step(transformer, latents, embeds, noise_generator, config,
+                                                              load_balancing)
+                (loss / config.gradient_accumulation_steps).backward()
+                step_loss += loss.item() / config.gradient_accumulation_steps
+                step_flow += flow_loss.item() / config.gradient_accumulation_steps
+                if lb_loss is not None:
+                    step_lb = (step_lb or 0.0) + lb_loss.item() / config.gradient_accumulation_steps
+        except torch.OutOfMemoryError as exc:
+            # Free what this step held, keep the last complete step, and say what would fit.
+            loss = flow_loss = lb_loss = latents = embeds = None
+            optimizer.zero_grad(set_to_none=True)
+            load_balancing.clear()
+            release_memory()
+            message = out_of_memory_message(config, device, step)
+            raise TrainingStopped(message, save_checkpoint(steps_done) if is_main else None) from exc
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = total_norm.item()
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):
+            nonfinite_in_a_row = 0
+            if config.grad_clip_method == "value":
+                torch.nn.utils.clip_grad_value_(params, config.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grads_with_norm_(params, config.max_grad_norm, total_norm)
+            optimizer.step()
+            if ema is not None:
+                ema.update()
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
-        optimizer.step()
+            # A NaN/inf loss or gradient would poison the weights and the optimizer's moments: skip the update.
+            # The data, random streams and lr schedule still advance, so the step count keeps its meaning.
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite_in_a_row += 1
+            nonfinite_steps += 1
+            logger.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row, %d in this run)",
+                           step, step_loss, grad_norm, nonfinite_in_a_row, nonfinite_steps)
+            if nonfinite_in_a_row >= config.max_consecutive_nonfinite_steps:
+                raise TrainingStopped(
+                    f"{nonfinite_in_a_row} steps in a row ended with a non-finite loss or gradient (the last at "
+                    f"step {step}); the weights are those after the last finite step. Usual causes: a learning "
+                    f"rate too high for {config.optimizer} (now {config.learning_rate:g}), bf16 overflow (check "
+                    "with mixed_precision: no), or a broken image in the data.",
+                    save_checkpoint(step) if is_main else None)
         lr_schedule.step()
-        if ema is not None:
-            ema.update()
+        crash_point("step")
         losses.append(step_loss)
         steps_done = step
 
@@ -518,7 +600,8 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
                               eta_seconds=mean_seconds * (total_steps - step))
         run_log.scalars(step, {"loss": step_loss, "flow_loss": step_flow, "load_balancing_loss": step_lb,
                                "learning_rate": metrics.learning_rate, "grad_norm": grad_norm,
-                               "seconds_per_step": seconds, "peak_memory_bytes": metrics.peak_memory_bytes})
+                               "seconds_per_step": seconds, "peak_memory_bytes": metrics.peak_memory_bytes,
+                               "nonfinite_steps": nonfinite_steps})
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{metrics.learning_rate:.2e}")
         bar.update(1)
         if cb.on_step:
@@ -547,23 +630,16 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
 
     # 7. Outputs: the LoKr (and its EMA), a final validation and the loss curve.
     phase("saving")
+    crash_point("lokr-save")
     lokr_path, ema_path = adapter_files(output_dir, steps_done)
     if not stopped:
         validation_images += validate(steps_done, resume_phase=None)
     curve_path = write_loss_curve(losses, output_dir / "loss_curve.png")
     atomic.write_text(output_dir / "losses.json", json.dumps(losses))
-    run_log.close()
-    load_balancing.remove()
-    if given.transformer is not None:  # hand the caller's model back as it came
-        remove_speedups(transformer, lokr_network)
-        adapter.remove()
-        if not was_checkpointing and transformer.is_gradient_checkpointing:
-            transformer.disable_gradient_checkpointing()
-        transformer.train(was_training)
     phase("done")
     return TrainResult(output_dir=output_dir, lokr_path=lokr_path, losses=losses,
                        validation_images=validation_images, loss_curve_path=curve_path,
                        text_cache=text_cache.stats, latent_cache=latent_stats, steps_done=steps_done,
                        seconds=time.perf_counter() - started, total_steps=total_steps, resumed_from=resume_from,
                        stopped=stopped, checkpoint_path=checkpoint_path, ema_lokr_path=ema_path,
-                       eval_losses=eval_losses, log_dir=run_log.folder)
+                       eval_losses=eval_losses, log_dir=run_log.folder, nonfinite_steps=nonfinite_steps)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .atomic import write_with
+from .faults import crash_point
 from .cache import TextEmbeddingCache
 from .config import ConfigError, SamplingConfig
 from .sample import denoise
@@ -74,6 +75,7 @@ def render_validation(step: int, prompts: dict[str, str], resolutions: list[tupl
             image = decode_latents(denoise(transformer, cond, uncond, one))[0]
             path = folder / f"{nickname}_{width}x{height}.png"
             write_with(path, lambda tmp: image.save(tmp, format="PNG"))
+            crash_point("validation")
             paths.append(path)
             row.append(image)
         rows.append((nickname, row))
