@@ -33,6 +33,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.device:
         config.device = args.device
     result = train(config)
+    if result.lokr_path is None:  # a rank other than 0 of a multi-process run: rank 0 reports and writes
+        return 0
     print(f"trained {result.steps_done} steps in {result.seconds:.1f} s; "
           f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}" if result.losses else "no steps run")
     print(f"LoKr: {result.lokr_path}")

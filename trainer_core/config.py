@@ -171,6 +171,9 @@ class TrainConfig:
     tracker_run_name: str = "hidream-lokr"
     device: Optional[str] = None  # None: cuda when available, else cpu
     max_consecutive_nonfinite_steps: int = 5  # NaN/inf steps are skipped; this many in a row stop the run
+    # Several processes (torchrun / accelerate launch): data parallel with DDP, or the frozen base sharded (FSDP2).
+    distributed_mode: Literal["ddp", "fsdp"] = "ddp"
+    distributed_timeout_seconds: float = 1800.0  # a rank that dies stops the others after this long at most
     # Speed-ups (trainer_core/speedups.py): each computes what the stock stack computes; these switch them off.
     fast_lokr: bool = True  # LoKr applied through its Kronecker structure (kron_lokr.py)
     fast_moe_dispatch: bool = True  # MoE training dispatch sorted by expert, no boolean masks (moe_dispatch.py)
@@ -202,6 +205,10 @@ class TrainConfig:
                               f"{self.checkpoints_total_limit}")
         if not (self.learning_rate > 0) or self.learning_rate != self.learning_rate:
             raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if self.distributed_mode not in ("ddp", "fsdp"):
+            raise ConfigError(f"distributed_mode must be 'ddp' or 'fsdp', got {self.distributed_mode!r}")
+        if not self.distributed_timeout_seconds > 0:
+            raise ConfigError(f"distributed_timeout_seconds must be positive, got {self.distributed_timeout_seconds}")
         if not 0.0 <= self.caption_dropout_probability < 1.0:
             raise ConfigError("caption_dropout_probability must be in [0, 1)")
         if not 0.0 < self.ema_decay < 1.0:

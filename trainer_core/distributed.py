@@ -53,6 +53,11 @@ class DistributedContext:
         return self.world_size > 1
 
     @property
+    def label(self) -> str:
+        """" (rank r)" in a multi-process run, "" otherwise: for log lines that differ between ranks."""
+        return f" (rank {self.rank})" if self.enabled else ""
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -106,7 +111,8 @@ class DistributedContext:
         """The mean of a scalar across ranks (for logging the global loss)."""
         if not self.enabled:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+        t = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
 

@@ -27,6 +27,7 @@ from . import atomic
 from . import checkpoint as ckpt
 from .cache import CacheStats, ImageEncoder, LatentCache, TextEmbeddingCache, TextEncoder, VaeImageEncoder
 from .config import ConfigError, TrainConfig
+from .distributed import DistributedContext, average_gradients, shard_frozen_base, wrap_data_parallel
 from .data import BucketBatches, ImageDataset, TrainingSample, check_enough_samples, discover_dataset
 from .ema import AdapterEMA
 from .evaluation import eval_loss
@@ -101,7 +102,7 @@ class ModelComponents:
 @dataclass
 class TrainResult:
     output_dir: Path
-    lokr_path: Path
+    lokr_path: Optional[Path]  # None on ranks other than 0 of a multi-process run (rank 0 writes the files)
     losses: list[float]  # one per optimizer step since step 1 (a resumed run includes the checkpoint's)
     validation_images: list[Path] = field(default_factory=list)
     loss_curve_path: Optional[Path] = None
@@ -137,18 +138,22 @@ def predict_flow(transformer, model_input: torch.Tensor, sigmas: torch.Tensor, e
 
 
 def flow_matching_step(transformer, latents: torch.Tensor, embeds: PromptEmbeds, generator: torch.Generator,
-                       config: TrainConfig, load_balancing: LoadBalancingLoss
+                       config: TrainConfig, load_balancing: LoadBalancingLoss,
+                       ranks: DistributedContext = DistributedContext()
                        ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Loss of one batch of one bucket. latents (B, 16, h, w) float32 on the model's device.
+    """Loss of this rank's slice of one batch of one bucket. latents (B, 16, h, w) float32 on the model's device.
 
-    Returns (loss to backpropagate, flow-matching loss, load-balancing loss or None).
+    Noise and sigmas are drawn for the whole global batch (B x world size) and sliced, so N ranks draw exactly
+    what one process with the global batch draws. Returns (loss to backpropagate, flow-matching loss,
+    load-balancing loss or None).
     """
     b, _, h, w = latents.shape
     device = latents.device
+    global_batch = b * ranks.world_size
 
-    noise = torch.randn(latents.shape, generator=generator).to(device)
+    noise = ranks.shard_tensor(torch.randn((global_batch, *latents.shape[1:]), generator=generator)).to(device)
     schedule = "uniform" if config.flow_use_uniform_schedule else "logit_normal"
-    sigmas = sample_sigmas(b, generator, schedule, config.flow_sigmoid_scale)
+    sigmas = ranks.shard_tensor(sample_sigmas(global_batch, generator, schedule, config.flow_sigmoid_scale))
     shift = resolution_shift(h, w) if config.flow_schedule_auto_shift else config.flow_schedule_shift
     sigmas = shift_sigmas(sigmas, shift).to(device)
 
@@ -163,7 +168,8 @@ def flow_matching_step(transformer, latents: torch.Tensor, embeds: PromptEmbeds,
     return loss, flow_loss.detach(), (lb_loss.detach() if lb_loss is not None else None)
 
 
-def discover(config: TrainConfig) -> tuple[list[ImageDataset], list[TrainingSample], BucketBatches]:
+def discover(config: TrainConfig, world_size: int = 1
+             ) -> tuple[list[ImageDataset], list[TrainingSample], BucketBatches]:
     """Find the training and eval samples and check there are enough, before any model is loaded.
 
     Eval samples come from dataset_type eval datasets; without one (and with eval_steps_interval set),
@@ -184,8 +190,9 @@ def discover(config: TrainConfig) -> tuple[list[ImageDataset], list[TrainingSamp
                     for ds in datasets]
         logger.info("eval loss: no dataset_type eval dataset, so %d training images are held out for it",
                     len(eval_samples))
-    check_enough_samples(datasets, config.train_batch_size * config.gradient_accumulation_steps)
-    return datasets, eval_samples, BucketBatches(datasets, config.train_batch_size, config.seed)
+    global_batch = config.train_batch_size * world_size  # every rank takes its slice of each global batch
+    check_enough_samples(datasets, global_batch * config.gradient_accumulation_steps)
+    return datasets, eval_samples, BucketBatches(datasets, global_batch, config.seed)
 
 
 def resolve_total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
@@ -283,7 +290,22 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
+    # torchrun / accelerate launch: one process per rank. Rank 0 alone writes files; see distributed.py.
+    ranks = DistributedContext.from_environment()
+    device = ranks.device(config.device) if ranks.enabled else resolve_device(config.device)
+    ranks.start(device, config.distributed_timeout_seconds)
+    cleanup.callback(ranks.stop)
+    is_main = ranks.is_main
+    sharded = ranks.enabled and config.distributed_mode == "fsdp"
+    if ranks.enabled:
+        logger.info("rank %d of %d (%s): effective batch %d = train_batch_size %d x gradient_accumulation_steps %d "
+                    "x %d ranks; the learning rate is used as given (%g), not rescaled", ranks.rank,
+                    ranks.world_size, config.distributed_mode, config.train_batch_size *
+                    config.gradient_accumulation_steps * ranks.world_size, config.train_batch_size,
+                    config.gradient_accumulation_steps, ranks.world_size, config.learning_rate)
+    if sharded and (config.validation_prompt or config.eval_steps_interval):
+        logger.warning("validation images and eval loss are not computed with distributed_mode fsdp (every rank "
+                       "would have to sample together); train, then sample with the saved LoKr")
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
     lycoris = LycorisConfig.from_file(config.lycoris_config) if config.lycoris_config else LycorisConfig()
     if config.init_lokr_weights and not Path(config.init_lokr_weights).is_file():
@@ -298,7 +320,7 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
 
     # 1. Data: everything that can be wrong with it is found before a model is loaded.
     phase("discovering data")
-    datasets, eval_samples, batches = discover(config)
+    datasets, eval_samples, batches = discover(config, ranks.world_size)
     total_steps = resolve_total_steps(config, batches.batches_per_epoch())
     needs_files = None in (given.transformer, given.text_encoder, given.image_encoder, given.decode_latents)
     paths = resolve_model_paths(config.pretrained_model_name_or_path, config.pretrained_llama_path,
@@ -317,21 +339,22 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
     if given.text_encoder is None and any(p != "no_change" for p in precisions):
         text_identity += "/" + ",".join(precisions)
     text_cache = TextEmbeddingCache(config.resolved_text_cache_dir, text_identity)
-    if text_cache.missing(captions):
-        text_encoders = given.text_encoder or load_text_encoders(paths, dtype=dtype, device=device)
-        if given.text_encoder is None:
-            for encoder, precision in zip(text_encoders._encoders(), precisions):
-                quantize_frozen(encoder, precision)
-        with tqdm(desc="text embeddings", unit="caption", disable=None) as bar:
-            text_cache.fill(captions, text_encoders, batch_size=config.text_cache_write_batch_size,
-                            progress=_progress_to(bar))
-        if given.text_encoder is None:
-            text_encoders.free()
-        del text_encoders
-        release_memory()
-    else:
-        text_cache.fill(captions, encoder=None)  # counts the hits; nothing to encode
-    logger.info("text cache: %s", text_cache.stats)
+    with ranks.main_first():  # rank 0 encodes; the others wait, then find every entry cached
+        if text_cache.missing(captions):
+            text_encoders = given.text_encoder or load_text_encoders(paths, dtype=dtype, device=device)
+            if given.text_encoder is None:
+                for encoder, precision in zip(text_encoders._encoders(), precisions):
+                    quantize_frozen(encoder, precision)
+            with tqdm(desc="text embeddings", unit="caption", disable=None) as bar:
+                text_cache.fill(captions, text_encoders, batch_size=config.text_cache_write_batch_size,
+                                progress=_progress_to(bar))
+            if given.text_encoder is None:
+                text_encoders.free()
+            del text_encoders
+            release_memory()
+        else:
+            text_cache.fill(captions, encoder=None)  # counts the hits; nothing to encode
+    logger.info("text cache%s: %s", ranks.label, text_cache.stats)
 
     # 3. Latents, in each dataset's cache_dir_vae (default <cache_dir>/latents). The VAE stays (small) to decode
     #    validation images; offload_during_startup parks it on the CPU between uses.
@@ -343,15 +366,16 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
         folder = dataset_config.cache_dir_vae or cache_dir / "latents"
         latent_caches[dataset_config.id] = LatentCache(folder, image_encoder.identity)
     samples = [s for ds in datasets for s in ds.samples] + list(eval_samples)
-    with tqdm(desc="latents", unit="image", disable=None) as bar:
-        for dataset_id, cache in latent_caches.items():
-            cache.fill([s for s in samples if s.dataset_id == dataset_id], image_encoder, config.vae_batch_size,
-                       progress=_progress_to(bar))
+    with ranks.main_first():
+        with tqdm(desc="latents", unit="image", disable=None) as bar:
+            for dataset_id, cache in latent_caches.items():
+                cache.fill([s for s in samples if s.dataset_id == dataset_id], image_encoder, config.vae_batch_size,
+                           progress=_progress_to(bar))
     latent_stats = CacheStats()
     for cache in latent_caches.values():
         for name in ("hits", "misses", "encoder_calls"):
             setattr(latent_stats, name, getattr(latent_stats, name) + getattr(cache.stats, name))
-    logger.info("latent cache: %s", latent_stats)
+    logger.info("latent cache%s: %s", ranks.label, latent_stats)
     if vae is not None and config.offload_during_startup and device.type != "cpu":
         vae.to("cpu")
 
@@ -390,6 +414,11 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
     adapter.module.to(device)
     lokr_network = adapter.module if adapter.kind == "lokr" else None
     apply_speedups(transformer, lokr_network, config)
+    model = transformer  # what the training forward calls: the transformer, or DDP over it and its LoKr
+    if sharded:
+        shard_frozen_base(transformer)
+    elif ranks.enabled:
+        model = wrap_data_parallel(transformer, adapter.module, ranks, device)
 
     @cleanup.callback
     def hand_back_callers_model() -> None:
@@ -451,12 +480,14 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
         start_step = int(state["step"])
         logger.info("resumed from %s at step %d of %d", resume_from, start_step, total_steps)
     run_log = RunLog(output_dir / "logs" / config.tracker_run_name, tensorboard=config.report_to == "tensorboard",
-                     resume_step=start_step if resume_from is not None else None)
+                     resume_step=start_step if resume_from is not None else None, enabled=is_main)
     cleanup.callback(run_log.close)
     checkpoint_path: Optional[Path] = None
 
-    def adapter_files(folder: Path, step: int) -> tuple[Path, Optional[Path]]:
-        """Write the LoKr (and its EMA twin) into `folder`."""
+    def adapter_files(folder: Path, step: int) -> tuple[Optional[Path], Optional[Path]]:
+        """Write the LoKr (and its EMA twin) into `folder` (rank 0 only; every rank holds the same weights)."""
+        if not is_main:
+            return None, None
         meta = {"trainer": "ComfyUI-HiDream-LoKr", "steps": step, "base_model": base_name}
         main = adapter.save(folder / LOKR_FILENAME, metadata=meta)
         if ema is None:
@@ -465,7 +496,12 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
             averaged = adapter.save(folder / EMA_LOKR_FILENAME, metadata={**meta, "ema_decay": config.ema_decay})
         return main, averaged
 
-    def save_checkpoint(step: int) -> Path:
+    def save_checkpoint(step: int) -> Optional[Path]:
+        """Rank 0 writes what every rank needs to resume: the random streams and data position are those of the
+        global batch, identical on every rank."""
+        if not is_main:
+            return None
+
         def write(folder: Path) -> None:
             adapter_files(folder, step)
             state = {"step": step, "total_steps": total_steps, "optimizer_name": config.optimizer,
@@ -485,7 +521,8 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
     validated_steps: set[int] = set()
 
     def validate(step: int, resume_phase: Optional[str] = "training") -> list[Path]:
-        if not prompts or step in validated_steps:
+        # Rank 0 samples alone; the others wait for it in the next step's gradient all-reduce.
+        if not prompts or step in validated_steps or not is_main or sharded:
             return []
         validated_steps.add(step)
         phase("validating")
@@ -506,6 +543,8 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
         return [*paths_, grid_path]
 
     def evaluate(step: int) -> None:
+        if not is_main or sharded:
+            return
         with torch.random.fork_rng(devices=[]):
             value = eval_loss(eval_samples, load_latents, text_cache,
                               lambda x, sigmas, embeds: predict_flow(transformer, x, sigmas, embeds),
@@ -526,9 +565,8 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
     steps_done = start_step
     stopped = False
     nonfinite_in_a_row = nonfinite_steps = 0
-    is_main = True
     session_started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=None)
+    bar = tqdm(total=total_steps, initial=start_step, desc="training", disable=None if is_main else True)
     for step in range(start_step + 1, total_steps + 1):
         if cb.should_stop and cb.should_stop():
             logger.info("stop requested before step %d", step)
@@ -539,15 +577,19 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
         step_loss = step_flow = 0.0
         step_lb: Optional[float] = None
         try:
-            for _ in range(config.gradient_accumulation_steps):
-                batch = next(batch_iter)
+            for micro in range(config.gradient_accumulation_steps):
+                batch = next(batch_iter)  # the global batch: every rank draws for all of it, trains on its slice
+                dropped = [dropout_rng.random() < config.caption_dropout_probability for _ in batch]
+                batch, dropped = ranks.shard(batch), ranks.shard(dropped)
                 latents = load_latents(batch).to(device)
-                captions = ["" if dropout_rng.random() < config.caption_dropout_probability else s.caption
-                            for s in batch]
-                embeds = text_cache.load(captions)
-                loss, flow_loss, lb_loss = flow_matching_step(transformer, latents, embeds, noise_generator, config,
-                                                              load_balancing)
-                (loss / config.gradient_accumulation_steps).backward()
+                embeds = text_cache.load(["" if drop else s.caption for s, drop in zip(batch, dropped)])
+                last_micro = micro == config.gradient_accumulation_steps - 1
+                # DDP averages gradients once per optimizer step, not per micro-batch.
+                sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else contextlib.nullcontext()
+                with sync:
+                    loss, flow_loss, lb_loss = flow_matching_step(model, latents, embeds, noise_generator, config,
+                                                                  load_balancing, ranks)
+                    (loss / config.gradient_accumulation_steps).backward()
                 step_loss += loss.item() / config.gradient_accumulation_steps
                 step_flow += flow_loss.item() / config.gradient_accumulation_steps
                 if lb_loss is not None:
@@ -560,6 +602,10 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
             release_memory()
             message = out_of_memory_message(config, device, step)
             raise TrainingStopped(message, save_checkpoint(steps_done) if is_main else None) from exc
+        if sharded:
+            average_gradients(params, ranks)
+        step_loss, step_flow = ranks.mean(step_loss), ranks.mean(step_flow)  # what rank 0 logs is the global mean
+        step_lb = ranks.mean(step_lb) if step_lb is not None else None
         total_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         grad_norm = total_norm.item()
         if math.isfinite(step_loss) and math.isfinite(grad_norm):
@@ -634,8 +680,10 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
     lokr_path, ema_path = adapter_files(output_dir, steps_done)
     if not stopped:
         validation_images += validate(steps_done, resume_phase=None)
-    curve_path = write_loss_curve(losses, output_dir / "loss_curve.png")
-    atomic.write_text(output_dir / "losses.json", json.dumps(losses))
+    curve_path = None
+    if is_main:
+        curve_path = write_loss_curve(losses, output_dir / "loss_curve.png")
+        atomic.write_text(output_dir / "losses.json", json.dumps(losses))
     phase("done")
     return TrainResult(output_dir=output_dir, lokr_path=lokr_path, losses=losses,
                        validation_images=validation_images, loss_curve_path=curve_path,
