@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
-from .atomic import write_with
+from .atomic import file_sha256, write_with
 
 from .data import TrainingSample, display_path, load_sample_pixels
 from .faults import crash_point
@@ -57,14 +57,6 @@ class ImageEncoder(Protocol):
 def content_hash(fields: dict) -> str:
     payload = json.dumps({"v": CACHE_FORMAT_VERSION, **fields}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class CacheEntryCorrupt(RuntimeError):
@@ -246,7 +238,7 @@ class LatentCache:
     def key_for(self, sample: TrainingSample) -> str:
         memo = (str(sample.image_path), sample.bucket, sample.resize_to, sample.crop)
         if memo not in self._keys:
-            self._keys[memo] = content_hash({"image_sha256": file_digest(sample.image_path),
+            self._keys[memo] = content_hash({"image_sha256": file_sha256(sample.image_path),
                                              "sample": sample.cache_key_fields(), "vae": self.encoder_identity})
         return self._keys[memo]
 

@@ -15,7 +15,6 @@ lists and dicts: it loads with `torch.load(weights_only=True)` (nothing is unpic
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .atomic import DiskFullError, fsync_directory, write_text
+from .atomic import DiskFullError, file_sha256, fsync_directory, write_text
 from .config import ConfigError
 from .faults import crash_point
 
@@ -35,14 +34,6 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STATE_FILE = "training_state.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
@@ -68,7 +59,7 @@ def save_checkpoint(output_dir: Path, step: int, write_files: Callable[[Path], N
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
         manifest = {"step": step,
-                    "files": {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                    "files": {p.relative_to(tmp).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                               for p in files}}
         write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
     except OSError as exc:
@@ -109,7 +100,7 @@ def verify_checkpoint(folder: Path) -> Optional[str]:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != expected.get("bytes") or _sha256(path) != expected.get("sha256"):
+        if path.stat().st_size != expected.get("bytes") or file_sha256(path) != expected.get("sha256"):
             return f"{name} does not match its sha256 in the manifest (corrupt or changed)"
     return None
 

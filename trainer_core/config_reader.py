@@ -234,14 +234,19 @@ def train_config_from_dict(data: dict, base: Path = Path(".")) -> TrainConfig:
     return config
 
 
+def read_json_file(path: Path, what: str):
+    """The parsed JSON of `path`; a missing or malformed file is a ConfigError that names `what` and the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
 def load_train_config(path: Path) -> TrainConfig:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config {path} is not valid JSON: {exc}") from exc
+    data = read_json_file(path, "config")
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a JSON object")
     return train_config_from_dict(data, base=path.parent)

@@ -2,7 +2,6 @@
 resolution, written as `<out>/step_<N>/<nickname>_<W>x<H>.png`, plus a grid (prompts x resolutions) per step."""
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -11,9 +10,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from .atomic import write_with
-from .faults import crash_point
 from .cache import TextEmbeddingCache
 from .config import ConfigError, SamplingConfig
+from .config_reader import read_json_file
+from .faults import crash_point
 from .sample import denoise
 
 MAIN_NICKNAME = "validation"  # the file name of `validation_prompt`'s images
@@ -33,12 +33,7 @@ def check_nickname(nickname: str, where: str) -> str:
 def load_prompt_library(path: Path) -> dict[str, str]:
     """A user_prompt_library JSON file: {"nickname": "prompt", ...}."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read user_prompt_library {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"user_prompt_library {path} is not valid JSON: {exc}") from exc
+    data = read_json_file(path, "user_prompt_library")
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise ConfigError(f"user_prompt_library {path} must be a JSON object of nickname -> prompt strings")
     return {check_nickname(k, f"user_prompt_library {path}"): v for k, v in data.items()}
