@@ -62,9 +62,25 @@ def image_folder(name: str) -> Path:
     return path
 
 
+def checked_output_name(name: str, what: str, subfolders: bool) -> str:
+    """A name from a node input that becomes a path under an output folder: it may not leave that folder.
+    NUL, absolute paths, '..' components (and '/' where `subfolders` is False) are refused with the reason."""
+    name = name.strip()
+    parts = name.replace("\\", "/").split("/")
+    problem = ("contains a NUL character" if "\0" in name else
+               "is an absolute path" if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) else
+               "contains a '..' component" if ".." in parts else
+               "contains '/'" if not subfolders and len(parts) > 1 else None)
+    if problem:
+        raise ConfigError(f"{what} {name!r} {problem}: it must name a file inside ComfyUI's output folder; use "
+                          f"letters, digits, '_', '-'{' and subfolders like runs/mine' if subfolders else ''}")
+    return name
+
+
 def new_run_dir(output_name: str) -> Path:
     """<output>/hidream_lokr/<name>_00001, _00002, ...: a fresh folder per training run, never reused."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", output_name.strip()) or "hidream_lokr"
+    output_name = checked_output_name(output_name, "output_name", subfolders=False)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", output_name) or "hidream_lokr"
     root = pack_output_dir()
     root.mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in root.glob(f"{safe}_*") if (m := re.fullmatch(rf"{re.escape(safe)}_(\d+)", p.name))]
@@ -76,7 +92,8 @@ def new_run_dir(output_name: str) -> Path:
 def new_lora_file(prefix: str) -> Path:
     """<output>/loras/<prefix>_00001.safetensors, ...: a new name every time (ComfyUI's LoRA loader caches by
     file name). output/loras is one of the folders LoraLoaderModelOnly and "Load LoKr" list."""
-    safe = re.sub(r"[^A-Za-z0-9._/-]+", "_", prefix.strip()).strip("/") or "hidream_lokr"
+    prefix = checked_output_name(prefix, "filename_prefix", subfolders=True)
+    safe = re.sub(r"[^A-Za-z0-9._/-]+", "_", prefix).strip("/") or "hidream_lokr"
     root = Path(folder_paths.get_output_directory()) / "loras"
     stem = Path(safe)
     folder = (root / stem).parent

@@ -29,3 +29,20 @@ def test_a_failed_runs_lokr_hooks_are_removed_from_the_cached_transformer(pack, 
     assert train_node.remove_leftover_lokr(transformer) == len(network.loras) > 0
     torch.testing.assert_close(linear(x), before, rtol=0, atol=0)
     assert train_node.remove_leftover_lokr(transformer) == 0
+
+
+def test_output_names_from_node_inputs_cannot_leave_the_output_folder(pack):
+    import folder_paths
+    import pytest
+
+    paths = importlib.import_module("hidream_lokr_pack.nodes.paths")
+    config_error = importlib.import_module("hidream_lokr_pack.trainer_core.config").ConfigError
+    for hostile in ("../../etc/passwd", "/tmp/x", "a/../../b", "x\0y", "..\\..\\windows", "C:/x"):
+        with pytest.raises(config_error, match="inside ComfyUI's output folder"):
+            paths.new_lora_file(hostile)
+    with pytest.raises(config_error, match="contains '/'"):
+        paths.new_run_dir("runs/mine")
+    with pytest.raises(config_error, match="'..'"):
+        paths.new_run_dir("..")
+    output = folder_paths.get_output_directory()
+    assert str(paths.new_lora_file("mine/style")).startswith(str(output))

@@ -220,3 +220,71 @@ def test_lokr_config_matching_nothing_fails_in_plain_words(comfy, events, demo_r
     assert "matches no module" in text and "HiDreamAttention" in text  # says what could be targeted
     progress = [e for e in events.of("hidream_lokr.progress") if e.get("prompt_id") == prompt_id]
     assert progress[-1]["phase"] == "failed"
+
+
+def _no_partial_files(folder: Path) -> None:
+    """Nothing half-written under a real name: no temporaries left behind, and every cache entry verifies."""
+    from trainer_core.cache import read_entry
+
+    leftovers = [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
+    assert not leftovers, leftovers
+    for entry in folder.rglob("*.safetensors"):
+        if "cache" in entry.parts:
+            read_entry(entry)
+
+
+def test_interrupt_during_validation_stops_at_the_step_boundary_and_requeue_resumes(comfy, events, demo_run):
+    from trainer_core import checkpoint as ckpt
+
+    graph = load_graph(DEMO)
+    graph[TRAIN]["inputs"].update(max_train_steps=5000, validation_step_interval=3, validation_num_inference_steps=60,
+                                  output_name="interrupt_validation", seed=5)
+    prompt_id = comfy.submit(graph)
+    events.wait_for(lambda kind, d: kind == "hidream_lokr.progress" and d.get("prompt_id") == prompt_id
+                    and d.get("kind") == "phase" and d.get("phase") == "validating" and d.get("step", 0) >= 3)
+    comfy.interrupt()
+    entry = comfy.wait(prompt_id)
+    assert messages(entry, "execution_interrupted"), entry["status"]
+    (run,) = run_dirs(comfy, "interrupt_validation")
+    record = json.loads((run / "interrupted.json").read_text())
+    print(f"\ninterrupt during the step-3 validation: stopped after step {record['steps_done']}")
+    assert 3 <= record["steps_done"] <= 4  # the validation finishes, the next step boundary stops the run
+    assert ckpt.verify_checkpoint(run / f"checkpoint-{record['steps_done']}") is None
+    _no_partial_files(run)
+
+    again = comfy.submit(graph)
+    first = events.wait_for(lambda kind, d: kind == "hidream_lokr.progress" and d.get("prompt_id") == again
+                            and "loss" in d)
+    comfy.interrupt()
+    comfy.wait(again)
+    assert first["step"] == record["steps_done"] + 1
+
+
+def test_interrupt_while_caching_latents_leaves_only_complete_entries(comfy, events, demo_run, tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "many"
+    data.mkdir()
+    for i in range(240):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"noise_{i:03d}.png")
+        (data / f"noise_{i:03d}.txt").write_text(f"noise pattern number {i}")
+    graph = load_graph(DEMO)
+    graph["2"]["inputs"]["folder"] = str(data)
+    graph[TRAIN]["inputs"].update(max_train_steps=2, validation_prompt="", output_name="interrupt_caching")
+    graph["4"]["inputs"]["batch_size"] = 1
+    prompt_id = comfy.submit(graph)
+    events.wait_for(lambda kind, d: kind == "progress" and d.get("prompt_id") == prompt_id and d.get("node") == "4"
+                    and d.get("value", 0) >= 5)
+    comfy.interrupt()
+    entry = comfy.wait(prompt_id)
+    assert messages(entry, "execution_interrupted"), entry["status"]
+    cache = comfy.output_dir() / "hidream_lokr" / "cache"
+    _no_partial_files(cache)
+    cached_before = len(list((cache / "latents").rglob("*.safetensors")))
+
+    entry = comfy.wait(comfy.submit(graph))  # queued again: caching finishes and training runs
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    cached_after = len(list((cache / "latents").rglob("*.safetensors")))
+    print(f"\ninterrupt while caching latents: {cached_before} entries complete at the interrupt, "
+          f"{cached_after} after the re-queue")
+    assert cached_after >= cached_before + 1
+    _no_partial_files(cache)
