@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,18 +48,30 @@ def write_config(folder: Path, model_dir: Path, data: Path, output: str) -> Path
     return config
 
 
-def run_train(config: Path, crash_at: str | None = None, kill_after: float | None = None):
+def newest_step(output: Path) -> int:
+    return max((ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(output)), default=0)
+
+
+def run_train(config: Path, crash_at: str | None = None, kill_mid_training: random.Random | None = None):
+    """Run the CLI; with `kill_mid_training`, SIGKILL it from outside at a random moment after it has written
+    its next checkpoint (so the moment falls inside training, whatever the machine's speed)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop(ENV, None)
     if crash_at:
         env[ENV] = crash_at
-    proc = subprocess.Popen([sys.executable, "-m", "trainer_core", "train", "--config", str(config)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if kill_after is not None:
-        time.sleep(kill_after)
-        proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=600)
-    return proc.returncode, err
+    output = config.with_suffix("")
+    start = newest_step(output)
+    with tempfile.TemporaryFile("w+") as err:  # a pipe nobody reads could fill up and stall the run
+        proc = subprocess.Popen([sys.executable, "-m", "trainer_core", "train", "--config", str(config)], cwd=ROOT,
+                                env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        if kill_mid_training is not None:
+            while proc.poll() is None and newest_step(output) <= start:
+                time.sleep(0.02)
+            time.sleep(kill_mid_training.uniform(0.0, 0.5))
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=600)
+        err.seek(0)
+        return proc.returncode, err.read()
 
 
 def assert_nothing_half_written(output: Path) -> None:
@@ -86,7 +99,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_lokr(tiny_model_di
     rng = random.Random(5)
     for crash in CRASHES:
         if crash == "random":
-            rc, err = run_train(config, kill_after=4.0 + rng.random() * 6.0)
+            rc, err = run_train(config, kill_mid_training=rng)
         else:
             rc, err = run_train(config, crash_at=crash)
         assert rc in (-signal.SIGKILL, 0), f"{crash}: exit {rc}\n{err[-3000:]}"

@@ -71,8 +71,12 @@ def test_two_ranks_of_batch_one_equal_one_process_of_batch_two_and_cache_once(ti
     ranks = run(torchrun(*train_cmd(write_config(tmp_path, tiny_model_dir, data, "ddp"))))
     assert ranks.returncode == 0, ranks.stderr[-4000:]
     error = max_diff(tmp_path / "single" / LOKR, tmp_path / "ddp" / LOKR)
-    print(f"\n2 ranks x batch 1 vs 1 process x batch 2: max abs LoKr difference {error:.3g}")
-    assert error < 1e-5
+    losses = [json.loads((tmp_path / name / "losses.json").read_text()) for name in ("single", "ddp")]
+    loss_error = max(abs(a - b) for a, b in zip(*losses))
+    print(f"\n2 ranks x batch 1 vs 1 process x batch 2: max abs LoKr difference {error:.3g}, loss {loss_error:.3g}")
+    # Batch-1 and batch-2 matmuls round differently (~1e-7); Adam's normalised steps carry that into the weights
+    # (seen: 2e-6 to 1.2e-5 after 4 steps at lr 1e-3, i.e. under 0.3% of what the weights moved).
+    assert error < 1e-4 and loss_error < 1e-5
     assert "effective batch 2 = train_batch_size 1 x gradient_accumulation_steps 1 x 2 ranks" in ranks.stderr
     # Caches are written once: rank 0 encodes everything, rank 1 finds it all cached.
     assert "text cache (rank 1): 7 cached, 0 encoded" in ranks.stderr, ranks.stderr[-4000:]
