@@ -6,7 +6,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
-.venv/bin/python -m pytest "$@"
+# The core tests run torch on one thread each, so two pytest workers use both cores of a CI machine.
+.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-auto}" "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: failing" >&2
