@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import time
+from pathlib import Path
 from typing import Optional
 
 import comfy.model_management
@@ -24,7 +24,7 @@ from ..trainer_core.train import ModelComponents, StepMetrics, TrainingCallbacks
 from .lokr_config import LoKrSettings
 from .paths import new_run_dir
 from .run_registry import REGISTRY, TrainingRun
-from .train_settings import (CONFIG_FIELDS, INIT_LOKR_FIELD, RESUME_FIELD, config_as_json, core_settings,
+from .train_settings import (INIT_LOKR_FIELD, RESUME_FIELD, config_as_json, core_settings,
                              optional_settings, run_key, train_config_from_settings)
 from .types import CATEGORY, DatasetType, HiDreamModel, HiDreamModelType, LoKrConfigType, LoKrHandle, LoKrType, TrainingData
 
@@ -42,12 +42,6 @@ def pil_to_image(images: list[Image.Image]) -> torch.Tensor:
         canvas.paste(im.convert("RGB"), (0, 0))
         canvases.append(torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0))
     return torch.stack(canvases)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def free_comfy_memory(device: torch.device) -> str:
@@ -109,11 +103,10 @@ class InterruptWatch:
 
 
 class StepReporter:
-    """Builds the per-step event (speed, ETA, peak memory) and sends it to the progress bar and the registry."""
+    """Builds the per-step event (the core's metrics plus speed) and sends it to the progress bar and the registry."""
 
-    def __init__(self, run: TrainingRun, bar: comfy.utils.ProgressBar, watch: InterruptWatch,
-                 device: torch.device) -> None:
-        self.run, self.bar, self.watch, self.device = run, bar, watch, device
+    def __init__(self, run: TrainingRun, bar: comfy.utils.ProgressBar, watch: InterruptWatch) -> None:
+        self.run, self.bar, self.watch = run, bar, watch
         self.phase = "starting"
         self.first_step_at: Optional[float] = None
         self.first_step = 0
@@ -132,15 +125,10 @@ class StepReporter:
         REGISTRY.record(self.run, {
             "step": m.step, "total": m.total_steps, "loss": m.loss, "lr": m.learning_rate,
             "load_balancing_loss": m.load_balancing_loss, "it_per_s": it_per_s,
-            "eta_s": (m.total_steps - m.step) / it_per_s if it_per_s > 0 else None,
-            "peak_memory_bytes": peak_memory_bytes(self.device), "phase": self.phase})
+            "eta_s": m.eta_seconds, "peak_memory_bytes": m.peak_memory_bytes, "phase": self.phase})
         self.watch.guarded(lambda: self.bar.update_absolute(m.step, m.total_steps))
 
-    def on_validation(self, step: int, image: Image.Image) -> None:
-        path = self.run.output_dir / "validation" / f"step_{step:06d}.png"
-        if not path.is_file():  # the core wrote it elsewhere (newer cores: per-step folders): keep one to show
-            path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path)
+    def on_validation(self, step: int, image: Image.Image, path: Path) -> None:
         REGISTRY.add_preview(self.run, step, path)
         self.watch.guarded(lambda: self.bar.update_absolute(
             step, self.run.total_steps, ("JPEG", image, PREVIEW_MAX_SIDE)))
@@ -164,9 +152,8 @@ class TrainHiDreamLoKr(io.ComfyNode):
                 LoKrConfigType.Input("lokr_config", tooltip="Which modules get a LoKr, and its shape."),
                 *core_settings(),
                 *optional_settings(),
-                *([LoKrType.Input("init_lokr", optional=True,
-                                  tooltip="Continue training from this LoKr (e.g. from Load HiDream LoKr).")]
-                  if INIT_LOKR_FIELD in CONFIG_FIELDS else []),
+                LoKrType.Input("init_lokr", optional=True,
+                               tooltip="Continue training from this LoKr (e.g. from Load HiDream LoKr)."),
             ],
             outputs=[
                 LoKrType.Output(display_name="lokr", tooltip="The trained LoKr (save it with Save HiDream LoKr)"),
@@ -188,7 +175,7 @@ class TrainHiDreamLoKr(io.ComfyNode):
         # writes checkpoints); any change to the inputs starts a new run.
         key = run_key(hidream_model.name, dataset.fingerprint, lokr_config.lycoris.to_dict(), settings)
         resume = REGISTRY.interrupted_checkpoint(key)
-        if resume is not None and RESUME_FIELD in CONFIG_FIELDS and not settings.get(RESUME_FIELD):
+        if resume is not None and not settings.get(RESUME_FIELD):
             settings[RESUME_FIELD] = str(resume)
         device = next(hidream_model.transformer.parameters()).device
         text_encoder = dataset.text_encoder or hidream_model.text_encoder
@@ -213,8 +200,7 @@ class TrainHiDreamLoKr(io.ComfyNode):
 
         run = REGISTRY.start(node_id, _current_prompt_id(), output_dir, config.max_train_steps)
         watch = InterruptWatch()
-        reporter = StepReporter(run, comfy.utils.ProgressBar(config.max_train_steps, node_id=node_id), watch,
-                                device)
+        reporter = StepReporter(run, comfy.utils.ProgressBar(config.max_train_steps, node_id=node_id), watch)
         callbacks = TrainingCallbacks(on_phase=reporter.on_phase, on_step=reporter.on_step,
                                       on_validation=reporter.on_validation, should_stop=watch.should_stop)
         callbacks.poll_commands = run.commands.drain  # the browser's Sample/Save/Stop, at step boundaries

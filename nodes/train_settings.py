@@ -73,8 +73,8 @@ def core_settings() -> list:
 
 
 def optional_settings() -> list:
-    """Widgets for newer core options; only those whose field exists in this TrainConfig are shown."""
-    candidates = [
+    """Widgets for the options a graph may leave unconnected (checkpoints, EMA, resume)."""
+    return [
         io.Boolean.Input("use_ema", default=False, optional=True,
                          tooltip="Keep an exponential moving average of the LoKr weights and save it."),
         io.Float.Input("ema_decay", default=0.995, min=0.0, max=1.0, step=0.0001, optional=True,
@@ -86,7 +86,6 @@ def optional_settings() -> list:
         io.String.Input("resume_from_checkpoint", default="", optional=True,
                         tooltip="A checkpoint folder to resume from ('latest' = the newest of this run name)."),
     ]
-    return [w for w in candidates if w.id in CONFIG_FIELDS]
 
 
 def _jsonable(value):

@@ -140,6 +140,6 @@ def test_sample_command_on_the_last_step_does_not_validate_twice(tiny_model_dir,
     seen = []
     result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=1,
                                      validation_prompt="a red circle", disable_benchmark=True),
-                   callbacks=TrainingCallbacks(on_validation=lambda step, grid: seen.append(step),
+                   callbacks=TrainingCallbacks(on_validation=lambda step, grid, path: seen.append(step),
                                                poll_commands=lambda: ["sample"]))
     assert seen == [1] and len(result.validation_images) == 2  # one image and its grid

@@ -174,7 +174,7 @@ def test_fsdp_trains_and_its_lokr_gives_the_sharded_models_outputs_on_one_proces
     assert sharded.returncode == 0, sharded.stderr[-4000:]
     alone = run([sys.executable, str(script), str(tiny_model_dir), str(lokr), str(tmp_path / "alone.pt")])
     assert alone.returncode == 0, alone.stderr[-4000:]
-    a, b = torch.load(tmp_path / "sharded.pt"), torch.load(tmp_path / "alone.pt")
+    a, b = (torch.load(tmp_path / name, weights_only=True) for name in ("sharded.pt", "alone.pt"))
     error = (a - b).abs().max().item()
     print(f"\nFSDP-trained LoKr: sharded (2 ranks) vs one process, max abs output difference {error:.3g}")
     assert error < 1e-5

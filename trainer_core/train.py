@@ -78,7 +78,7 @@ class TrainingCallbacks:
 
     on_phase: Optional[Callable[[str], None]] = None
     on_step: Optional[Callable[[StepMetrics], None]] = None
-    on_validation: Optional[Callable[[int, Image.Image], None]] = None
+    on_validation: Optional[Callable[[int, Image.Image, Path], None]] = None  # (step, grid, the grid's file)
     should_stop: Optional[Callable[[], bool]] = None
     poll_commands: Optional[Callable[[], list[str]]] = None
 
@@ -373,7 +373,7 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
                            progress=_progress_to(bar))
     latent_stats = CacheStats()
     for cache in latent_caches.values():
-        for name in ("hits", "misses", "encoder_calls"):
+        for name in (f.name for f in dataclasses.fields(CacheStats)):
             setattr(latent_stats, name, getattr(latent_stats, name) + getattr(cache.stats, name))
     logger.info("latent cache%s: %s", ranks.label, latent_stats)
     if vae is not None and config.offload_during_startup and device.type != "cpu":
@@ -537,7 +537,7 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
         if losses:  # the loss curve (with its moving average) is redrawn at every validation
             write_loss_curve(losses, output_dir / "loss_curve.png")
         if cb.on_validation:
-            cb.on_validation(step, grid)
+            cb.on_validation(step, grid, grid_path)
         if resume_phase:
             phase(resume_phase)
         return [*paths_, grid_path]

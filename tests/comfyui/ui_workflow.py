@@ -143,7 +143,7 @@ def demo_thumbnail(run_dir: Path, size=(640, 400)):
     from PIL import Image
 
     image = Image.new("RGB", size, (32, 34, 40))
-    previews = sorted((run_dir / "validation").glob("*.png"))
+    previews = sorted((run_dir / "validation").glob("step_*/grid.png"))
     side = min(150, (size[0] - 20) // max(1, len(previews)) - 10)
     for i, path in enumerate(previews):
         image.paste(Image.open(path).convert("RGB").resize((side, side), Image.NEAREST), (10 + i * (side + 10), 10))
