@@ -85,6 +85,9 @@ def optional_settings() -> list:
                      tooltip="Keep at most this many checkpoints (0: all)."),
         io.String.Input("resume_from_checkpoint", default="", optional=True,
                         tooltip="A checkpoint folder to resume from ('latest' = the newest of this run name)."),
+        io.Boolean.Input("offload_blocks", default=False, optional=True,
+                         tooltip="Low-memory mode: keep the transformer blocks in CPU memory and stream each to the "
+                                 "GPU just before it runs (needs gradient_checkpointing and a bf16 base; slower)."),
     ]
 
 

@@ -10,7 +10,7 @@ from trainer_core.cli import main
 def test_bench_small_cpu_training_mode_writes_json(tmp_path, capsys):
     out = tmp_path / "results.jsonl"
     code = main(["bench", "--size", "small", "--device", "cpu", "--modes", "bf16_nogc,offload_gc", "--steps", "1",
-                 "--warmup", "0", "--out", str(out)])
+                 "--warmup", "0", "--ablate", "--out", str(out)])
     assert code == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     written = [json.loads(line) for line in out.read_text().splitlines()]
@@ -25,6 +25,10 @@ def test_bench_small_cpu_training_mode_writes_json(tmp_path, capsys):
     assert check["passed"], check
     assert check["grad_tensors"] > 0 and check["loss_rel_err"] <= 1e-4 and check["grad_rel_err"] <= 1e-3
     assert train["speedups"]["fast_lokr_modules"] > 0 and train["speedups"]["sorted_moe_layers"] > 0
+    assert train["reference_lokr"] == "rebuild"  # the naive stock step: LyCORIS' default forward
+    assert set(train["ablation"]) == {"without_fast_lokr", "without_fast_moe_dispatch"}
+    for variant in train["ablation"].values():
+        assert variant["check_passed"] and variant["step_s"] > 0 and variant["slowdown_vs_project"] > 0
     assert train["torch"] and train["lycoris"] and train["date"]
     assert "skipped" in offload and "cuda" in offload["skipped"]
 

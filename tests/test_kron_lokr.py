@@ -96,3 +96,34 @@ def test_bf16_activations_with_float32_factors():
         assert g[name].dtype == torch.float32
         cos = torch.nn.functional.cosine_similarity(g[name].flatten(), ref_g[name].flatten(), dim=0)
         assert cos > 0.999, name
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of `fn()`."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_fast_path_keeps_no_activation_sized_tensor_for_backward():
+    """The Kronecker path saves what the base Linear saves (its input) plus the small factors: no intermediate of
+    the activation's size (LyCORIS' bypass keeps one per layer; at HiDream-I1 size that is gigabytes)."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 512, requires_grad=True)
+    plain = nn.Linear(512, 512)
+    base_only = _saved_bytes(lambda: plain(x))
+    model = nn.Sequential(copy.deepcopy(plain))
+    network = _lokr_network(model, factor=16, full_matrix=True)
+    stock = _saved_bytes(lambda: model(x))
+    install_kron_lokr(network)
+    fast = _saved_bytes(lambda: model(x))
+    factors = sum(p.numel() * p.element_size() for p in network.parameters())
+    activation = x.numel() * x.element_size()
+    assert fast - base_only <= 2 * factors < activation
+    assert stock - base_only >= activation  # what the fast path saves: LyCORIS keeps an activation-sized tensor

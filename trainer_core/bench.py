@@ -32,7 +32,7 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -259,6 +259,8 @@ class Timed:
     step: Callable[[int], object]
     close: Callable[[], None] = lambda: None
     info: dict = field(default_factory=dict)
+    count_flops: bool = True  # one extra step under torch's FLOP counter (skipped where a step is slow and its
+    #                           FLOPs are another mode's: offloading moves weights, not work)
 
 
 def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, steps: int, warmup: int,
@@ -282,8 +284,11 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
                 timed.step(i)
                 _sync(device)
                 times.append(time.perf_counter() - started)
+                logger.info("%s step %d: %.3f s", label, i, times[-1])  # visible even if the run is cut short
             peak = _peak_gib(device)
-            flops = count_flops(lambda: timed.step(0))
+            logger.info("%s: median %.3f s, peak %s GiB", label, statistics.median(times[warmup:]),
+                        f"{peak:.2f}" if peak is not None else "n/a")
+            flops = count_flops(lambda: timed.step(0)) if timed.count_flops else None
             results[label] = {**summarise(times, warmup, peak, flops), "flops_per_step": flops, **timed.info}
             timed.close()
             del timed
@@ -333,9 +338,10 @@ class BenchOptions:
     dtype: torch.dtype
     steps: int = 5
     warmup: int = 2
-    reference_lokr: str = "bypass"
+    reference_lokr: str = "rebuild"
     speedups: Speedups = field(default_factory=Speedups)
     learning_rate: float = 1e-4
+    ablate: bool = False  # also time the project step with each speed-up switched off in turn
     sequential: Optional[bool] = None  # None: sequential on CUDA (per-configuration peak memory), interleaved on CPU
 
     @property
@@ -343,9 +349,9 @@ class BenchOptions:
         return not self.sequential if self.sequential is not None else self.device.type == "cpu"
 
 
-def _prepare_train_model(mode: str, opts: BenchOptions, extra: dict):
+def _prepare_train_model(mode: str, label: str, opts: BenchOptions, extra: dict, info: dict):
     """A fresh frozen transformer for one configuration (same seed: the reference and the project get identical
-    weights); int8 quantised or moved to CPU memory for offloading as the mode asks."""
+    weights); int8 quantised, or its blocks offloaded to CPU memory, as the mode asks."""
     device = opts.device
     model = build_transformer(opts.size, device, opts.dtype)
     if mode == "int8_gc":
@@ -356,10 +362,21 @@ def _prepare_train_model(mode: str, opts: BenchOptions, extra: dict):
         extra["quantize_s"] = time.perf_counter() - started
         extra["flops_note"] = "quanto's int8 matmuls are invisible to torch's FLOP counter: TFLOP/s is a floor"
     if mode == "offload_gc":
-        model.to("cpu")
+        started = time.perf_counter()
+        if label == "reference":
+            # diffusers' group offloading, one block per group, blocking copies (its stream prefetch assumes forward
+            # order, which checkpoint recomputation reverses).
+            model.to("cpu")
+            model.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                       offload_type="block_level", num_blocks_per_group=1)
+        else:
+            from .block_offload import BlockStreamer
+
+            BlockStreamer(model, device)  # its hooks keep it alive with the model
+        info["offload_setup_s"] = time.perf_counter() - started
     _release(device)
     if device.type == "cuda":
-        extra["weights_on_device_gib"] = torch.cuda.memory_allocated(device) / 2**30
+        info["weights_on_device_gib"] = torch.cuda.memory_allocated(device) / 2**30
     model.train()  # differentiable MoE routing, as in training
     if mode != "bf16_nogc":
         model.enable_gradient_checkpointing()
@@ -369,20 +386,14 @@ def _prepare_train_model(mode: str, opts: BenchOptions, extra: dict):
 def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks: dict) -> Timed:
     """Build the model and LoKr of one side, run the check step (fixed batch, no update), return its step."""
     device = opts.device
-    model = _prepare_train_model(mode, opts, extra)
-    if mode == "offload_gc":
-        # Reference: diffusers' group offloading with blocking copies. Project: copies on a side stream, the next
-        # block prefetched while the current one computes.
-        fast = label == "project"
-        model.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                   offload_type="block_level", num_blocks_per_group=1, use_stream=fast,
-                                   non_blocking=fast)
+    info: dict = {}
+    model = _prepare_train_model(mode, label, opts, extra, info)
     inputs = make_inputs(opts.size, device, opts.dtype)
     load_balancing = LoadBalancingLoss(model, LOAD_BALANCING_WEIGHT)
     if label == "reference":
         network, report = reference_lokr(model, device, opts.reference_lokr), None
     else:
-        network, report = project_lokr(model, device, opts.speedups)
+        network, report = project_lokr(model, device, _speedups_for(label, opts.speedups))
 
     # The check: one fixed batch with identical non-zero LoKr factors on both sides, loss and gradients kept.
     set_lokr_weights(network)
@@ -413,19 +424,41 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
         remove_network(network)
         state.clear()
 
-    return Timed(step, close, {"lokr_params": sum(p.numel() for p in params)})
+    return Timed(step, close, {"lokr_params": sum(p.numel() for p in params), **info},
+                 count_flops=mode != "offload_gc")
+
+
+def _speedups_for(label: str, speedups: Speedups) -> Speedups:
+    """`project`: the given speed-ups; `without_<name>`: the same with that one switched off (ablation)."""
+    return replace(speedups, **{label[len("without_"):]: False}) if label.startswith("without_") else speedups
+
+
+def _ablation_labels(mode: str, speedups: Speedups) -> list[str]:
+    """One extra project configuration per speed-up that is on and matters in `mode` (the bf16 modes measure the
+    LoKr and MoE paths; the int8 mode its own backward)."""
+    relevant = {"bf16_nogc": ["fast_lokr", "fast_moe_dispatch"], "bf16_gc": ["fast_lokr", "fast_moe_dispatch"],
+                "int8_gc": ["lean_int8_backward"]}.get(mode, [])
+    return [f"without_{name}" for name in relevant if getattr(speedups, name)]
 
 
 def run_train_mode(mode: str, opts: BenchOptions) -> dict:
     extra: dict = {}
     checks: dict = {}
+    # The project first: on a GPU a slow reference (offloading) cut short by a time limit still leaves its figures.
+    labels = ["project", "reference", *(_ablation_labels(mode, opts.speedups) if opts.ablate else [])]
     results = time_configs({label: (lambda label=label: _train_config(mode, label, opts, extra, checks))
-                            for label in ("reference", "project")},
+                            for label in labels},
                            opts.device, opts.steps, opts.warmup, opts.interleave)
     (ref_loss, ref_grads, _), (proj_loss, proj_grads, report) = checks["reference"], checks["project"]
     row = _row(mode, opts, results["project"], results["reference"], extra)
     row["check"] = compare(ref_grads, proj_grads, ref_loss, proj_loss, opts.dtype)
     row["speedups"] = report
+    if len(labels) > 2:  # what each speed-up is worth: the step with it switched off, same run
+        row["ablation"] = {label: {"step_s": results[label]["step_s"], "peak_gib": results[label]["peak_gib"],
+                                   "slowdown_vs_project": results[label]["step_s"] / results["project"]["step_s"],
+                                   "check_passed": compare(ref_grads, checks[label][1], ref_loss, checks[label][0],
+                                                           opts.dtype)["passed"]}
+                           for label in labels[2:]}
     return row
 
 

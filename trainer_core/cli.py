@@ -106,7 +106,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         lean_int8_backward=not args.no_lean_int8_backward, compile_blocks=args.compile_blocks)
     opts = BenchOptions(size=SIZES[args.size], device=device, dtype=dtype, steps=args.steps, warmup=args.warmup,
                         reference_lokr=args.reference_lokr, speedups=speedups,
-                        sequential=True if args.sequential else None)
+                        sequential=True if args.sequential else None, ablate=args.ablate)
     run_bench(modes, opts, Path(args.out) if args.out else None, emit=lambda line: print(line, flush=True))
     return 0
 
@@ -165,13 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--reference-lokr", choices=["bypass", "rebuild"], default="bypass",
-                   help="the reference LoKr's forward: LyCORIS bypass (what this trainer used before) or "
-                        "LyCORIS' default rebuild (the issue's measured starting point)")
+    p.add_argument("--reference-lokr", choices=["rebuild", "bypass"], default="rebuild",
+                   help="the reference LoKr's forward: LyCORIS' default (rebuild: the naive stock step of the GPU "
+                        "starting point) or its bypass mode (a stricter comparison)")
     p.add_argument("--no-fast-lokr", action="store_true", help="project step without the Kronecker LoKr path")
     p.add_argument("--no-fast-moe-dispatch", action="store_true", help="project step with diffusers' MoE dispatch")
     p.add_argument("--no-lean-int8-backward", action="store_true", help="project step with quanto's own backward")
     p.add_argument("--compile-blocks", action="store_true", help="torch.compile every transformer block")
+    p.add_argument("--ablate", action="store_true",
+                   help="also time the project step with each speed-up switched off in turn (what each is worth)")
     p.add_argument("--sequential", action="store_true",
                    help="time one configuration after the other (the CUDA default) instead of alternating steps")
     p.set_defaults(func=_cmd_bench)

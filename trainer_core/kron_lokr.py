@@ -1,24 +1,28 @@
-"""LoKr applied through its Kronecker structure, with the adapter's delta folded into one GEMM.
+"""LoKr applied through its Kronecker structure, with the adapter's delta folded into one GEMM and nothing saved.
 
 For a Linear with weight W (out, in) and a LoKr dW = s * kron(W1, W2), W1 (a, b), W2 (c, d), out = a*c, in = b*d:
 
     y = x W^T + bias + s * vec(W1 X W2^T)          X = x viewed as (b, d) per token
 
-LyCORIS' bypass forward (4.1.3, eager or per-op compiled) already avoids building kron(W1, W2), but it runs the
+LyCORIS' default forward rebuilds W + dW as a full matrix every call; its bypass forward avoids that but runs the
 chain as reshape -> linear(W2) -> transpose -> linear(W1) -> transpose -> reshape-copy -> * scale -> * scalar -> add,
-i.e. two transposed copies and three activation-sized elementwise passes per adapted layer. Here:
+with transposed copies, activation-sized elementwise passes, and autograd keeping an activation-sized intermediate
+per adapted layer. Here (`KroneckerDelta`, one autograd node per layer):
 
-    V = (s * W1) X              (N, a, d)   small matmul; the scale rides on the 16x16 W1, not on activations
-    y.view(N*a, c) += V.view(N*a, d) @ W2^T    one addmm whose beta=1 accumulation *is* the residual add
+    V = (s * W1) X              (N, a, d)   small batched matmul; the scale rides on the 16x16 W1
+    y.view(N*a, c) = base + V.view(N*a, d) @ W2^T    one addmm whose beta=1 accumulation *is* the residual add
 
-so per adapted layer there is the base linear, one small batched matmul and one addmm, with no activation-sized
-temporaries besides V and no elementwise kernels. Gradients flow through plain torch ops (autograd), so the maths
-is LyCORIS' bypass maths: only the summation order of the delta differs.
+and for the backward only x (which the base Linear keeps anyway: the same tensor), W1 and W2 are saved; V is
+recomputed from them (N*in*a multiply-adds, a small fraction of the base layer's N*in*out). At HiDream-I1 size that
+is ~3 GiB of activations less than a saved V at 1024 px. Gradients:
 
-Handled: full or low-rank W1 (w1_a @ w1_b, rebuilt: it is tiny), full or low-rank W2 (w2_a (c, r), w2_b (r, d):
-V @ w2_b^T then addmm with w2_a^T), `scale` (alpha / dim), `multiplier`, trainable `scalar`, bias, quantised base
-layers (the base forward stays the module's own). Anything else (Conv, Tucker, DoRA weight decomposition,
-rank/plain dropout) keeps LyCORIS' own bypass forward: `install_kron_lokr` reports how many it skipped.
+    gY = dL/dy viewed (N, a, c);  gV = gY W2;  dW2 = sum_n gY^T V;  dW1 = sum_n gV X^T;  dx = W1^T gV
+
+W1 and W2 arrive dense (a low-rank factor is multiplied out first: it is tiny), so autograd carries their
+gradients back to w1_a/w1_b, w2_a/w2_b, the scale and the trainable scalar. Handled: full or low-rank W1 and W2,
+`scale` (alpha / dim), `multiplier`, `scalar`, bias, quantised base layers (the base forward stays the module's own).
+Anything else (Conv, Tucker, DoRA weight decomposition, rank/plain dropout) keeps LyCORIS' own bypass forward:
+`install_kron_lokr` reports how many it skipped.
 """
 from __future__ import annotations
 
@@ -44,37 +48,56 @@ def supports_fast_bypass(lora) -> bool:
     return isinstance(getattr(lora, "drop", None), nn.Identity)
 
 
-def _factor_w1(lora, dtype: torch.dtype) -> torch.Tensor:
-    if lora.use_w1:
-        return lora.lokr_w1.to(dtype)
-    return (lora.lokr_w1_a @ lora.lokr_w1_b).to(dtype)
+class KroneckerDelta(torch.autograd.Function):
+    """y = base + vec(W1 X W2^T) per token, saving x, W1, W2 only (V is recomputed in the backward).
+
+    x (N, b*d), base (N, a*c), w1 (a, b), w2 (c, d), all one dtype -> y (N, a*c).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        (a, b), (c, d) = w1.shape, w2.shape
+        n = x.shape[0]
+        # einsum, not matmul with a broadcast W1: matmul would run N batched 16x16 GEMMs, einsum one GEMM.
+        v = torch.einsum("ab,nbd->nad", w1, x.reshape(n, b, d))  # (N, a, d) = W1 X
+        ctx.save_for_backward(x, w1, w2)
+        return torch.addmm(base.reshape(n * a, c), v.reshape(n * a, d), w2.t()).view(n, a * c)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, w1, w2 = ctx.saved_tensors
+        (a, b), (c, d) = w1.shape, w2.shape
+        n = x.shape[0]
+        xg = x.reshape(n, b, d)
+        gy = grad_y.reshape(n * a, c)
+        gv = torch.mm(gy, w2).view(n, a, d)  # dL/dV
+        grad_x = grad_w1 = grad_w2 = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.einsum("ab,nad->nbd", w1, gv).reshape(n, b * d)  # W1^T gV
+        if ctx.needs_input_grad[2]:
+            grad_w1 = torch.einsum("nad,nbd->ab", gv, xg)
+        if ctx.needs_input_grad[3]:
+            v = torch.einsum("ab,nbd->nad", w1, xg).reshape(n * a, d)  # recomputed: cheaper than keeping it
+            grad_w2 = torch.mm(gy.t(), v)
+        return grad_x, grad_y, grad_w1, grad_w2
+
+
+def _dense_factors(lora, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    w1 = lora.lokr_w1 if lora.use_w1 else lora.lokr_w1_a @ lora.lokr_w1_b
+    w2 = lora.lokr_w2 if lora.use_w2 else lora.lokr_w2_a @ lora.lokr_w2_b
+    return w1.to(dtype), w2.to(dtype)
 
 
 def kron_bypass_linear(lora, x: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
     """Base layer output plus multiplier * scale * scalar * kron(W1, W2) applied to x (..., in) -> (..., out)."""
     base = lora.org_forward(x)
     dtype = base.dtype
-    w1 = _factor_w1(lora, dtype)  # (a, b)
-    a, b = w1.shape
-    lead = x.shape[:-1]
-    n = x.numel() // x.shape[-1]
-    in_features = x.shape[-1]
-    d = in_features // b
+    w1, w2 = _dense_factors(lora, dtype)
     # Fold every scalar factor into the small W1 (a*b elements) instead of the activations (N*out elements).
-    coeff = lora.scale * multiplier
-    w1 = w1 * (lora.scalar.to(device=w1.device, dtype=dtype) * coeff)
-    xg = x.to(dtype).reshape(n, b, d)
-    v = torch.einsum("ab,nbd->nad", w1, xg)  # (N, a, d): W1 X
+    w1 = w1 * (lora.scalar.to(device=w1.device, dtype=dtype) * (lora.scale * multiplier))
     out_features = base.shape[-1]
-    c = out_features // a
-    acc = base.reshape(n * a, c)
-    v = v.reshape(n * a, d)
-    if lora.use_w2:
-        y = torch.addmm(acc, v, lora.lokr_w2.to(dtype).t())  # (N*a, c) = base + (W1 X) W2^T
-    else:
-        low = v @ lora.lokr_w2_b.to(dtype).t()  # (N*a, r)
-        y = torch.addmm(acc, low, lora.lokr_w2_a.to(dtype).t())
-    return y.reshape(*lead, out_features)
+    y = KroneckerDelta.apply(x.to(dtype).reshape(-1, x.shape[-1]), base.reshape(-1, out_features), w1, w2)
+    return y.view(*x.shape[:-1], out_features)
 
 
 def _fast_bypass_forward(self, x, scale=1):

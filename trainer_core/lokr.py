@@ -263,14 +263,17 @@ def lokr_applied(network, strength: float = 1.0) -> Iterator[str]:
                 lora.multiplier = m
         return
 
+    # One layer at a time, originals parked in CPU memory: at HiDream-I1 size the attention weights are ~9 GiB in
+    # bf16 and their float32 deltas twice that, which must not sit on the GPU next to the model while sampling.
     originals = []
     with torch.no_grad():
-        deltas = [lokr_delta_weight(lora, strength) for lora in network.loras]
-        for lora, delta in zip(network.loras, deltas):
+        for lora in network.loras:
             weight = lora.org_module[0].weight
-            originals.append(weight.detach().clone())
+            delta = lokr_delta_weight(lora, strength)
+            originals.append(weight.detach().to("cpu", copy=True))
             lora.restore()
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+            del delta
     try:
         yield "merged"
     finally:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .frozen_qlinear import install_frozen_qlinear, uninstall_frozen_qlinear
 from .kron_lokr import install_kron_lokr, uninstall_kron_lokr
-from .moe_dispatch import install_sorted_moe, uninstall_sorted_moe
+from .moe_dispatch import install_sorted_moe, is_moe_feed_forward, uninstall_sorted_moe
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,38 @@ def apply_speedups(transformer: nn.Module, network=None, config=None) -> dict:
         report["sorted_moe_layers"] = install_sorted_moe(transformer)
     if options.compile_blocks:
         blocks = transformer_blocks(transformer)
+        _allow_one_graph_per_block(len(blocks))
+        _keep_moe_eager(transformer)
         for block in blocks:
             if not getattr(block, "_compiled_call_impl", None):
                 block.compile(dynamic=False)  # the recomputation must pick the forward's graph
         report["compiled_blocks"] = len(blocks)
     logger.info("speed-ups: %s", report)
     return report
+
+
+def _keep_moe_eager(transformer: nn.Module) -> None:
+    """MoE dispatch has data-dependent shapes (how many tokens each expert gets): traced, dynamo would specialise on
+    every routing it sees and recompile all through training. The feed-forward runs eagerly; the rest of each block
+    (attention, LoKr, norms, RoPE, modulation) is compiled."""
+    import torch
+
+    for module in transformer.modules():
+        if is_moe_feed_forward(module) and not getattr(module.forward, "_hidream_eager", False):
+            eager = torch.compiler.disable(module.forward)
+            eager._hidream_eager = True
+            module.forward = eager
+
+
+def _allow_one_graph_per_block(n_blocks: int) -> None:
+    """Blocks share their code, so dynamo counts each block instance it specialises on as a recompilation of the
+    same frame; past the limit (8 by default) it would silently run the remaining blocks eagerly."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * n_blocks + 8))
+            break
 
 
 def remove_speedups(transformer: nn.Module, network=None) -> None:

@@ -35,6 +35,7 @@ from .faults import crash_point
 from .flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
                             patch_tokens_to_image, resolution_shift, sample_sigmas, shift_sigmas)
 from .adapters import create_adapter, describe
+from .block_offload import BlockStreamer
 from .lokr import LycorisConfig
 from .models import (PromptEmbeds, component_identity, load_text_encoders, load_transformer, load_vae,
                      resolve_model_paths, text_encoders_identity)
@@ -399,7 +400,8 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
         transformer = given.transformer
         base_name = given.transformer_name
     else:
-        transformer = load_transformer(paths, dtype=dtype, device=device)
+        # Streamed blocks are packed from CPU memory: never put the whole model on the device first.
+        transformer = load_transformer(paths, dtype=dtype, device="cpu" if config.offload_blocks else device)
         quantize_frozen(transformer, config.base_model_precision)
         base_name = paths.model_dir.name
     transformer.requires_grad_(False)
@@ -414,6 +416,14 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
     adapter.module.to(device)
     lokr_network = adapter.module if adapter.kind == "lokr" else None
     apply_speedups(transformer, lokr_network, config)
+    if config.offload_blocks:
+        if ranks.enabled:
+            raise ConfigError("offload_blocks runs in a single process; under torchrun / accelerate use "
+                              "distributed_mode: fsdp to spread the weights instead")
+        given_device = next(transformer.parameters()).device
+        streamer = BlockStreamer(transformer, device)
+        if given.transformer is not None:
+            cleanup.callback(streamer.remove, given_device)
     model = transformer  # what the training forward calls: the transformer, or DDP over it and its LoKr
     if sharded:
         shard_frozen_base(transformer)

@@ -1,0 +1,187 @@
+"""Low-memory mode: the transformer blocks' weights live in pinned CPU memory and are streamed to the accelerator.
+
+Only the running block (and the one being prefetched) has its weights on the device; everything outside the blocks
+(embedders, caption projections, final layer) stays there. Each block's parameters and buffers are packed into one
+pinned byte buffer, so bringing a block over is one large host-to-device copy, issued on a side stream while the
+previous block computes.
+
+Order. In the forward pass block i prefetches block i+1. With gradient checkpointing the backward pass recomputes the
+blocks in *reverse* order; the pre-hook sees that it runs inside autograd's backward and prefetches block i-1
+instead. (diffusers' group offloading prefetches in forward order only, so in the backward it loads each block
+synchronously and copies the wrong neighbour alongside.)
+
+Lifetime. When a block finishes (its post-hook, or in the backward the next block's pre-hook: torch's checkpoint
+stops a recomputation as soon as it has every saved tensor, so the post-hook may never run; a callback at the end
+of the backward catches the last one) its parameters point back at the pinned CPU copy. Tensors autograd saved
+during the block (e.g. the transposed weight of a Linear) are views of the device copy and keep it alive until
+the block's backward has used them; `record_stream` stops the caching allocator from handing that memory to the
+side stream before the compute stream is done with it. Training therefore needs gradient checkpointing: without
+it autograd would save every block's weights and the whole model would end up on the device (refused).
+
+Between forward calls every block's parameters point at the pinned CPU copies, so in-place edits of the weights
+(merging a LoKr for sampling, `lokr_applied`) land in what gets streamed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_ALIGN = 64  # bytes: every tensor in a packed block buffer starts on a boundary any dtype view accepts
+
+
+@dataclass
+class _PackedBlock:
+    """One block's tensors as views of a single host buffer (pinned when streaming to CUDA)."""
+
+    tensors: list[torch.Tensor]  # the block's parameters and buffers, in a fixed order
+    host: torch.Tensor  # (nbytes,) uint8
+    offsets: list[int]
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The block's tensors as views of `flat` (a host or device copy of `host`)."""
+        return [flat[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                for t, off in zip(self.tensors, self.offsets)]
+
+    def point_at(self, flat: torch.Tensor) -> None:
+        for t, view in zip(self.tensors, self.views(flat)):
+            t.data = view
+
+
+def _pack(block: nn.Module, pin: bool) -> _PackedBlock:
+    tensors = [*block.parameters(), *block.buffers()]
+    for t in tensors:
+        if t.__class__ not in (torch.Tensor, nn.Parameter) or not t.dtype.is_floating_point:
+            raise ConfigError(f"low-memory block offloading needs plain float weights; {type(block).__name__} holds a "
+                              f"{type(t).__name__} of {t.dtype} (a quantised base?). Use base_model_precision "
+                              f"no_change with offload_blocks, or int8 without it")
+    offsets, size = [], 0
+    for t in tensors:
+        offsets.append(size)
+        size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+    packed = _PackedBlock(tensors, host, offsets)
+    with torch.no_grad():
+        for t, view in zip(tensors, packed.views(host)):
+            view.copy_(t.detach())
+    packed.point_at(host)  # frees the block's device copy
+    return packed
+
+
+class BlockStreamer:
+    """Streams `transformer`'s double- and single-stream blocks from CPU memory to `device`, one block ahead.
+
+    Create it on a transformer anywhere (CPU or device): the blocks are packed into pinned host buffers, the rest of
+    the model is moved to `device`. `remove(to)` detaches the hooks and puts every block back on `to` (default
+    `device`) as ordinary tensors.
+    On a CPU device the same bookkeeping runs with plain copies (this is how the tests check it).
+    """
+
+    def __init__(self, transformer: nn.Module, device: torch.device):
+        from .speedups import transformer_blocks
+
+        self.transformer = transformer
+        self.device = torch.device(device)
+        self.blocks = transformer_blocks(transformer)
+        if not self.blocks:
+            raise ConfigError("offload_blocks: this transformer has no double/single stream blocks to stream")
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.packed = [_pack(block, pin=cuda) for block in self.blocks]
+        self._in_blocks = {id(t) for p in self.packed for t in p.tensors}
+        self._move_rest(transformer)
+        self._loaded: dict[int, tuple[torch.Tensor, Optional[torch.cuda.Event]]] = {}
+        self.load_order: list[int] = []  # block indices in the order their copies were issued (tests, logs)
+        self._active: set[int] = set()  # blocks whose parameters point at their device copy
+        self._end_of_backward_queued = False
+        self._handles = [transformer.register_forward_pre_hook(lambda *_: self._release_all())]
+        for i, block in enumerate(self.blocks):
+            self._handles.append(block.register_forward_pre_hook(lambda m, args, i=i: self._enter(i)))
+            self._handles.append(block.register_forward_hook(lambda m, args, out, i=i: self._leave(i)))
+        logger.info("offload_blocks: %d blocks (%.2f GiB) streamed from %s CPU memory to %s",
+                    len(self.blocks), sum(p.host.numel() for p in self.packed) / 2**30,
+                    "pinned" if cuda else "plain", self.device)
+
+    def _move_rest(self, transformer: nn.Module) -> None:
+        with torch.no_grad():
+            for t in [*transformer.parameters(), *transformer.buffers()]:
+                if id(t) not in self._in_blocks and t.device != self.device:
+                    t.data = t.data.to(self.device)
+
+    # ------------------------------------------------------------------------------------------ streaming
+
+    def _issue(self, i: int) -> None:
+        """Start copying block i to the device (on the side stream when there is one)."""
+        if i in self._loaded or not 0 <= i < len(self.blocks):
+            return
+        host = self.packed[i].host
+        if self.stream is None:
+            self._loaded[i] = (host.clone(), None)
+        else:
+            with torch.cuda.stream(self.stream):
+                flat = host.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self._loaded[i] = (flat, event)
+        self.load_order.append(i)
+
+    def _enter(self, i: int) -> None:
+        # One block runs at a time. A block still pointing at its device copy here is one whose checkpoint
+        # recomputation stopped early (torch stops recomputing once it has every saved tensor, so that block's
+        # post-hook never ran); its backward is done by the time the next block is recomputed.
+        for j in [j for j in self._active if j != i]:
+            self._release(j)
+        self._issue(i)  # a no-op when block i was prefetched
+        flat, event = self._loaded[i]
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            flat.record_stream(current)  # freed only after the compute stream's work on it
+        self.packed[i].point_at(flat)
+        self._active.add(i)
+        # Inside autograd's backward (checkpoint recomputation) the blocks run last to first.
+        backward = torch._C._current_graph_task_id() != -1
+        if not backward and torch.is_grad_enabled() and not self.transformer.is_gradient_checkpointing:
+            self._release(i)
+            raise ConfigError("offload_blocks trains only with gradient_checkpointing: true (without it autograd "
+                              "keeps every block's weights on the device); turn it on, or offload_blocks off")
+        if backward and not self._end_of_backward_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._release_all)
+            self._end_of_backward_queued = True
+        self._issue(i - 1 if backward else i + 1)
+
+    def _leave(self, i: int) -> None:
+        self._release(i)
+
+    def _release(self, i: int) -> None:
+        """Point block i back at its host copy; the device copy is freed once autograd no longer holds views of it."""
+        self._loaded.pop(i, None)
+        self._active.discard(i)
+        self.packed[i].point_at(self.packed[i].host)
+
+    def _release_all(self) -> None:
+        """End of a backward pass, or a new forward: no block runs, every one points at its host copy (a copy
+        still held after an interrupted pass may also predate an in-place weight edit)."""
+        for i in list(self._active):
+            self._release(i)
+        self._loaded.clear()
+        self._end_of_backward_queued = False
+
+    def remove(self, to: Optional[torch.device] = None) -> None:
+        """Unhook and put every block back on `to` (default: the streaming device) as ordinary tensors."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._release_all()
+        with torch.no_grad():
+            for packed in self.packed:
+                for t in packed.tensors:
+                    t.data = t.data.to(to or self.device, copy=True)
+        self.packed.clear()
