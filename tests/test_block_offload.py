@@ -52,6 +52,8 @@ def test_streamed_training_step_equals_the_resident_one(tiny_transformer):
     # Forward: 0..n-1, each prefetched by its predecessor; recomputation in the backward: n-1..0.
     assert streamer.load_order == [*range(n), *reversed(range(n))]
     assert _points_at_host(streamer)
+    _loss_and_grads(transformer, network, checkpointing=True)  # a second step: the record is per pass, not growing
+    assert streamer.load_order == [*range(n), *reversed(range(n))]
 
 
 def test_merged_sampling_streams_the_merged_weights(tiny_transformer):

@@ -95,13 +95,12 @@ class BlockStreamer:
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.packed = [_pack(block, pin=cuda) for block in self.blocks]
-        self._in_blocks = {id(t) for p in self.packed for t in p.tensors}
         self._move_rest(transformer)
         self._loaded: dict[int, tuple[torch.Tensor, Optional[torch.cuda.Event]]] = {}
-        self.load_order: list[int] = []  # block indices in the order their copies were issued (tests, logs)
+        self.load_order: list[int] = []  # blocks in the order their copies were issued in the latest pass (tests)
         self._active: set[int] = set()  # blocks whose parameters point at their device copy
         self._end_of_backward_queued = False
-        self._handles = [transformer.register_forward_pre_hook(lambda *_: self._release_all())]
+        self._handles = [transformer.register_forward_pre_hook(lambda *_: self._new_pass())]
         for i, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(lambda m, args, i=i: self._enter(i)))
             self._handles.append(block.register_forward_hook(lambda m, args, out, i=i: self._leave(i)))
@@ -110,9 +109,10 @@ class BlockStreamer:
                     "pinned" if cuda else "plain", self.device)
 
     def _move_rest(self, transformer: nn.Module) -> None:
+        in_blocks = {id(t) for packed in self.packed for t in packed.tensors}
         with torch.no_grad():
             for t in [*transformer.parameters(), *transformer.buffers()]:
-                if id(t) not in self._in_blocks and t.device != self.device:
+                if id(t) not in in_blocks and t.device != self.device:
                     t.data = t.data.to(self.device)
 
     # ------------------------------------------------------------------------------------------ streaming
@@ -165,6 +165,11 @@ class BlockStreamer:
         self._loaded.pop(i, None)
         self._active.discard(i)
         self.packed[i].point_at(self.packed[i].host)
+
+    def _new_pass(self) -> None:
+        """A forward of the whole transformer starts (its backward, if any, belongs to the same pass)."""
+        self._release_all()
+        self.load_order.clear()  # one pass's worth: the list must not grow with every training step
 
     def _release_all(self) -> None:
         """End of a backward pass, or a new forward: no block runs, every one points at its host copy (a copy

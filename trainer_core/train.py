@@ -420,10 +420,10 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
         if ranks.enabled:
             raise ConfigError("offload_blocks runs in a single process; under torchrun / accelerate use "
                               "distributed_mode: fsdp to spread the weights instead")
-        given_device = next(transformer.parameters()).device
+        callers_device = next(transformer.parameters()).device  # where a given transformer goes back to
         streamer = BlockStreamer(transformer, device)
         if given.transformer is not None:
-            cleanup.callback(streamer.remove, given_device)
+            cleanup.callback(streamer.remove, callers_device)
     model = transformer  # what the training forward calls: the transformer, or DDP over it and its LoKr
     if sharded:
         shard_frozen_base(transformer)
