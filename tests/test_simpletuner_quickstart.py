@@ -38,9 +38,7 @@ QUICKSTART_CONFIG = {
     "model_type": "lora",
     "model_family": "hidream",
     "offload_during_startup": True,
-    # quickstart: "bf16". On a CPU, optimum-quanto's int8 kernel (torch._weight_int8pack_mm) with bf16
-    # activations segfaults while sampling (also before this change); GPUs are unaffected.
-    "mixed_precision": "no",
+    "mixed_precision": "bf16",
     "minimum_image_size": 0,
     "max_train_steps": 6,  # quickstart: 10000
     "max_grad_norm": 0.01,

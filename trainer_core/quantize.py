@@ -30,10 +30,28 @@ def quantize_frozen(model: nn.Module, precision: str) -> nn.Module:
     if precision == "int4-quanto":
         logger.warning("int4-quanto trains far slower than int8-quanto on GPUs (its matmul dequantises per call); "
                        "int8-quanto is the recommended low-memory setting")
-    quantize(model, weights=weights)
+    quantize(model, weights=weights, exclude=_int8_unsafe_linears(model) if precision == "int8-quanto" else None)
     freeze(model)
     model.requires_grad_(False)
     return model
+
+
+# torch's CPU kernel for bf16 activations x int8 weights (`torch._weight_int8pack_mm`, which optimum-quanto 0.2.7 picks
+# whenever in_features % 4 == 0) segfaults for more than one row when in_features is not a multiple of 16 (torch
+# 2.13; found through validation sampling on the tiny test model, whose pooled width is 40). Every Linear of a real
+# HiDream-I1 or its text encoders has a multiple of 16, so only narrow odd layers are affected, and those are tiny.
+INT8_INPUT_MULTIPLE = 16
+
+
+def _int8_unsafe_linears(model: nn.Module) -> list[str]:
+    """Names of Linear layers that stay unquantised under int8 (see INT8_INPUT_MULTIPLE)."""
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and module.in_features % INT8_INPUT_MULTIPLE]
+    if names:
+        logger.info("int8-quanto: %d Linear layer(s) with an input width that is not a multiple of %d stay in %s "
+                    "(torch's int8 CPU kernel cannot run them): %s", len(names), INT8_INPUT_MULTIPLE,
+                    next(model.parameters()).dtype, ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""))
+    return names
 
 
 def is_quantized(module: nn.Module) -> bool:
