@@ -29,6 +29,9 @@ def test_bench_small_cpu_training_mode_writes_json(tmp_path, capsys):
     assert set(train["ablation"]) == {"without_fast_lokr", "without_fast_moe_dispatch"}
     for variant in train["ablation"].values():
         assert variant["check_passed"] and variant["step_s"] > 0 and variant["slowdown_vs_project"] > 0
+    base = train["base_model"]  # the adapter-free stock step: no LoKr, so fewer FLOPs than the LoKr steps
+    assert 0 < base["flops_per_step"] < train["project"]["flops_per_step"]
+    assert base["adapter_side_bound"] == train["reference_step_s"] / base["step_s"]
     assert train["torch"] and train["lycoris"] and train["date"]
     assert "skipped" in offload and "cuda" in offload["skipped"]
 
@@ -37,3 +40,22 @@ def test_bench_rejects_unknown_mode(capsys):
     assert main(["bench", "--size", "small", "--device", "cpu", "--modes", "bf16_turbo"]) == 2
     err = capsys.readouterr().err
     assert "bf16_turbo" in err and "bf16_gc" in err
+
+
+def test_sequential_timing_caps_a_slow_configuration():
+    """A configuration with `max_steps` (the offload reference) runs fewer timed steps than `--steps`."""
+    import torch
+
+    from trainer_core.bench import Timed, time_configs
+
+    calls = {"fast": 0, "slow": 0}
+
+    def timed(label, cap):
+        def step(_):
+            calls[label] += 1
+        return lambda: Timed(step, count_flops=False, max_steps=cap)
+
+    results = time_configs({"fast": timed("fast", None), "slow": timed("slow", 2)}, torch.device("cpu"), steps=5,
+                           warmup=1, interleave=False)
+    assert calls == {"fast": 6, "slow": 3}
+    assert len(results["fast"]["step_s_all"]) == 6 and len(results["slow"]["step_s_all"]) == 3

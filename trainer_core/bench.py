@@ -20,6 +20,10 @@ Modes: bf16_nogc, bf16_gc (gradient checkpointing), int8_gc (optimum-quanto int8
 offload_gc (blocks streamed from CPU memory with diffusers' group offloading + checkpointing; CUDA only),
 sample_cfg (one CFG denoising step at batch 2: base model, LoKr merged by the project, LoKr hooked by LyCORIS).
 One JSON line per mode goes to stdout and to `--out`.
+
+`--ablate` adds, per training mode, the project step with each speed-up switched off in turn (`ablation`: what each
+one is worth) and the stock model with no adapter at all (`base_model`: its forward and backward, the floor no
+adapter-side speed-up can go below; `adapter_side_bound` = reference / base_model).
 """
 from __future__ import annotations
 
@@ -261,6 +265,7 @@ class Timed:
     info: dict = field(default_factory=dict)
     count_flops: bool = True  # one extra step under torch's FLOP counter (skipped where a step is slow and its
     #                           FLOPs are another mode's: offloading moves weights, not work)
+    max_steps: Optional[int] = None  # cap on timed steps (a reference so slow that the run's time limit matters)
 
 
 def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, steps: int, warmup: int,
@@ -278,7 +283,8 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
             _release(device)
             _reset_peak(device)
             times = []
-            for i in range(warmup + steps):
+            timed_steps = min(steps, timed.max_steps or steps)
+            for i in range(warmup + timed_steps):
                 _sync(device)
                 started = time.perf_counter()
                 timed.step(i)
@@ -341,7 +347,7 @@ class BenchOptions:
     reference_lokr: str = "rebuild"
     speedups: Speedups = field(default_factory=Speedups)
     learning_rate: float = 1e-4
-    ablate: bool = False  # also time the project step with each speed-up switched off in turn
+    ablate: bool = False  # also time each speed-up switched off in turn, and the adapter-free stock model
     sequential: Optional[bool] = None  # None: sequential on CUDA (per-configuration peak memory), interleaved on CPU
 
     @property
@@ -424,8 +430,37 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
         remove_network(network)
         state.clear()
 
+    # diffusers' blocking group offload took ~20 s a step at full size (H100): three timed steps, not `--steps`.
+    slow_reference = mode == "offload_gc" and label == "reference"
     return Timed(step, close, {"lokr_params": sum(p.numel() for p in params), **info},
-                 count_flops=mode != "offload_gc")
+                 count_flops=mode != "offload_gc", max_steps=3 if slow_reference else None)
+
+
+def _base_model_config(mode: str, opts: BenchOptions) -> Timed:
+    """The stock model with no adapter at all: forward, the same loss, backward to the input latents (no optimizer).
+
+    This is the floor of every adapter-side speed-up: a step that trains a LoKr cannot be cheaper than the frozen
+    model's own forward and backward, so `reference / base_model` bounds what the LoKr path and the optimizer can
+    win; anything faster than that has to come from the base model itself (the MoE dispatch, compile)."""
+    model = _prepare_train_model(mode, "base_model", opts, {}, {})  # setup figures in the row are the LoKr steps'
+    inputs = make_inputs(opts.size, opts.device, opts.dtype)
+    load_balancing = LoadBalancingLoss(model, LOAD_BALANCING_WEIGHT)
+    state = {"model": model}
+    del model
+
+    def step(i: int) -> torch.Tensor:
+        noise, sigmas = step_noise(inputs, i)
+        latents = inputs.latents.detach().requires_grad_(True)  # the gradient needs a leaf to reach
+        loss = training_loss(state["model"], replace(inputs, latents=latents), noise, sigmas, load_balancing,
+                             opts.dtype)
+        loss.backward()
+        return loss.detach()
+
+    def close() -> None:
+        load_balancing.remove()
+        state.clear()
+
+    return Timed(step, close)
 
 
 def _speedups_for(label: str, speedups: Speedups) -> Speedups:
@@ -446,9 +481,10 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
     checks: dict = {}
     # The project first: on a GPU a slow reference (offloading) cut short by a time limit still leaves its figures.
     labels = ["project", "reference", *(_ablation_labels(mode, opts.speedups) if opts.ablate else [])]
-    results = time_configs({label: (lambda label=label: _train_config(mode, label, opts, extra, checks))
-                            for label in labels},
-                           opts.device, opts.steps, opts.warmup, opts.interleave)
+    configs = {label: (lambda label=label: _train_config(mode, label, opts, extra, checks)) for label in labels}
+    if opts.ablate and mode != "offload_gc":
+        configs["base_model"] = lambda: _base_model_config(mode, opts)
+    results = time_configs(configs, opts.device, opts.steps, opts.warmup, opts.interleave)
     (ref_loss, ref_grads, _), (proj_loss, proj_grads, report) = checks["reference"], checks["project"]
     row = _row(mode, opts, results["project"], results["reference"], extra)
     row["check"] = compare(ref_grads, proj_grads, ref_loss, proj_loss, opts.dtype)
@@ -459,6 +495,13 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
                                    "check_passed": compare(ref_grads, checks[label][1], ref_loss, checks[label][0],
                                                            opts.dtype)["passed"]}
                            for label in labels[2:]}
+    if "base_model" in results:
+        base = results["base_model"]
+        row["base_model"] = {"step_s": base["step_s"], "peak_gib": base["peak_gib"],
+                             "flops_per_step": base["flops_per_step"],
+                             # the most any adapter-side speed-up (LoKr path, optimizer) can give over the reference
+                             "adapter_side_bound": results["reference"]["step_s"] / base["step_s"],
+                             "project_vs_base": results["project"]["step_s"] / base["step_s"]}
     return row
 
 

@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lean-int8-backward", action="store_true", help="project step with quanto's own backward")
     p.add_argument("--compile-blocks", action="store_true", help="torch.compile every transformer block")
     p.add_argument("--ablate", action="store_true",
-                   help="also time the project step with each speed-up switched off in turn (what each is worth)")
+                   help="also time the project step with each speed-up switched off in turn (what each is worth) "
+                        "and the stock model without an adapter (the floor of adapter-side speed-ups)")
     p.add_argument("--sequential", action="store_true",
                    help="time one configuration after the other (the CUDA default) instead of alternating steps")
     p.set_defaults(func=_cmd_bench)
