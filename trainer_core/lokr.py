@@ -235,7 +235,8 @@ def lokr_delta_weight(lora, strength: float = 1.0) -> torch.Tensor:
 
 
 def is_mergeable(network) -> bool:
-    """False when a wrapped module's weight is quantised (optimum-quanto); merging there silently does nothing."""
+    """False when a wrapped module's weight is quantised (optimum-quanto; merging there silently does nothing) or
+    sharded (an FSDP DTensor holds a slice of it): the LoKr then runs through its bypass hooks."""
     for lora in network.loras:
         weight = lora.org_module[0].weight
         if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:

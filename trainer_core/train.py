@@ -45,7 +45,7 @@ from .quantize import quantize_frozen
 from .sample import latents_to_images
 from .speedups import apply_speedups, remove_speedups
 from .tracking import RunLog
-from .validation import render_validation, validation_prompts
+from .validation import render_validation, validation_latents, validation_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -304,9 +304,6 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
                     ranks.world_size, config.distributed_mode, config.train_batch_size *
                     config.gradient_accumulation_steps * ranks.world_size, config.train_batch_size,
                     config.gradient_accumulation_steps, ranks.world_size, config.learning_rate)
-    if sharded and (config.validation_prompt or config.eval_steps_interval):
-        logger.warning("validation images and eval loss are not computed with distributed_mode fsdp (every rank "
-                       "would have to sample together); train, then sample with the saved LoKr")
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
     lycoris = LycorisConfig.from_file(config.lycoris_config) if config.lycoris_config else LycorisConfig()
     if config.init_lokr_weights and not Path(config.init_lokr_weights).is_file():
@@ -441,7 +438,9 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
         transformer.train(was_training)
 
     logger.info("adapter: %s", describe(adapter))
-    if not adapter.mergeable:
+    if sharded:
+        logger.info("validation samples run the LoKr unmerged (bypass mode): the base weights are sharded")
+    elif not adapter.mergeable:
         logger.warning("the base weights are quantised: a LoKr cannot be merged into them, so validation samples "
                        "run it unmerged (bypass mode)")
     params = adapter.parameters()
@@ -531,8 +530,10 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
     validated_steps: set[int] = set()
 
     def validate(step: int, resume_phase: Optional[str] = "training") -> list[Path]:
-        # Rank 0 samples alone; the others wait for it in the next step's gradient all-reduce.
-        if not prompts or step in validated_steps or not is_main or sharded:
+        # Rank 0 samples alone and the others wait for it in the next step's gradient all-reduce; except with FSDP,
+        # where each block gathers its weights from every rank, so all ranks run the same forwards and rank 0
+        # alone decodes and writes.
+        if not prompts or step in validated_steps or not (is_main or sharded):
             return []
         validated_steps.add(step)
         phase("validating")
@@ -540,20 +541,26 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
         if step == 0:  # the benchmark image is the base model's, whatever the LoKr's initialisation
             settings = replace(settings, lokr_strength=0.0)
         with torch.random.fork_rng(devices=[]), adapter.applied(settings.lokr_strength):
-            paths_, grid, grid_path = render_validation(step, prompts, config.validation_resolutions, settings,
-                                                        text_cache, transformer, decode_latents,
-                                                        output_dir / "validation")
-        run_log.image("validation/grid", step, grid)
-        if losses:  # the loss curve (with its moving average) is redrawn at every validation
-            write_loss_curve(losses, output_dir / "loss_curve.png")
-        if cb.on_validation:
-            cb.on_validation(step, grid, grid_path)
+            if is_main:
+                paths_, grid, grid_path = render_validation(step, prompts, config.validation_resolutions, settings,
+                                                            text_cache, transformer, decode_latents,
+                                                            output_dir / "validation")
+            else:
+                for _ in validation_latents(prompts, config.validation_resolutions, settings, text_cache,
+                                            transformer):
+                    pass
+        if is_main:
+            run_log.image("validation/grid", step, grid)
+            if losses:  # the loss curve (with its moving average) is redrawn at every validation
+                write_loss_curve(losses, output_dir / "loss_curve.png")
+            if cb.on_validation:
+                cb.on_validation(step, grid, grid_path)
         if resume_phase:
             phase(resume_phase)
-        return [*paths_, grid_path]
+        return [*paths_, grid_path] if is_main else []
 
     def evaluate(step: int) -> None:
-        if not is_main or sharded:
+        if not (is_main or sharded):  # FSDP: every rank runs the same forwards (see validate)
             return
         with torch.random.fork_rng(devices=[]):
             value = eval_loss(eval_samples, load_latents, text_cache,
@@ -562,7 +569,8 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
         load_balancing.clear()
         eval_losses.append((step, value))
         run_log.scalars(step, {"eval_loss": value})
-        logger.info("step %d: eval loss %.5f over %d images", step, value, len(eval_samples))
+        if is_main:
+            logger.info("step %d: eval loss %.5f over %d images", step, value, len(eval_samples))
 
     # 6. The loop. Validation, eval loss, checkpoints and front-end commands happen between steps.
     phase("training")

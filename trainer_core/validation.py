@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image, ImageDraw
@@ -50,6 +50,18 @@ def validation_prompts(main_prompt: str | None, library_path: Path | None) -> di
     return prompts
 
 
+def validation_latents(prompts: dict[str, str], resolutions: list[tuple[int, int]], settings: SamplingConfig,
+                       text_cache: TextEmbeddingCache, transformer) -> Iterator[tuple[str, int, int, torch.Tensor]]:
+    """Sample every prompt at every resolution, prompts outer, in a fixed order: (nickname, width, height, latents
+    (1, C, H/8, W/8)). A sharded (FSDP) model needs every rank to run these same forwards together."""
+    uncond = text_cache.load([settings.negative_prompt])
+    for nickname, prompt in prompts.items():
+        cond = text_cache.load([prompt])
+        for width, height in resolutions:
+            yield nickname, width, height, denoise(transformer, cond, uncond,
+                                                   replace(settings, prompt=prompt, width=width, height=height))
+
+
 def render_validation(step: int, prompts: dict[str, str], resolutions: list[tuple[int, int]],
                       settings: SamplingConfig, text_cache: TextEmbeddingCache, transformer,
                       decode_latents: Callable[[torch.Tensor], list[Image.Image]], out_dir: Path
@@ -60,21 +72,16 @@ def render_validation(step: int, prompts: dict[str, str], resolutions: list[tupl
     """
     folder = Path(out_dir) / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
-    uncond = text_cache.load([settings.negative_prompt])
-    paths, rows = [], []
-    for nickname, prompt in prompts.items():
-        cond = text_cache.load([prompt])
-        row = []
-        for width, height in resolutions:
-            one = replace(settings, prompt=prompt, width=width, height=height)
-            image = decode_latents(denoise(transformer, cond, uncond, one))[0]
-            path = folder / f"{nickname}_{width}x{height}.png"
-            write_with(path, lambda tmp: image.save(tmp, format="PNG"))
-            crash_point("validation")
-            paths.append(path)
-            row.append(image)
-        rows.append((nickname, row))
-    grid = image_grid(rows, [f"{w}x{h}" for w, h in resolutions])
+    paths, rows = [], {}
+    for nickname, width, height, latents in validation_latents(prompts, resolutions, settings, text_cache,
+                                                               transformer):
+        image = decode_latents(latents)[0]
+        path = folder / f"{nickname}_{width}x{height}.png"
+        write_with(path, lambda tmp: image.save(tmp, format="PNG"))
+        crash_point("validation")
+        paths.append(path)
+        rows.setdefault(nickname, []).append(image)
+    grid = image_grid(list(rows.items()), [f"{w}x{h}" for w, h in resolutions])
     grid_path = folder / "grid.png"
     write_with(grid_path, lambda tmp: grid.save(tmp, format="PNG"))
     return paths, grid, grid_path
