@@ -49,7 +49,7 @@ from .speedups import Speedups, apply_speedups, remove_speedups
 logger = logging.getLogger(__name__)
 
 TRAIN_MODES = ("bf16_nogc", "bf16_gc", "int8_gc", "offload_gc")
-ALL_MODES = ("bf16_nogc", "bf16_gc", "sample_cfg", "offload_gc", "int8_gc")  # int8 last: quantisation is in place
+ALL_MODES = ("bf16_nogc", "bf16_gc", "sample_cfg", "offload_gc", "int8_gc")  # every configuration builds its own model
 LOKR_FACTOR = 16
 LOAD_BALANCING_WEIGHT = 0.01
 
@@ -290,7 +290,9 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
                 timed.step(i)
                 _sync(device)
                 times.append(time.perf_counter() - started)
-                logger.info("%s step %d: %.3f s", label, i, times[-1])  # visible even if the run is cut short
+                peak = _peak_gib(device)  # logged per step: a run cut short by a time limit keeps its memory too
+                logger.info("%s step %d: %.3f s, peak so far %s GiB", label, i, times[-1],
+                            f"{peak:.2f}" if peak is not None else "n/a")
             peak = _peak_gib(device)
             logger.info("%s: median %.3f s, peak %s GiB", label, statistics.median(times[warmup:]),
                         f"{peak:.2f}" if peak is not None else "n/a")
