@@ -1,5 +1,6 @@
 """Injected faults: NaN/inf steps are skipped without touching the weights, a run of them stops with a checkpoint,
-out-of-memory stops with a checkpoint and advice, a full disk keeps the previous checkpoint, and the caller's model
+out-of-memory switches on gradient checkpointing and retries the step (or, with nothing left to switch on, stops
+with a checkpoint and advice), a full disk keeps the previous checkpoint, and the caller's model
 always comes back clean."""
 from __future__ import annotations
 
@@ -89,31 +90,60 @@ def test_consecutive_nonfinite_steps_stop_with_a_checkpoint_and_an_explanation(t
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
 
 
-def test_out_of_memory_stops_with_a_checkpoint_the_peak_and_what_needs_less(tiny_paths, tiny_model_dir, shapes,
-                                                                            tmp_path):
-    def raise_on_third_call(transformer):
+def out_of_memory_from_call(first: int, unless_checkpointing: bool = False):
+    """A pre-hook that raises CUDA's out-of-memory error on every training forward from the `first` (1-based) on;
+    with `unless_checkpointing`, only while the model runs without gradient checkpointing (as if that fitted)."""
+    def install(transformer):
         count = {"n": 0}
 
         def hook(module, args, kwargs):
             if module.training:
                 count["n"] += 1
-                if count["n"] == 3:
+                if count["n"] >= first and not (unless_checkpointing and module.is_gradient_checkpointing):
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
         transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    return install
 
-    components = components_with(tiny_paths, raise_on_third_call)
+
+@pytest.mark.parametrize("checkpointing, recover", [(False, False), (True, True)])
+def test_out_of_memory_stops_with_a_checkpoint_the_peak_and_what_needs_less(tiny_paths, tiny_model_dir, shapes,
+                                                                            tmp_path, checkpointing, recover):
+    """Recovery off, or nothing left to switch on (checkpointing already is): the run stops at the failing step."""
+    components = components_with(tiny_paths, out_of_memory_from_call(3))
     was_training = components.transformer.training
     config = tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=10,
-                               gradient_checkpointing=False)
+                               gradient_checkpointing=checkpointing, recover_from_out_of_memory=recover)
     with pytest.raises(TrainingStopped) as info:
         train(config, components=components)
     message = str(info.value)
     assert "out of memory" in message and "at step 3" in message and "GiB in use" in message
-    assert "gradient_checkpointing: true" in message and "int8-quanto" in message
+    assert "int8-quanto" in message and "offload_blocks: true" in message
+    assert ("gradient_checkpointing: true" in message) is not checkpointing  # advised only when it was off
     assert info.value.checkpoint.name == "checkpoint-2" and ckpt.verify_checkpoint(info.value.checkpoint) is None
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
     assert components.transformer.training == was_training  # handed back in its own mode
+    assert not components.transformer.is_gradient_checkpointing  # as it was given, whatever the run switched on
+
+
+def test_out_of_memory_switches_on_gradient_checkpointing_and_retries_the_same_step(tiny_paths, tiny_model_dir,
+                                                                                     shapes, tmp_path, caplog):
+    """Step 3 runs out of memory without checkpointing: it is retried with checkpointing on (same batch, same
+    noise) and the run goes on, ending where an uninterrupted run ends."""
+    uninterrupted = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "plain", max_train_steps=5,
+                                            gradient_accumulation_steps=2, gradient_checkpointing=False))
+    components = components_with(tiny_paths, out_of_memory_from_call(5, unless_checkpointing=True))
+    config = tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=5,
+                               gradient_accumulation_steps=2, gradient_checkpointing=False)
+    with caplog.at_level("WARNING", logger="trainer_core.train"):
+        recovered = train(config, components=components)
+    # Forward 5 is step 3's first micro-batch (2 per step).
+    assert "step 3 ran out of memory" in caplog.text and "gradient_checkpointing: true" in caplog.text
+    assert recovered.steps_done == 5 and len(recovered.losses) == 5
+    assert recovered.losses == pytest.approx(uninterrupted.losses, rel=1e-5)
+    trained, reference = load_file(str(recovered.lokr_path)), load_file(str(uninterrupted.lokr_path))
+    assert max((trained[k] - reference[k]).abs().max().item() for k in reference) < 1e-5
+    assert not components.transformer.is_gradient_checkpointing  # the caller's model comes back as it was given
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):

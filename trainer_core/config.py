@@ -182,6 +182,9 @@ class TrainConfig:
     # Low-memory mode: transformer blocks stay in pinned CPU memory and are streamed to the GPU one block ahead
     # (block_offload.py). Needs gradient_checkpointing and float base weights; a single process.
     offload_blocks: bool = False
+    # A training step that runs out of GPU memory is retried with gradient checkpointing switched on (when it was
+    # off) instead of stopping the run; single process only. Off: the run stops with a checkpoint and a message.
+    recover_from_out_of_memory: bool = True
 
     def validate(self) -> None:
         if not self.datasets:

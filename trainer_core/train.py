@@ -258,14 +258,17 @@ class TrainingStopped(RuntimeError):
         self.checkpoint = checkpoint
 
 
-def out_of_memory_message(config: TrainConfig, device: torch.device, step: int) -> str:
-    """What ran out, how much was in use, and the settings that need less."""
+def out_of_memory_message(config: TrainConfig, device: torch.device, step: int, checkpointing: bool) -> str:
+    """What ran out, how much was in use, and the settings that need less (`checkpointing`: whether the step ran
+    with gradient checkpointing, which the run may have switched on itself)."""
     peak = peak_memory_bytes(device) / 2**30
     fixes = []
-    if not config.gradient_checkpointing:
+    if not checkpointing:
         fixes.append("gradient_checkpointing: true (about half the activation memory)")
     if config.base_model_precision == "no_change":
         fixes.append("base_model_precision: int8-quanto (half the weight memory)")
+        if not config.offload_blocks:
+            fixes.append("offload_blocks: true (block weights stay in CPU memory and stream to the GPU; slower)")
     fixes.append(f"a smaller resolution (now {sorted({d.resolution for d in config.datasets})}) or train_batch_size "
                  f"(now {config.train_batch_size}; raise gradient_accumulation_steps to keep the effective batch)")
     if config.validation_prompt and max(max(r) for r in config.validation_resolutions) > 1024:
@@ -572,6 +575,38 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
         if is_main:
             logger.info("step %d: eval loss %.5f over %d images", step, value, len(eval_samples))
 
+    def accumulate_gradients(micro_batches: list[tuple[list[TrainingSample], list[bool]]]
+                             ) -> tuple[float, float, Optional[float]]:
+        """Forward and backward of every micro-batch of one step (this rank's slices); returns the step's mean
+        loss, flow-matching loss and load-balancing loss (or None). The gradients are left in the LoKr."""
+        step_loss = step_flow = 0.0
+        step_lb: Optional[float] = None
+        for micro, (batch, dropped) in enumerate(micro_batches):
+            latents = load_latents(batch).to(device)
+            embeds = text_cache.load(["" if drop else s.caption for s, drop in zip(batch, dropped)])
+            last_micro = micro == len(micro_batches) - 1
+            # DDP averages gradients once per optimizer step, not per micro-batch.
+            sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else contextlib.nullcontext()
+            with sync:
+                loss, flow_loss, lb_loss = flow_matching_step(model, latents, embeds, noise_generator, config,
+                                                              load_balancing, ranks)
+                (loss / len(micro_batches)).backward()
+            step_loss += loss.item() / len(micro_batches)
+            step_flow += flow_loss.item() / len(micro_batches)
+            if lb_loss is not None:
+                step_lb = (step_lb or 0.0) + lb_loss.item() / len(micro_batches)
+        return step_loss, step_flow, step_lb
+
+    def lower_memory_setting() -> Optional[str]:
+        """After running out of memory: switch on, for the rest of this run, a setting that needs less; None when
+        there is none (or recovery is off, or other ranks would be left waiting in a collective)."""
+        if not config.recover_from_out_of_memory or ranks.enabled:
+            return None
+        if not transformer.is_gradient_checkpointing:  # the maths is unchanged; activations about halve
+            transformer.enable_gradient_checkpointing()
+            return "gradient_checkpointing: true"
+        return None
+
     # 6. The loop. Validation, eval loss, checkpoints and front-end commands happen between steps.
     phase("training")
     batch_iter = iter(batches)
@@ -591,35 +626,33 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
             stopped = True
             break
         step_started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = step_flow = 0.0
-        step_lb: Optional[float] = None
-        try:
-            for micro in range(config.gradient_accumulation_steps):
-                batch = next(batch_iter)  # the global batch: every rank draws for all of it, trains on its slice
-                dropped = [dropout_rng.random() < config.caption_dropout_probability for _ in batch]
-                batch, dropped = ranks.shard(batch), ranks.shard(dropped)
-                latents = load_latents(batch).to(device)
-                embeds = text_cache.load(["" if drop else s.caption for s, drop in zip(batch, dropped)])
-                last_micro = micro == config.gradient_accumulation_steps - 1
-                # DDP averages gradients once per optimizer step, not per micro-batch.
-                sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else contextlib.nullcontext()
-                with sync:
-                    loss, flow_loss, lb_loss = flow_matching_step(model, latents, embeds, noise_generator, config,
-                                                                  load_balancing, ranks)
-                    (loss / config.gradient_accumulation_steps).backward()
-                step_loss += loss.item() / config.gradient_accumulation_steps
-                step_flow += flow_loss.item() / config.gradient_accumulation_steps
-                if lb_loss is not None:
-                    step_lb = (step_lb or 0.0) + lb_loss.item() / config.gradient_accumulation_steps
-        except torch.OutOfMemoryError as exc:
-            # Free what this step held, keep the last complete step, and say what would fit.
-            loss = flow_loss = lb_loss = latents = embeds = None
+        # The step's micro-batches and caption dropout are drawn before any runs, and the noise stream's state is
+        # kept, so a step retried after running out of memory is the same step.
+        micro_batches = []
+        for _ in range(config.gradient_accumulation_steps):
+            batch = next(batch_iter)  # the global batch: every rank draws for all of it, trains on its slice
+            dropped = [dropout_rng.random() < config.caption_dropout_probability for _ in batch]
+            micro_batches.append((ranks.shard(batch), ranks.shard(dropped)))
+        noise_state = noise_generator.get_state()
+        while True:
             optimizer.zero_grad(set_to_none=True)
-            load_balancing.clear()
+            try:
+                step_loss, step_flow, step_lb = accumulate_gradients(micro_batches)
+                break
+            except torch.OutOfMemoryError as exc:
+                optimizer.zero_grad(set_to_none=True)
+                load_balancing.clear()
+                switched_on = lower_memory_setting()
+                if switched_on is None:  # nothing left to lower: keep the last complete step, say what would fit
+                    release_memory()
+                    message = out_of_memory_message(config, device, step, transformer.is_gradient_checkpointing)
+                    raise TrainingStopped(message, save_checkpoint(steps_done) if is_main else None) from exc
+            # Past the handler its traceback, and the activations its frames pinned, are gone.
             release_memory()
-            message = out_of_memory_message(config, device, step)
-            raise TrainingStopped(message, save_checkpoint(steps_done) if is_main else None) from exc
+            noise_generator.set_state(noise_state)
+            logger.warning("step %d ran out of memory on %s (peak %.1f GiB); retrying it, and training on, with %s "
+                           "(put it in the config to start with it)", step, device,
+                           peak_memory_bytes(device) / 2**30, switched_on)
         if sharded:
             average_gradients(params, ranks)
         step_loss, step_flow = ranks.mean(step_loss), ranks.mean(step_flow)  # what rank 0 logs is the global mean
