@@ -472,8 +472,9 @@ def _speedups_for(label: str, speedups: Speedups) -> Speedups:
 
 def _ablation_labels(mode: str, speedups: Speedups) -> list[str]:
     """One extra project configuration per speed-up that is on and matters in `mode` (the bf16 modes measure the
-    LoKr and MoE paths; the int8 mode its own backward)."""
-    relevant = {"bf16_nogc": ["fast_lokr", "fast_moe_dispatch"], "bf16_gc": ["fast_lokr", "fast_moe_dispatch"],
+    LoKr, MoE and rotary-embedding paths; the int8 mode its own backward)."""
+    relevant = {"bf16_nogc": ["fast_lokr", "fast_moe_dispatch", "lean_rope"],
+                "bf16_gc": ["fast_lokr", "fast_moe_dispatch", "lean_rope"],
                 "int8_gc": ["lean_int8_backward"]}.get(mode, [])
     return [f"without_{name}" for name in relevant if getattr(speedups, name)]
 

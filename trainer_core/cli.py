@@ -103,7 +103,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda"
                                                                           else "fp32")]
     speedups = Speedups(fast_lokr=not args.no_fast_lokr, fast_moe_dispatch=not args.no_fast_moe_dispatch,
-                        lean_int8_backward=not args.no_lean_int8_backward, compile_blocks=args.compile_blocks)
+                        lean_int8_backward=not args.no_lean_int8_backward, compile_blocks=args.compile_blocks,
+                        lean_rope=not args.no_lean_rope)
     opts = BenchOptions(size=SIZES[args.size], device=device, dtype=dtype, steps=args.steps, warmup=args.warmup,
                         reference_lokr=args.reference_lokr, speedups=speedups,
                         sequential=True if args.sequential else None, ablate=args.ablate)
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fast-lokr", action="store_true", help="project step without the Kronecker LoKr path")
     p.add_argument("--no-fast-moe-dispatch", action="store_true", help="project step with diffusers' MoE dispatch")
     p.add_argument("--no-lean-int8-backward", action="store_true", help="project step with quanto's own backward")
+    p.add_argument("--no-lean-rope", action="store_true", help="project step with diffusers' rotary embedding")
     p.add_argument("--compile-blocks", action="store_true", help="torch.compile every transformer block")
     p.add_argument("--ablate", action="store_true",
                    help="also time the project step with each speed-up switched off in turn (what each is worth) "

@@ -6,6 +6,7 @@ float32) and has a switch in `TrainConfig`:
     fast_lokr            LoKr through its Kronecker structure in one addmm        (kron_lokr.py)
     fast_moe_dispatch    MoE training dispatch sorted by expert, one host sync    (moe_dispatch.py)
     lean_int8_backward   frozen quanto layers keep no activations for backward   (frozen_qlinear.py)
+    lean_rope            attention's rotary embedding keeps no float32 q/k copies (lean_rope.py)
     compile_blocks       regional torch.compile of every transformer block       (off by default: compile time,
                                                                                   and not measured on a GPU yet)
 """
@@ -18,6 +19,7 @@ from torch import nn
 
 from .frozen_qlinear import install_frozen_qlinear, uninstall_frozen_qlinear
 from .kron_lokr import install_kron_lokr, uninstall_kron_lokr
+from .lean_rope import install_lean_rope, uninstall_lean_rope
 from .moe_dispatch import install_sorted_moe, is_moe_feed_forward, uninstall_sorted_moe
 
 logger = logging.getLogger(__name__)
@@ -29,17 +31,19 @@ class Speedups:
     fast_moe_dispatch: bool = True
     lean_int8_backward: bool = True
     compile_blocks: bool = False
+    lean_rope: bool = True
 
     @classmethod
     def from_config(cls, config) -> "Speedups":
         """Read the switches from a TrainConfig (or anything with those attributes; missing ones keep defaults)."""
         return cls(**{name: bool(getattr(config, name, default)) for name, default in
                       (("fast_lokr", True), ("fast_moe_dispatch", True), ("lean_int8_backward", True),
-                       ("compile_blocks", False))})
+                       ("compile_blocks", False), ("lean_rope", True))})
 
     @classmethod
     def none(cls) -> "Speedups":
-        return cls(False, False, False, False)
+        return cls(fast_lokr=False, fast_moe_dispatch=False, lean_int8_backward=False, compile_blocks=False,
+                   lean_rope=False)
 
 
 def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
@@ -60,6 +64,8 @@ def apply_speedups(transformer: nn.Module, network=None, config=None) -> dict:
         report["fast_lokr_modules"], report["stock_lokr_modules"] = install_kron_lokr(network)
     if options.fast_moe_dispatch:
         report["sorted_moe_layers"] = install_sorted_moe(transformer)
+    if options.lean_rope:
+        report["lean_rope_layers"] = install_lean_rope(transformer)
     if options.compile_blocks:
         blocks = transformer_blocks(transformer)
         _allow_one_graph_per_block(len(blocks))
@@ -99,6 +105,7 @@ def _allow_one_graph_per_block(n_blocks: int) -> None:
 def remove_speedups(transformer: nn.Module, network=None) -> None:
     """Undo `apply_speedups` (compiled blocks stay compiled; they compute the same thing)."""
     uninstall_sorted_moe(transformer)
+    uninstall_lean_rope(transformer)
     if network is not None:
         uninstall_kron_lokr(network)
     uninstall_frozen_qlinear(transformer, network)
