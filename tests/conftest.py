@@ -51,3 +51,17 @@ def random_conditioning(transformer, batch: int = 1, seed: int = 0):
     return PromptEmbeds(t5=torch.randn(batch, 128, cfg.caption_channels[0], generator=g),
                         llama=torch.randn(n_llama, batch, 128, cfg.caption_channels[1], generator=g),
                         pooled=torch.randn(batch, cfg.text_emb_dim, generator=g))
+
+
+def cfg_forward(transformer, seed: int = 0, timestep: float = 500.0, dtype: torch.dtype = torch.float32):
+    """A function running one CFG-sized (batch 2) no-grad forward of `transformer` on fixed random inputs, as the
+    sampler calls it; its output is the model's (2, 16, 8, 8) prediction."""
+    embeds = random_conditioning(transformer, batch=2, seed=seed).to(dtype=dtype)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return transformer(hidden_states=x, timesteps=torch.tensor([timestep, timestep]),
+                               encoder_hidden_states_t5=embeds.t5, encoder_hidden_states_llama3=embeds.llama,
+                               pooled_embeds=embeds.pooled, return_dict=False)[0]
+    return forward

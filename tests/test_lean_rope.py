@@ -9,7 +9,7 @@ from diffusers.models.transformers.transformer_hidream_image import apply_rope
 
 from trainer_core.lean_rope import PairRotation, install_lean_rope, is_hidream_attention, uninstall_lean_rope
 
-from conftest import random_conditioning
+from conftest import cfg_forward
 
 
 def _freqs(tokens: int, pairs: int, seed: int = 0) -> torch.Tensor:
@@ -87,16 +87,7 @@ def test_uninstall_restores_the_stock_processor(tiny_transformer):
 
 
 def test_cfg_sampling_step_is_unchanged(tiny_transformer):
-    cond = random_conditioning(tiny_transformer, batch=2)
-    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(5))
-    tiny_transformer.eval()
-
-    def step():
-        with torch.no_grad():
-            return tiny_transformer(hidden_states=x, timesteps=torch.tensor([300.0, 300.0]),
-                                    encoder_hidden_states_t5=cond.t5, encoder_hidden_states_llama3=cond.llama,
-                                    pooled_embeds=cond.pooled, return_dict=False)[0]
-
+    step = cfg_forward(tiny_transformer.eval(), seed=5, timestep=300.0)
     stock = step()
     install_lean_rope(tiny_transformer)
     torch.testing.assert_close(step(), stock, rtol=1e-5, atol=1e-6)

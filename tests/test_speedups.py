@@ -12,7 +12,7 @@ from trainer_core.flow_matching import (LoadBalancingLoss, flow_matching_loss, f
 from trainer_core.lokr import LycorisConfig, create_lokr_network, lokr_applied
 from trainer_core.speedups import Speedups, apply_speedups, remove_speedups
 
-from conftest import random_conditioning
+from conftest import cfg_forward, random_conditioning
 
 
 def _set_factors(network, seed=0):
@@ -82,16 +82,7 @@ def test_merged_sampling_equals_fast_bypass(tiny_transformer):
     network = create_lokr_network(tiny_transformer, CONFIG)
     _set_factors(network)
     apply_speedups(tiny_transformer, network)
-    tiny_transformer.eval()
-    embeds = random_conditioning(tiny_transformer, batch=2, seed=5)
-    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(6))
-
-    def forward():
-        with torch.no_grad():
-            return tiny_transformer(hidden_states=x, timesteps=torch.tensor([500.0, 500.0]),
-                                    encoder_hidden_states_t5=embeds.t5, encoder_hidden_states_llama3=embeds.llama,
-                                    pooled_embeds=embeds.pooled, return_dict=False)[0]
-
+    forward = cfg_forward(tiny_transformer.eval(), seed=5)
     bypass = forward()
     with lokr_applied(network) as how:
         merged = forward()
