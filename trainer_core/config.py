@@ -179,7 +179,7 @@ class TrainConfig:
     fast_moe_dispatch: bool = True  # MoE training dispatch sorted by expert, no boolean masks (moe_dispatch.py)
     lean_int8_backward: bool = True  # frozen quanto layers keep no activations for backward (frozen_qlinear.py)
     compile_blocks: bool = False  # torch.compile each transformer block (~8 % faster on an H100; minutes to compile)
-    lean_rope: bool = True  # attention's rotary embedding keeps no float32 copies of q and k (lean_rope.py)
+    lean_rope: bool = True  # rotary embedding whose backward is one inverse rotation (lean_rope.py)
     # Low-memory mode: transformer blocks stay in pinned CPU memory and are streamed to the GPU one block ahead
     # (block_offload.py). Needs gradient_checkpointing and float base weights; a single process.
     offload_blocks: bool = False

@@ -1,16 +1,18 @@
-"""HiDream attention whose rotary position embedding has a two-kernel backward.
+"""HiDream attention whose rotary position embedding runs its backward as one inverse rotation.
 
 diffusers' HiDream attention processor (0.42.1) rotates q and k by upcasting them to float32, viewing each head
 vector as D/2 pairs, and forming `F[..., 0] * x0 + F[..., 1] * x1`, where F (S, D/2, 2, 2) holds one 2x2 rotation
-per position and pair. Autograd differentiates that expression piece by piece. Each of the four pair selections'
-backward writes a zero-filled float32 tensor of q's size and scatters into it, then the pieces are summed and cast:
-about a dozen activation-sized float32 passes per layer.
+per position and pair. Autograd differentiates that expression piece by piece: the products' backward, a reduction
+over the broadcast pair axis, and for each of the two pair selections a zero-filled float32 tensor of the input's
+size that the gradient is scattered into, then a sum and casts: about a dozen activation-sized float32 passes for
+each of q and k.
 
 A rotation's backward is the inverse rotation of the incoming gradient, Fᵀ g. `PairRotation` runs the forward with
-the same float32 expression, so values are bit-identical, and its backward is that same expression with F transposed.
-On a CPU that makes the rope's forward plus backward 1.4-1.9x faster (tests measure nothing; see the benchmark's
-`without_lean_rope`). `LeanRopeAttnProcessor` is HiDream's attention with that rotation; `install_lean_rope` puts it
-on every attention module and `uninstall_lean_rope` takes it off again.
+the same float32 expression, so values are bit-identical, and its backward is that same expression with F transposed
+(about five passes). On a CPU that makes the rope's forward plus backward 1.4-1.9x faster (measured outside the
+tests; the benchmark's `without_lean_rope` ablation gives the effect on a whole step). `LeanRopeAttnProcessor` is
+HiDream's attention with that rotation; `install_lean_rope` puts it on every attention module and
+`uninstall_lean_rope` takes it off again.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ float32) and has a switch in `TrainConfig`:
     fast_lokr            LoKr through its Kronecker structure in one addmm        (kron_lokr.py)
     fast_moe_dispatch    MoE training dispatch sorted by expert, one host sync    (moe_dispatch.py)
     lean_int8_backward   frozen quanto layers keep no activations for backward   (frozen_qlinear.py)
-    lean_rope            attention's rotary embedding keeps no float32 q/k copies (lean_rope.py)
+    lean_rope            rotary embedding whose backward is one inverse rotation (lean_rope.py)
     compile_blocks       regional torch.compile of every transformer block       (off by default: compile time,
                                                                                   and not measured on a GPU yet)
 """
