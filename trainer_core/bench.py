@@ -98,6 +98,10 @@ def _peak_gib(device: torch.device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def _gib_text(value: Optional[float]) -> str:
+    return f"{value:.2f}" if value is not None else "n/a"
+
+
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -291,11 +295,8 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
                 _sync(device)
                 times.append(time.perf_counter() - started)
                 peak = _peak_gib(device)  # logged per step: a run cut short by a time limit keeps its memory too
-                logger.info("%s step %d: %.3f s, peak so far %s GiB", label, i, times[-1],
-                            f"{peak:.2f}" if peak is not None else "n/a")
-            peak = _peak_gib(device)
-            logger.info("%s: median %.3f s, peak %s GiB", label, statistics.median(times[warmup:]),
-                        f"{peak:.2f}" if peak is not None else "n/a")
+                logger.info("%s step %d: %.3f s, peak so far %s GiB", label, i, times[-1], _gib_text(peak))
+            logger.info("%s: median %.3f s, peak %s GiB", label, statistics.median(times[warmup:]), _gib_text(peak))
             flops = count_flops(lambda: timed.step(0)) if timed.count_flops else None
             results[label] = {**summarise(times, warmup, peak, flops), "flops_per_step": flops, **timed.info}
             timed.close()

@@ -13,7 +13,7 @@ float32) and has a switch in `TrainConfig`:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from torch import nn
 
@@ -36,14 +36,11 @@ class Speedups:
     @classmethod
     def from_config(cls, config) -> "Speedups":
         """Read the switches from a TrainConfig (or anything with those attributes; missing ones keep defaults)."""
-        return cls(**{name: bool(getattr(config, name, default)) for name, default in
-                      (("fast_lokr", True), ("fast_moe_dispatch", True), ("lean_int8_backward", True),
-                       ("compile_blocks", False), ("lean_rope", True))})
+        return cls(**{f.name: bool(getattr(config, f.name, f.default)) for f in fields(cls)})
 
     @classmethod
     def none(cls) -> "Speedups":
-        return cls(fast_lokr=False, fast_moe_dispatch=False, lean_int8_backward=False, compile_blocks=False,
-                   lean_rope=False)
+        return cls(**{f.name: False for f in fields(cls)})
 
 
 def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:

@@ -634,13 +634,13 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
             dropped = [dropout_rng.random() < config.caption_dropout_probability for _ in batch]
             micro_batches.append((ranks.shard(batch), ranks.shard(dropped)))
         noise_state = noise_generator.get_state()
+        optimizer.zero_grad(set_to_none=True)
         while True:
-            optimizer.zero_grad(set_to_none=True)
             try:
                 step_loss, step_flow, step_lb = accumulate_gradients(micro_batches)
                 break
             except torch.OutOfMemoryError as exc:
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)  # the failed attempt's partial gradients
                 load_balancing.clear()
                 switched_on = lower_memory_setting()
                 if switched_on is None:  # nothing left to lower: keep the last complete step, say what would fit
