@@ -36,11 +36,22 @@ fi
 STAMP="$VENV/.hidream-lokr-installed"
 WANT="$(cat "$COMFY/requirements.txt" requirements.txt constraints.txt; echo "$TORCH_PINS")"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    # torch 2.14.1 + torchvision is a CUDA build with its NVIDIA libraries: about 6.5 GB once installed. Say so
+    # before pip fills the disk half-way ("No space left on device" names neither the need nor the way out).
+    need_kb=$((7 * 1024 * 1024))
+    free_kb="$(df -Pk "$ROOT" | awk 'NR == 2 {print $4}')"
+    if [ ! -x "$VENV/bin/python" ] && [ -n "$free_kb" ] && [ "$free_kb" -lt "$need_kb" ]; then
+        echo "the ComfyUI test environment needs about 7 GB free under $ROOT; $((free_kb / 1024)) MB are free." >&2
+        echo "Free some disk, or point HIDREAM_LOKR_COMFYUI_CACHE at a folder on a disk with room" \
+             "(or run SKIP_COMFYUI_TESTS=1 scripts/test.sh for the core suite only)." >&2
+        exit 1
+    fi
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet $TORCH_PINS
+    # --no-cache-dir: a cached copy of these wheels would double the disk this test environment takes.
+    "$VENV/bin/python" -m pip install --quiet --no-cache-dir $TORCH_PINS
     grep -v -E '^(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$ROOT/comfyui-requirements.txt"
     echo "$TORCH_PINS" | tr ' ' '\n' > "$ROOT/torch-pins.txt"
-    "$VENV/bin/python" -m pip install --quiet -r "$ROOT/comfyui-requirements.txt" requests \
+    "$VENV/bin/python" -m pip install --quiet --no-cache-dir -r "$ROOT/comfyui-requirements.txt" requests \
         -r requirements.txt -r requirements-dev.txt -c constraints.txt -c "$ROOT/torch-pins.txt"
     echo "$WANT" > "$STAMP"
 fi

@@ -9,8 +9,9 @@ from trainer_core.cli import main
 
 def test_bench_small_cpu_training_mode_writes_json(tmp_path, capsys):
     out = tmp_path / "results.jsonl"
+    profile = tmp_path / "profile.txt"
     code = main(["bench", "--size", "small", "--device", "cpu", "--modes", "bf16_nogc,offload_gc", "--steps", "1",
-                 "--warmup", "0", "--ablate", "--out", str(out)])
+                 "--warmup", "0", "--ablate", "--out", str(out), "--profile", str(profile)])
     assert code == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     written = [json.loads(line) for line in out.read_text().splitlines()]
@@ -34,6 +35,11 @@ def test_bench_small_cpu_training_mode_writes_json(tmp_path, capsys):
     assert 0 < base["flops_per_step"] < train["project"]["flops_per_step"]
     assert base["adapter_side_bound"] == train["reference_step_s"] / base["step_s"]
     assert train["torch"] and train["lycoris"] and train["date"]
+    # --profile: the project step's time split by kind of work; matmuls lead on a CPU, the table names them
+    split = train["profile"]["seconds_by_kind"]
+    assert max(split, key=split.get) == "matmul" and split["attention"] > 0
+    assert 0 < train["profile"]["busy_s"] <= train["profile"]["wall_s"] * 1.05
+    assert "bf16_nogc, project step" in profile.read_text() and "aten::mm" in profile.read_text()
     assert "skipped" in offload and "cuda" in offload["skipped"]
 
 
@@ -44,19 +50,19 @@ def test_bench_rejects_unknown_mode(capsys):
 
 
 def test_sequential_timing_caps_a_slow_configuration():
-    """A configuration with `max_steps` (the offload reference) runs fewer timed steps than `--steps`."""
+    """A configuration with `max_steps`/`max_warmup` (the offload reference) runs fewer steps than asked."""
     import torch
 
     from trainer_core.bench import Timed, time_configs
 
     calls = {"fast": 0, "slow": 0}
 
-    def timed(label, cap):
+    def timed(label, cap, warmup_cap):
         def step(_):
             calls[label] += 1
-        return lambda: Timed(step, count_flops=False, max_steps=cap)
+        return lambda: Timed(step, count_flops=False, max_steps=cap, max_warmup=warmup_cap)
 
-    results = time_configs({"fast": timed("fast", None), "slow": timed("slow", 2)}, torch.device("cpu"), steps=5,
-                           warmup=1, interleave=False)
-    assert calls == {"fast": 6, "slow": 3}
-    assert len(results["fast"]["step_s_all"]) == 6 and len(results["slow"]["step_s_all"]) == 3
+    results = time_configs({"fast": timed("fast", None, None), "slow": timed("slow", 2, 1)}, torch.device("cpu"),
+                           steps=5, warmup=2, interleave=False)
+    assert calls == {"fast": 7, "slow": 3}
+    assert len(results["fast"]["step_s_all"]) == 7 and len(results["slow"]["step_s_all"]) == 3

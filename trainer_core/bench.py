@@ -270,15 +270,17 @@ class Timed:
     count_flops: bool = True  # one extra step under torch's FLOP counter (skipped where a step is slow and its
     #                           FLOPs are another mode's: offloading moves weights, not work)
     max_steps: Optional[int] = None  # cap on timed steps (a reference so slow that the run's time limit matters)
+    max_warmup: Optional[int] = None  # cap on untimed steps, likewise
 
 
 def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, steps: int, warmup: int,
-                 interleave: bool) -> dict[str, dict]:
+                 interleave: bool, profile: Optional[Callable[[str, Timed], None]] = None) -> dict[str, dict]:
     """Median step time (and peak memory) of each configuration.
 
     interleave=False (GPU): one configuration lives at a time: set up, time, count FLOPs, close. Peak memory is
     per configuration. interleave=True (CPU): all configurations live together and their steps alternate (the
     order flips every round), so load from other processes on a shared CPU hits all of them alike.
+    `profile(label, timed)`, when given, runs after a configuration's timed steps (untimed, before it closes).
     """
     results: dict[str, dict] = {}
     if not interleave:
@@ -288,7 +290,8 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
             _reset_peak(device)
             times = []
             timed_steps = min(steps, timed.max_steps or steps)
-            for i in range(warmup + timed_steps):
+            timed_warmup = min(warmup, warmup if timed.max_warmup is None else timed.max_warmup)
+            for i in range(timed_warmup + timed_steps):
                 _sync(device)
                 started = time.perf_counter()
                 timed.step(i)
@@ -296,9 +299,12 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
                 times.append(time.perf_counter() - started)
                 peak = _peak_gib(device)  # logged per step: a run cut short by a time limit keeps its memory too
                 logger.info("%s step %d: %.3f s, peak so far %s GiB", label, i, times[-1], _gib_text(peak))
-            logger.info("%s: median %.3f s, peak %s GiB", label, statistics.median(times[warmup:]), _gib_text(peak))
+            logger.info("%s: median %.3f s, peak %s GiB", label, statistics.median(times[timed_warmup:]),
+                        _gib_text(peak))
+            if profile is not None:
+                profile(label, timed)
             flops = count_flops(lambda: timed.step(0)) if timed.count_flops else None
-            results[label] = {**summarise(times, warmup, peak, flops), "flops_per_step": flops, **timed.info}
+            results[label] = {**summarise(times, timed_warmup, peak, flops), "flops_per_step": flops, **timed.info}
             timed.close()
             del timed
             _release(device)
@@ -312,6 +318,8 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
             live[label].step(i)
             times[label].append(time.perf_counter() - started)
     for label, timed in live.items():
+        if profile is not None:
+            profile(label, timed)
         flops = count_flops(lambda: timed.step(0))
         results[label] = {**summarise(times[label], warmup, None, flops), "flops_per_step": flops, **timed.info}
         timed.close()
@@ -352,6 +360,7 @@ class BenchOptions:
     learning_rate: float = 1e-4
     ablate: bool = False  # also time each speed-up switched off in turn, and the adapter-free stock model
     sequential: Optional[bool] = None  # None: sequential on CUDA (per-configuration peak memory), interleaved on CPU
+    profile: Optional[Path] = None  # append a torch.profiler table of each mode's project step to this file
 
     @property
     def interleave(self) -> bool:
@@ -433,10 +442,11 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
         remove_network(network)
         state.clear()
 
-    # diffusers' blocking group offload took ~20 s a step at full size (H100): three timed steps, not `--steps`.
+    # diffusers' blocking group offload took ~20 s a step at full size (H100): one warm-up and three timed steps.
     slow_reference = mode == "offload_gc" and label == "reference"
     return Timed(step, close, {"lokr_params": sum(p.numel() for p in params), **info},
-                 count_flops=mode != "offload_gc", max_steps=3 if slow_reference else None)
+                 count_flops=mode != "offload_gc", max_steps=3 if slow_reference else None,
+                 max_warmup=1 if slow_reference else None)
 
 
 def _base_model_config(mode: str, opts: BenchOptions) -> Timed:
@@ -466,6 +476,25 @@ def _base_model_config(mode: str, opts: BenchOptions) -> Timed:
     return Timed(step, close)
 
 
+def _profiler(mode: str, opts: BenchOptions, into: dict) -> Optional[Callable[[str, Timed], None]]:
+    """With `--profile FILE`: profile the project configuration's step, its summary into `into["profile"]` (the
+    row), torch's operator table appended to FILE."""
+    if opts.profile is None:
+        return None
+    from .step_profile import profile_steps
+
+    def profile(label: str, timed: Timed) -> None:
+        if label != "project":
+            return
+        summary, table = profile_steps(timed.step, opts.device)
+        into["profile"] = summary
+        with open(opts.profile, "a", encoding="utf-8") as f:
+            f.write(f"== {mode}, project step, {device_name(opts.device)}, {opts.size.name} size\n"
+                    f"{json.dumps(summary, indent=1)}\n{table}\n\n")
+
+    return profile
+
+
 def _speedups_for(label: str, speedups: Speedups) -> Speedups:
     """`project`: the given speed-ups; `without_<name>`: the same with that one switched off (ablation)."""
     return replace(speedups, **{label[len("without_"):]: False}) if label.startswith("without_") else speedups
@@ -488,11 +517,14 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
     configs = {label: (lambda label=label: _train_config(mode, label, opts, extra, checks)) for label in labels}
     if opts.ablate and mode != "offload_gc":
         configs["base_model"] = lambda: _base_model_config(mode, opts)
-    results = time_configs(configs, opts.device, opts.steps, opts.warmup, opts.interleave)
+    profiles: dict = {}
+    results = time_configs(configs, opts.device, opts.steps, opts.warmup, opts.interleave,
+                           _profiler(mode, opts, profiles))
     (ref_loss, ref_grads, _), (proj_loss, proj_grads, report) = checks["reference"], checks["project"]
     row = _row(mode, opts, results["project"], results["reference"], extra)
     row["check"] = compare(ref_grads, proj_grads, ref_loss, proj_loss, opts.dtype)
     row["speedups"] = report
+    row.update(profiles)
     if len(labels) > 2:  # what each speed-up is worth: the step with it switched off, same run
         row["ablation"] = {label: {"step_s": results[label]["step_s"], "peak_gib": results[label]["peak_gib"],
                                    "slowdown_vs_project": results[label]["step_s"] / results["project"]["step_s"],
@@ -553,13 +585,16 @@ def _sample_config(label: str, opts: BenchOptions, outputs: dict) -> Timed:
 
 def run_sample_mode(opts: BenchOptions) -> dict:
     outputs: dict = {}
+    profiles: dict = {}
     results = time_configs({label: (lambda label=label: _sample_config(label, opts, outputs))
                             for label in ("base", "reference", "project")},
-                           opts.device, opts.steps, opts.warmup, opts.interleave)
+                           opts.device, opts.steps, opts.warmup, opts.interleave,
+                           _profiler("sample_cfg", opts, profiles))
     project, reference, base = results["project"], results["reference"], results["base"]
     row = _row("sample_cfg", opts, project, reference, {})
     row["speedups"] = project.pop("speedups", None)
     row["lokr_applied_as"] = project.pop("lokr_applied_as", None)
+    row.update(profiles)
     row.update(base_step_s=base["step_s"], base_peak_gib=base["peak_gib"],
                merged_vs_base=project["step_s"] / base["step_s"], base=base)
     ref_out, proj_out = outputs["reference"], outputs["project"]

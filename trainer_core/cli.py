@@ -107,7 +107,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         lean_rope=not args.no_lean_rope)
     opts = BenchOptions(size=SIZES[args.size], device=device, dtype=dtype, steps=args.steps, warmup=args.warmup,
                         reference_lokr=args.reference_lokr, speedups=speedups,
-                        sequential=True if args.sequential else None, ablate=args.ablate)
+                        sequential=True if args.sequential else None, ablate=args.ablate,
+                        profile=Path(args.profile) if args.profile else None)
     run_bench(modes, opts, Path(args.out) if args.out else None, emit=lambda line: print(line, flush=True))
     return 0
 
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablate", action="store_true",
                    help="also time the project step with each speed-up switched off in turn (what each is worth) "
                         "and the stock model without an adapter (the floor of adapter-side speed-ups)")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="profile two project steps per mode (torch.profiler): device-busy time and time by kind of "
+                        "work go into the JSON row, torch's operator table is appended to FILE")
     p.add_argument("--sequential", action="store_true",
                    help="time one configuration after the other (the CUDA default) instead of alternating steps")
     p.set_defaults(func=_cmd_bench)
