@@ -28,7 +28,8 @@ def test_bench_small_cpu_training_mode_writes_json(tmp_path, capsys):
     assert train["speedups"]["fast_lokr_modules"] > 0 and train["speedups"]["sorted_moe_layers"] > 0
     assert train["speedups"]["lean_rope_layers"] > 0
     assert train["reference_lokr"] == "rebuild"  # the naive stock step: LyCORIS' default forward
-    assert set(train["ablation"]) == {"without_fast_lokr", "without_fast_moe_dispatch", "without_lean_rope"}
+    assert set(train["ablation"]) == {"without_fast_lokr", "without_fast_moe_dispatch", "without_lean_rope",
+                                      "with_batched_lokr"}
     for variant in train["ablation"].values():
         assert variant["check_passed"] and variant["step_s"] > 0 and variant["slowdown_vs_project"] > 0
     base = train["base_model"]  # the adapter-free stock step: no LoKr, so fewer FLOPs than the LoKr steps

@@ -44,8 +44,9 @@ VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["einsum", "batched"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_fast_bypass_matches_lycoris_bypass(variant):
+def test_fast_bypass_matches_lycoris_bypass(variant, batched):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(96, 128), nn.SiLU(), nn.Linear(128, 64, bias=False))
     model = copy.deepcopy(base)
@@ -57,7 +58,7 @@ def test_fast_bypass_matches_lycoris_bypass(variant):
     x = torch.randn(3, 5, 96)
     ref_y, ref_gx, ref_g = _forward_backward(model, network, x)
 
-    assert install_kron_lokr(network) == (len(network.loras), 0)
+    assert install_kron_lokr(network, batched=batched) == (len(network.loras), 0)
     y, gx, g = _forward_backward(model, network, x)
     torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-7)
@@ -81,14 +82,15 @@ def test_unsupported_modules_keep_lycoris_forward():
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
-def test_bf16_activations_with_float32_factors():
+@pytest.mark.parametrize("batched", [False, True], ids=["einsum", "batched"])
+def test_bf16_activations_with_float32_factors(batched):
     """Training shape: bf16 base, float32 LoKr factors; the delta runs in the activation dtype, like LyCORIS."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16)
     network = _lokr_network(model, factor=8, full_matrix=True)
     x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
     ref_y, _, ref_g = _forward_backward(model, network, x)
-    install_kron_lokr(network)
+    install_kron_lokr(network, batched=batched)
     y, _, g = _forward_backward(model, network, x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref_y.float(), rtol=2e-2, atol=2e-2)
@@ -111,7 +113,8 @@ def _saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
-def test_fast_path_keeps_no_activation_sized_tensor_for_backward():
+@pytest.mark.parametrize("batched", [False, True], ids=["einsum", "batched"])
+def test_fast_path_keeps_no_activation_sized_tensor_for_backward(batched):
     """The Kronecker path saves what the base Linear saves (its input) plus the small factors: no intermediate of
     the activation's size (LyCORIS' bypass keeps one per layer; at HiDream-I1 size that is gigabytes)."""
     torch.manual_seed(0)
@@ -121,9 +124,58 @@ def test_fast_path_keeps_no_activation_sized_tensor_for_backward():
     model = nn.Sequential(copy.deepcopy(plain))
     network = _lokr_network(model, factor=16, full_matrix=True)
     stock = _saved_bytes(lambda: model(x))
-    install_kron_lokr(network)
+    install_kron_lokr(network, batched=batched)
     fast = _saved_bytes(lambda: model(x))
     factors = sum(p.numel() * p.element_size() for p in network.parameters())
     activation = x.numel() * x.element_size()
     assert fast - base_only <= 2 * factors < activation
     assert stock - base_only >= activation  # what the fast path saves: LyCORIS keeps an activation-sized tensor
+
+
+class _CountKernels:
+    """Non-view aten ops dispatched inside the block (each one is a kernel launch on a GPU)."""
+
+    VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "detach",
+             "as_strided", "alias", "slice", "select", "_reshape_alias", "reshape"}
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name not in _CountKernels.VIEWS:
+                    counter.ops.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.ops = []
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_batched_form_launches_fewer_kernels_and_copies_nothing():
+    """What `batched_lokr` is for: on a GPU-bound-by-launches step every kernel counts. Per adapted layer, forward
+    and backward, it dispatches fewer kernels than the einsum form and no activation-sized copy (`clone`)."""
+    torch.manual_seed(0)
+    counts = {}
+    for batched in (False, True):
+        model = nn.Sequential(nn.Linear(160, 160)).requires_grad_(False)
+        network = _lokr_network(model, factor=16, full_matrix=True)
+        install_kron_lokr(network, batched=batched)
+        x = torch.randn(64, 160, requires_grad=True)
+        with _CountKernels() as forward:
+            y = model(x)
+        grad = torch.randn_like(y)
+        with _CountKernels() as backward:
+            y.backward(grad)
+        counts[batched] = forward.ops + backward.ops
+    einsum, batched = counts[False], counts[True]
+    assert einsum.count("clone") >= 4  # the einsum's permuted copies of x and V
+    assert "clone" not in batched and "baddbmm" in batched
+    assert len(batched) < len(einsum)

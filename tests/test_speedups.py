@@ -50,7 +50,8 @@ CONFIG = LycorisConfig(factor=4, apply_preset={"target_module": ["HiDreamAttenti
 
 def test_speedups_compute_the_stock_training_step(tiny_transformer):
     results = []
-    for options, checkpointing in ((Speedups.none(), False), (Speedups(), False), (Speedups(), True)):
+    for options, checkpointing in ((Speedups.none(), False), (Speedups(), False), (Speedups(), True),
+                                   (Speedups(batched_lokr=True), False)):
         transformer = copy.deepcopy(tiny_transformer)
         network = create_lokr_network(transformer, CONFIG)
         _set_factors(network)

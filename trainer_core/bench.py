@@ -496,17 +496,24 @@ def _profiler(mode: str, opts: BenchOptions, into: dict) -> Optional[Callable[[s
 
 
 def _speedups_for(label: str, speedups: Speedups) -> Speedups:
-    """`project`: the given speed-ups; `without_<name>`: the same with that one switched off (ablation)."""
-    return replace(speedups, **{label[len("without_"):]: False}) if label.startswith("without_") else speedups
+    """`project`: the given speed-ups; `without_<name>` / `with_<name>`: the same with that one switched off / on."""
+    for prefix, value in (("without_", False), ("with_", True)):
+        if label.startswith(prefix):
+            return replace(speedups, **{label[len(prefix):]: value})
+    return speedups
 
 
 def _ablation_labels(mode: str, speedups: Speedups) -> list[str]:
-    """One extra project configuration per speed-up that is on and matters in `mode` (the bf16 modes measure the
-    LoKr, MoE and rotary-embedding paths; the int8 mode its own backward)."""
-    relevant = {"bf16_nogc": ["fast_lokr", "fast_moe_dispatch", "lean_rope"],
-                "bf16_gc": ["fast_lokr", "fast_moe_dispatch", "lean_rope"],
-                "int8_gc": ["lean_int8_backward"]}.get(mode, [])
-    return [f"without_{name}" for name in relevant if getattr(speedups, name)]
+    """Extra project configurations for `--ablate`: each speed-up that matters in `mode` and is on, switched off
+    (`without_<name>`: what it is worth), and each candidate that is off, switched on (`with_<name>`: whether it
+    should become a default). The bf16 modes measure the LoKr, MoE and rotary-embedding paths and the copy-free
+    LoKr form (a refinement of fast_lokr); the int8 mode its own backward."""
+    ablated = {"bf16_nogc": ("fast_lokr", "fast_moe_dispatch", "lean_rope"),
+               "bf16_gc": ("fast_lokr", "fast_moe_dispatch", "lean_rope"),
+               "int8_gc": ("lean_int8_backward",)}.get(mode, ())
+    candidates = ("batched_lokr",) if mode in ("bf16_nogc", "bf16_gc") and speedups.fast_lokr else ()
+    return ([f"without_{name}" for name in ablated if getattr(speedups, name)] +
+            [f"with_{name}" for name in candidates if not getattr(speedups, name)])
 
 
 def run_train_mode(mode: str, opts: BenchOptions) -> dict:

@@ -104,7 +104,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                                                           else "fp32")]
     speedups = Speedups(fast_lokr=not args.no_fast_lokr, fast_moe_dispatch=not args.no_fast_moe_dispatch,
                         lean_int8_backward=not args.no_lean_int8_backward, compile_blocks=args.compile_blocks,
-                        lean_rope=not args.no_lean_rope)
+                        lean_rope=not args.no_lean_rope, batched_lokr=args.batched_lokr)
     opts = BenchOptions(size=SIZES[args.size], device=device, dtype=dtype, steps=args.steps, warmup=args.warmup,
                         reference_lokr=args.reference_lokr, speedups=speedups,
                         sequential=True if args.sequential else None, ablate=args.ablate,
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lean-int8-backward", action="store_true", help="project step with quanto's own backward")
     p.add_argument("--no-lean-rope", action="store_true", help="project step with diffusers' rotary embedding")
     p.add_argument("--compile-blocks", action="store_true", help="torch.compile every transformer block")
+    p.add_argument("--batched-lokr", action="store_true",
+                   help="project step with fast_lokr's copy-free form (W1 as a batched GEMM)")
     p.add_argument("--ablate", action="store_true",
                    help="also time the project step with each speed-up switched off in turn (what each is worth) "
                         "and the stock model without an adapter (the floor of adapter-side speed-ups)")

@@ -35,6 +35,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 _MARK = "_hidream_fast_bypass"
+_BATCHED = "_hidream_batched_kron"
 
 
 def supports_fast_bypass(lora) -> bool:
@@ -82,6 +83,46 @@ class KroneckerDelta(torch.autograd.Function):
         return grad_x, grad_y, grad_w1, grad_w2
 
 
+class BatchedKroneckerDelta(torch.autograd.Function):
+    """The same y as `KroneckerDelta`, with no activation-sized copy anywhere (`batched_lokr`):
+
+        Z = X W2^T                 (N*b, c)   one GEMM on the (N*b, d) view of x, which is x itself
+        y.view(N, a, c) = base + W1 Z          one baddbmm: W1 broadcast over tokens, the residual add fused
+
+    `KroneckerDelta`'s einsum keeps W1 X a single GEMM by permuting x and V into copies (two in the forward, six in
+    the backward); here the forward is two GEMM kernels and the backward four plus a small sum. The price is that
+    the W1 products are batched (a x b) @ (b x c) GEMMs, one per token, which a GPU may run slowly: this form is off
+    by default until a GPU run measures it. Saved for backward: x, W1, W2 (Z is recomputed, as V is there).
+
+    x (N, b*d), base (N, a*c), w1 (a, b), w2 (c, d), all one dtype -> y (N, a*c).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        (a, b), (c, d) = w1.shape, w2.shape
+        n = x.shape[0]
+        z = torch.mm(x.reshape(n * b, d), w2.t()).view(n, b, c)  # X W2^T
+        ctx.save_for_backward(x, w1, w2)
+        return torch.baddbmm(base.reshape(n, a, c), w1.expand(n, a, b), z).view(n, a * c)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, w1, w2 = ctx.saved_tensors
+        (a, b), (c, d) = w1.shape, w2.shape
+        n = x.shape[0]
+        gy = grad_y.reshape(n, a, c)
+        gz = torch.bmm(w1.t().expand(n, b, a), gy).view(n * b, c)  # dL/dZ = W1^T gY
+        grad_x = grad_w1 = grad_w2 = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(gz, w2).view(n, b * d)
+        if ctx.needs_input_grad[2]:
+            z = torch.mm(x.reshape(n * b, d), w2.t()).view(n, b, c)  # recomputed: cheaper than keeping it
+            grad_w1 = torch.bmm(gy, z.transpose(1, 2)).sum(0)  # sum over tokens of gY Z^T
+        if ctx.needs_input_grad[3]:
+            grad_w2 = torch.mm(gz.t(), x.reshape(n * b, d))
+        return grad_x, grad_y, grad_w1, grad_w2
+
+
 def _dense_factors(lora, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     w1 = lora.lokr_w1 if lora.use_w1 else lora.lokr_w1_a @ lora.lokr_w1_b
     w2 = lora.lokr_w2 if lora.use_w2 else lora.lokr_w2_a @ lora.lokr_w2_b
@@ -96,7 +137,8 @@ def kron_bypass_linear(lora, x: torch.Tensor, multiplier: float = 1.0) -> torch.
     # Fold every scalar factor into the small W1 (a*b elements) instead of the activations (N*out elements).
     w1 = w1 * (lora.scalar.to(device=w1.device, dtype=dtype) * (lora.scale * multiplier))
     out_features = base.shape[-1]
-    y = KroneckerDelta.apply(x.to(dtype).reshape(-1, x.shape[-1]), base.reshape(-1, out_features), w1, w2)
+    delta = BatchedKroneckerDelta if getattr(lora, _BATCHED, False) else KroneckerDelta
+    y = delta.apply(x.to(dtype).reshape(-1, x.shape[-1]), base.reshape(-1, out_features), w1, w2)
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -104,8 +146,9 @@ def _fast_bypass_forward(self, x, scale=1):
     return kron_bypass_linear(self, x, scale)
 
 
-def install_kron_lokr(network) -> tuple[int, int]:
-    """Route each supported LoKr module's bypass forward through `kron_bypass_linear`.
+def install_kron_lokr(network, batched: bool = False) -> tuple[int, int]:
+    """Route each supported LoKr module's bypass forward through `kron_bypass_linear` (`batched`: in the
+    `BatchedKroneckerDelta` form).
 
     Returns (installed, skipped). Only the bypass path changes: LyCORIS' `forward` still decides between module
     dropout, bypass and rebuild, so a module in rebuild mode is untouched (train with bypass_mode=True).
@@ -115,6 +158,7 @@ def install_kron_lokr(network) -> tuple[int, int]:
         if supports_fast_bypass(lora):
             lora.bypass_forward = types.MethodType(_fast_bypass_forward, lora)
             setattr(lora, _MARK, True)
+            setattr(lora, _BATCHED, batched)
             installed += 1
         else:
             skipped += 1
@@ -127,5 +171,6 @@ def install_kron_lokr(network) -> tuple[int, int]:
 def uninstall_kron_lokr(network) -> None:
     """Give every module back LyCORIS' own bypass forward."""
     for lora in network.loras:
+        lora.__dict__.pop(_BATCHED, None)
         if lora.__dict__.pop(_MARK, False):
             lora.__dict__.pop("bypass_forward", None)

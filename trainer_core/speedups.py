@@ -7,8 +7,11 @@ float32) and has a switch in `TrainConfig`:
     fast_moe_dispatch    MoE training dispatch sorted by expert, one host sync    (moe_dispatch.py)
     lean_int8_backward   frozen quanto layers keep no activations for backward   (frozen_qlinear.py)
     lean_rope            rotary embedding whose backward is one inverse rotation (lean_rope.py)
-    compile_blocks       regional torch.compile of every transformer block       (off by default: compile time,
-                                                                                  and not measured on a GPU yet)
+    batched_lokr         fast_lokr without activation-sized copies: W1 as a batched GEMM fused with the
+                         residual add (kron_lokr.py; off by default: not measured on a GPU yet)
+    compile_blocks       regional torch.compile of every transformer block       (off by default: a minute or
+                                                                                  more of compile time and 3 GiB
+                                                                                  more peak at 1024 px)
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class Speedups:
     lean_int8_backward: bool = True
     compile_blocks: bool = False
     lean_rope: bool = True
+    batched_lokr: bool = False
 
     @classmethod
     def from_config(cls, config) -> "Speedups":
@@ -58,7 +62,8 @@ def apply_speedups(transformer: nn.Module, network=None, config=None) -> dict:
     if options.lean_int8_backward:
         report["lean_int8_layers"] = install_frozen_qlinear(transformer, network)
     if options.fast_lokr and network is not None:
-        report["fast_lokr_modules"], report["stock_lokr_modules"] = install_kron_lokr(network)
+        report["fast_lokr_modules"], report["stock_lokr_modules"] = install_kron_lokr(network, options.batched_lokr)
+        report["fast_lokr_form"] = "batched" if options.batched_lokr else "einsum"
     if options.fast_moe_dispatch:
         report["sorted_moe_layers"] = install_sorted_moe(transformer)
     if options.lean_rope:
