@@ -32,8 +32,13 @@ def test_bench_small_cpu_training_mode_writes_json(tmp_path, capsys):
                                       "with_batched_lokr"}
     for variant in train["ablation"].values():
         assert variant["check_passed"] and variant["step_s"] > 0 and variant["slowdown_vs_project"] > 0
-    base = train["base_model"]  # the adapter-free stock step: no LoKr, so fewer FLOPs than the LoKr steps
+    base = train["base_model"]  # the adapter-free stock step: no LoKr, so fewer FLOPs and kernels than the LoKr steps
     assert 0 < base["flops_per_step"] < train["project"]["flops_per_step"]
+    assert 0 < base["kernels_per_step"] < train["project"]["kernels_per_step"]
+    # the copy-free LoKr form launches fewer kernels than the einsum form, and than LyCORIS' bypass
+    batched = train["ablation"]["with_batched_lokr"]["kernels_per_step"]
+    assert batched < train["project"]["kernels_per_step"]
+    assert batched < train["ablation"]["without_fast_lokr"]["kernels_per_step"]
     assert base["adapter_side_bound"] == train["reference_step_s"] / base["step_s"]
     assert train["torch"] and train["lycoris"] and train["date"]
     # --profile: the project step's time split by kind of work; matmuls lead on a CPU, the table names them

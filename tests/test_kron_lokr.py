@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from trainer_core.kron_lokr import install_kron_lokr, supports_fast_bypass, uninstall_kron_lokr
+from trainer_core.step_profile import KernelCounter
 
 
 def _lokr_network(model: nn.Module, multiplier: float = 1.0, **kwargs):
@@ -132,33 +133,6 @@ def test_fast_path_keeps_no_activation_sized_tensor_for_backward(batched):
     assert stock - base_only >= activation  # what the fast path saves: LyCORIS keeps an activation-sized tensor
 
 
-class _CountKernels:
-    """Non-view aten ops dispatched inside the block (each one is a kernel launch on a GPU)."""
-
-    VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "detach",
-             "as_strided", "alias", "slice", "select", "_reshape_alias", "reshape"}
-
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                name = func.overloadpacket.__name__
-                if name not in _CountKernels.VIEWS:
-                    counter.ops.append(name)
-                return func(*args, **(kwargs or {}))
-
-        self.ops = []
-        self.mode = Mode()
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
-
-
 def test_batched_form_launches_fewer_kernels_and_copies_nothing():
     """What `batched_lokr` is for: on a GPU-bound-by-launches step every kernel counts. Per adapted layer, forward
     and backward, it dispatches fewer kernels than the einsum form and no activation-sized copy (`clone`)."""
@@ -169,13 +143,13 @@ def test_batched_form_launches_fewer_kernels_and_copies_nothing():
         network = _lokr_network(model, factor=16, full_matrix=True)
         install_kron_lokr(network, batched=batched)
         x = torch.randn(64, 160, requires_grad=True)
-        with _CountKernels() as forward:
+        with KernelCounter() as forward:
             y = model(x)
         grad = torch.randn_like(y)
-        with _CountKernels() as backward:
+        with KernelCounter() as backward:
             y.backward(grad)
-        counts[batched] = forward.ops + backward.ops
+        counts[batched] = forward.by_op + backward.by_op
     einsum, batched = counts[False], counts[True]
-    assert einsum.count("clone") >= 4  # the einsum's permuted copies of x and V
-    assert "clone" not in batched and "baddbmm" in batched
-    assert len(batched) < len(einsum)
+    assert einsum["clone"] >= 4  # the einsum's permuted copies of x and V
+    assert batched["clone"] == 0 and batched["baddbmm"] == 1
+    assert batched.total() < einsum.total()

@@ -267,8 +267,9 @@ class Timed:
     step: Callable[[int], object]
     close: Callable[[], None] = lambda: None
     info: dict = field(default_factory=dict)
-    count_flops: bool = True  # one extra step under torch's FLOP counter (skipped where a step is slow and its
-    #                           FLOPs are another mode's: offloading moves weights, not work)
+    # One extra step under the FLOP and kernel counters; skipped where a step is slow and its work is another
+    # mode's (offloading moves weights, not work).
+    count_flops: bool = True
     max_steps: Optional[int] = None  # cap on timed steps (a reference so slow that the run's time limit matters)
     max_warmup: Optional[int] = None  # cap on untimed steps, likewise
 
@@ -303,8 +304,9 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
                         _gib_text(peak))
             if profile is not None:
                 profile(label, timed)
-            flops = count_flops(lambda: timed.step(0)) if timed.count_flops else None
-            results[label] = {**summarise(times, timed_warmup, peak, flops), "flops_per_step": flops, **timed.info}
+            flops, kernels = count_work(lambda: timed.step(0)) if timed.count_flops else (None, None)
+            results[label] = {**summarise(times, timed_warmup, peak, flops), "flops_per_step": flops,
+                              "kernels_per_step": kernels, **timed.info}
             timed.close()
             del timed
             _release(device)
@@ -320,8 +322,9 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
     for label, timed in live.items():
         if profile is not None:
             profile(label, timed)
-        flops = count_flops(lambda: timed.step(0))
-        results[label] = {**summarise(times[label], warmup, None, flops), "flops_per_step": flops, **timed.info}
+        flops, kernels = count_work(lambda: timed.step(0))
+        results[label] = {**summarise(times[label], warmup, None, flops), "flops_per_step": flops,
+                          "kernels_per_step": kernels, **timed.info}
         timed.close()
     return results
 
@@ -333,19 +336,23 @@ def summarise(times: list[float], warmup: int, peak: Optional[float], flops: Opt
             "tflops_per_s": (flops / med / 1e12) if flops else None}
 
 
-def count_flops(fn: Callable[[], object]) -> Optional[float]:
-    """FLOPs torch's FlopCounterMode sees (matmuls, attention; quanto's int8 matmul op is not counted), or None when
-    the step cannot run under the counter (compiled code may refuse a dispatch mode): timing matters more."""
+def count_work(fn: Callable[[], object]) -> tuple[Optional[float], Optional[int]]:
+    """(FLOPs, kernels) of one run of `fn`: the FLOPs torch's FlopCounterMode sees (matmuls, attention; quanto's int8
+    matmul op is not counted) and the kernels `KernelCounter` sees dispatched, or (None, None) when the step cannot
+    run under the counters (compiled code may refuse a dispatch mode): timing matters more."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    from .step_profile import KernelCounter
+
+    flops = FlopCounterMode(display=False)
+    kernels = KernelCounter()
     try:
-        with counter:
+        with flops, kernels:
             fn()
     except Exception as exc:  # noqa: BLE001 - a missing FLOP figure must not lose the mode's timings
         logger.warning("FLOP count failed (%s: %s); TFLOP/s left empty", type(exc).__name__, exc)
-        return None
-    return float(counter.get_total_flops())
+        return None, None
+    return float(flops.get_total_flops()), kernels.total
 
 
 @dataclass
@@ -534,6 +541,7 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
     row.update(profiles)
     if len(labels) > 2:  # what each speed-up is worth: the step with it switched off, same run
         row["ablation"] = {label: {"step_s": results[label]["step_s"], "peak_gib": results[label]["peak_gib"],
+                                   "kernels_per_step": results[label]["kernels_per_step"],
                                    "slowdown_vs_project": results[label]["step_s"] / results["project"]["step_s"],
                                    "check_passed": compare(ref_grads, checks[label][1], ref_loss, checks[label][0],
                                                            opts.dtype)["passed"]}
@@ -541,7 +549,7 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
     if "base_model" in results:
         base = results["base_model"]
         row["base_model"] = {"step_s": base["step_s"], "peak_gib": base["peak_gib"],
-                             "flops_per_step": base["flops_per_step"],
+                             "flops_per_step": base["flops_per_step"], "kernels_per_step": base["kernels_per_step"],
                              # the most any adapter-side speed-up (LoKr path, optimizer) can give over the reference
                              "adapter_side_bound": results["reference"]["step_s"] / base["step_s"],
                              "project_vs_base": results["project"]["step_s"] / base["step_s"]}

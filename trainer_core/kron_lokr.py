@@ -49,6 +49,12 @@ def supports_fast_bypass(lora) -> bool:
     return isinstance(getattr(lora, "drop", None), nn.Identity)
 
 
+def _dims(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(N, a, b, c, d) for x (N, b*d), w1 (a, b), w2 (c, d)."""
+    (a, b), (c, d) = w1.shape, w2.shape
+    return x.shape[0], a, b, c, d
+
+
 class KroneckerDelta(torch.autograd.Function):
     """y = base + vec(W1 X W2^T) per token, saving x, W1, W2 only (V is recomputed in the backward).
 
@@ -57,8 +63,7 @@ class KroneckerDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        (a, b), (c, d) = w1.shape, w2.shape
-        n = x.shape[0]
+        n, a, b, c, d = _dims(x, w1, w2)
         # einsum, not matmul with a broadcast W1: matmul would run N batched 16x16 GEMMs, einsum one GEMM.
         v = torch.einsum("ab,nbd->nad", w1, x.reshape(n, b, d))  # (N, a, d) = W1 X
         ctx.save_for_backward(x, w1, w2)
@@ -67,8 +72,7 @@ class KroneckerDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x, w1, w2 = ctx.saved_tensors
-        (a, b), (c, d) = w1.shape, w2.shape
-        n = x.shape[0]
+        n, a, b, c, d = _dims(x, w1, w2)
         xg = x.reshape(n, b, d)
         gy = grad_y.reshape(n * a, c)
         gv = torch.mm(gy, w2).view(n, a, d)  # dL/dV
@@ -99,8 +103,7 @@ class BatchedKroneckerDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, base: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        (a, b), (c, d) = w1.shape, w2.shape
-        n = x.shape[0]
+        n, a, b, c, d = _dims(x, w1, w2)
         z = torch.mm(x.reshape(n * b, d), w2.t()).view(n, b, c)  # X W2^T
         ctx.save_for_backward(x, w1, w2)
         return torch.baddbmm(base.reshape(n, a, c), w1.expand(n, a, b), z).view(n, a * c)
@@ -108,8 +111,7 @@ class BatchedKroneckerDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x, w1, w2 = ctx.saved_tensors
-        (a, b), (c, d) = w1.shape, w2.shape
-        n = x.shape[0]
+        n, a, b, c, d = _dims(x, w1, w2)
         gy = grad_y.reshape(n, a, c)
         gz = torch.bmm(w1.t().expand(n, b, a), gy).view(n * b, c)  # dL/dZ = W1^T gY
         grad_x = grad_w1 = grad_w2 = None

@@ -9,9 +9,11 @@ is made of the operators' own CPU time.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Kernel/operator name fragments (lower case) -> kind of work; first match wins, so the order matters (a fused
 # "gemm + elementwise epilogue" kernel is a matmul).
@@ -28,6 +30,38 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 # CUDA runtime calls that make the host wait for the device (each one drains the launch queue).
 HOST_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched below autograd that do work (views and no-ops excluded): on any device,
+    the number of kernels the same code launches on a GPU, give or take fused library calls. A host-bound GPU step
+    pays for each launch, so this count, exact and repeatable on a CPU, tracks what such a step costs.
+
+        with KernelCounter() as counter:
+            step()
+        counter.total, counter.by_op
+    """
+
+    VIEWS = frozenset((
+        "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "unsqueeze",
+        "squeeze", "detach", "as_strided", "alias", "split", "split_with_sizes", "chunk", "slice", "select",
+        "unbind", "narrow", "lift_fresh", "is_same_size", "resolve_conj", "resolve_neg", "empty", "empty_like",
+        "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense", "_record_function_enter_new",
+        "_record_function_exit"))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_op: Counter = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_op.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            self.by_op[name] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def kind_of(name: str) -> str:
