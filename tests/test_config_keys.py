@@ -2,6 +2,7 @@
 optimizers and learning-rate schedules by name. No training here: these check what the keys build."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -11,7 +12,7 @@ import torch
 from helpers import tiny_train_config, write_shapes_dataset
 from trainer_core.config import ConfigError
 from trainer_core.config_reader import train_config_from_dict
-from trainer_core.optimizers import build_lr_scheduler, build_optimizer
+from trainer_core.optimizers import build_lr_scheduler, build_optimizer, load_optimizer_state
 from trainer_core.train import resolve_total_steps
 
 
@@ -159,6 +160,34 @@ def test_optimizers_by_name_step_and_round_trip_their_state(shapes, tmp_path, na
     torch.save(optimizer.state_dict(), tmp_path / "opt.pt")
     fresh = build_optimizer(config, _params())
     fresh.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))  # checkpoints never unpickle
+
+
+@pytest.mark.parametrize("name", ["optimi-lion", "optimi-adamw", "adamw"])
+def test_optimizer_state_from_a_gpu_run_resumes_on_this_device(shapes, name):
+    """A checkpoint's parameter groups carry the writing machine's kernel choice (optimi on a GPU saves
+    "triton": True, torch may save "foreach"/"fused"); resumed here, the run keeps its own choice and continues
+    exactly as from a checkpoint written on this machine."""
+    config = tiny_train_config("m", shapes, "o", optimizer=name, learning_rate=1e-2)
+    params = _params()
+    optimizer = build_optimizer(config, params)
+    params[0].square().sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    from_gpu = {**saved, "param_groups": [{**group, "foreach": True, "fused": True, "triton": True, "setup": True}
+                                          for group in saved["param_groups"]]}
+
+    def resumed_step(state):
+        resumed = _params()
+        with torch.no_grad():
+            resumed[0].copy_(params[0])
+        opt = build_optimizer(config, resumed)
+        load_optimizer_state(opt, copy.deepcopy(state))  # fresh tensors, as from a file (loading aliases them)
+        resumed[0].square().sum().backward()
+        opt.step()
+        return resumed[0].detach()
+
+    torch.testing.assert_close(resumed_step(from_gpu), resumed_step(saved), rtol=0, atol=0)
+    assert not torch.equal(resumed_step(saved), params[0].detach())  # the resumed step did update
 
 
 @pytest.mark.parametrize("name", ["bnb-lion8bit-paged", "bnb-adamw8bit"])

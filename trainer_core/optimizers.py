@@ -36,10 +36,12 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter],
     if name in ("optimi-adamw", "optimi-lion"):
         import optimi
 
-        # Kahan summation only matters for low-precision weights; the adapter is float32.
+        # Kahan summation only matters for low-precision weights; the adapter is float32. The implementation is
+        # optimi's own choice: its Triton kernels on a GPU (one launch per tensor; its for-loop takes several),
+        # the for-loop on a CPU.
         if name == "optimi-lion":
-            return optimi.Lion(params, lr=lr, weight_decay=decay, kahan_sum=False, foreach=False)
-        return optimi.AdamW(params, lr=lr, weight_decay=decay, kahan_sum=False, foreach=False)
+            return optimi.Lion(params, lr=lr, weight_decay=decay, kahan_sum=False)
+        return optimi.AdamW(params, lr=lr, weight_decay=decay, kahan_sum=False)
     if name == "prodigy":
         from prodigyopt import Prodigy
 
@@ -50,6 +52,21 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter],
     if name in _BNB:
         return _bitsandbytes_optimizer(name, params, lr, decay, device)
     raise ConfigError(f"optimizer {config.optimizer!r} is not supported; use one of: {', '.join(OPTIMIZERS)}")
+
+
+# Parameter-group keys that choose how an optimizer runs on this machine, not what it computes (torch's foreach and
+# fused kernels, optimi's Triton kernels and the flag that makes it pick them). A checkpoint carries them, but they
+# are the writing process's choice: a GPU run's "triton": True would send a resumed CPU run to Triton kernels.
+IMPLEMENTATION_KEYS = ("foreach", "fused", "triton", "setup")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping this process's own implementation choices (`IMPLEMENTATION_KEYS`)
+    so that a run resumes on another kind of device."""
+    chosen = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keys in zip(optimizer.param_groups, chosen):
+        group.update(keys)
 
 
 def _bitsandbytes_optimizer(name: str, params, lr: float, decay: float, device: torch.device):

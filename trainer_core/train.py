@@ -39,7 +39,7 @@ from .block_offload import BlockStreamer
 from .lokr import LycorisConfig
 from .models import (PromptEmbeds, component_identity, load_text_encoders, load_transformer, load_vae,
                      resolve_model_paths, text_encoders_identity)
-from .optimizers import build_lr_scheduler, build_optimizer
+from .optimizers import build_lr_scheduler, build_optimizer, load_optimizer_state
 from .plot import loss_curve_image
 from .quantize import quantize_frozen
 from .sample import latents_to_images
@@ -474,7 +474,7 @@ def _train(config: TrainConfig, cb: TrainingCallbacks, given: ModelComponents,
                               "settings it was written with, or train into a new output_dir")
         adapter.load_weights(resume_from / LOKR_FILENAME)
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(optimizer, state["optimizer"])
             lr_schedule.load_state_dict(state["lr_scheduler"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise ConfigError(f"{resume_from} was written by a run with another optimizer or adapter ({exc}); "
