@@ -1,4 +1,5 @@
-"""Where a step's time goes: a torch.profiler run of a few steps, summarised by kind of work.
+"""Where a step's time goes (a torch.profiler run of a few steps, summarised by kind of work) and how many kernels
+it launches (`KernelCounter`, exact on any device).
 
 `bench --profile FILE` calls `profile_steps` on each mode's project configuration. The summary (in the JSON row)
 says how long the device was busy against the wall time and splits device time into matmul, attention,
@@ -42,7 +43,7 @@ class KernelCounter(TorchDispatchMode):
         counter.total, counter.by_op
     """
 
-    VIEWS = frozenset((
+    NO_KERNEL_OPS = frozenset((
         "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "unsqueeze",
         "squeeze", "detach", "as_strided", "alias", "split", "split_with_sizes", "chunk", "slice", "select",
         "unbind", "narrow", "lift_fresh", "is_same_size", "resolve_conj", "resolve_neg", "empty", "empty_like",
@@ -59,7 +60,7 @@ class KernelCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name not in self.VIEWS:
+        if name not in self.NO_KERNEL_OPS:
             self.by_op[name] += 1
         return func(*args, **(kwargs or {}))
 
