@@ -18,9 +18,11 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 # the adapter-free stock step (the floor of adapter-side speed-ups) and off-by-default candidates switched on;
 # --profile writes where each project step's time goes (JSON "profile" field, torch's table beside the results).
 # Ordered by what is least measured, so a run cut short by a device time limit keeps the figures that matter most;
-# about 9 minutes on one H100.
+# about 10 minutes on one H100.
 "$PY" -m trainer_core bench --size full --device cuda --ablate --profile "${out%.jsonl}-profile.txt" \
     --modes bf16_nogc,offload_gc,bf16_gc,int8_gc,sample_cfg --out "$out" "$@"
+# The quickstart's optimizer (optimi-lion: Triton kernels on a GPU) on the quickstart's checkpointed step.
+"$PY" -m trainer_core bench --size full --device cuda --modes bf16_gc --optimizer optimi-lion --out "$out" "$@"
 if [ "${BENCH_COMPILE:-0}" = "1" ]; then
     "$PY" -m trainer_core bench --size full --device cuda --modes bf16_nogc --compile-blocks --out "$out" "$@"
 fi

@@ -53,6 +53,24 @@ def test_bench_rejects_unknown_mode(capsys):
     assert main(["bench", "--size", "small", "--device", "cpu", "--modes", "bf16_turbo"]) == 2
     err = capsys.readouterr().err
     assert "bf16_turbo" in err and "bf16_gc" in err
+    assert main(["bench", "--size", "small", "--device", "cpu", "--optimizer", "sgd-turbo"]) == 2
+    err = capsys.readouterr().err
+    assert "sgd-turbo" in err and "optimi-lion" in err
+
+
+def test_bench_times_the_quickstart_optimizer(tmp_path):
+    """--optimizer optimi-lion (SimpleTuner's HiDream quickstart): both sides step with it and still agree; its
+    update launches fewer kernels per tensor than AdamW's, which the step's kernel count shows."""
+    rows = {}
+    for name in ("optimi-lion", "adamw"):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["bench", "--size", "small", "--device", "cpu", "--modes", "bf16_nogc", "--steps", "1",
+                     "--warmup", "0", "--optimizer", name, "--out", str(out)]) == 0
+        rows[name] = json.loads(out.read_text())
+    lion = rows["optimi-lion"]
+    assert lion["optimizer"] == "optimi-lion" and lion["check"]["passed"], lion.get("check")
+    assert lion["step_s"] > 0
+    assert 0 < lion["project"]["kernels_per_step"] < rows["adamw"]["project"]["kernels_per_step"]
 
 
 def test_sequential_timing_caps_a_slow_configuration():

@@ -8,8 +8,9 @@ The transformer is diffusers' `HiDreamImageTransformer2DModel` with random weigh
 same inputs:
 
 * the **reference**: stock diffusers + stock LyCORIS LoKr (`create_lycoris`, attention-only preset, factor 16,
-  full_matrix; bypass or LyCORIS' default rebuild forward, `--reference-lokr`) + torch AdamW;
-* the **project**: the trainer's LoKr (`create_lokr_network`) with `apply_speedups` + the same AdamW,
+  full_matrix; bypass or LyCORIS' default rebuild forward, `--reference-lokr`) + torch AdamW (`--optimizer`
+  names another, by SimpleTuner's name, for both sides);
+* the **project**: the trainer's LoKr (`create_lokr_network`) with `apply_speedups` + the same optimizer,
 
 and checks on one fixed batch that both compute the same loss and LoKr gradients (the `check` field; speed that
 changes the maths does not count). One training step = noise, forward, flow-matching loss (+ MoE load-balancing
@@ -44,6 +45,7 @@ import torch
 
 from .flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
                             patch_tokens_to_image, sample_sigmas, shift_sigmas)
+from .optimizers import optimizer_by_name
 from .speedups import Speedups, apply_speedups, remove_speedups
 
 logger = logging.getLogger(__name__)
@@ -368,6 +370,7 @@ class BenchOptions:
     ablate: bool = False  # also time each speed-up switched off in turn, and the adapter-free stock model
     sequential: Optional[bool] = None  # None: sequential on CUDA (per-configuration peak memory), interleaved on CPU
     profile: Optional[Path] = None  # append a torch.profiler table of each mode's project step to this file
+    optimizer: str = "adamw"  # by SimpleTuner's name (optimizers.py), the same on both sides
 
     @property
     def interleave(self) -> bool:
@@ -432,7 +435,7 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
     params = [p for p in network.parameters() if p.requires_grad]
     # Everything big lives in `state`, which close() empties: on a GPU the next configuration must not find this
     # one's 32 GB of weights still referenced.
-    state = {"model": model, "optimizer": torch.optim.AdamW(params, lr=opts.learning_rate)}
+    state = {"model": model, "optimizer": optimizer_by_name(opts.optimizer, params, opts.learning_rate, 0.01, device)}
     del model
 
     def step(i: int) -> torch.Tensor:
@@ -559,7 +562,8 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
 def _row(mode: str, opts: BenchOptions, proj: dict, ref: dict, extra: dict) -> dict:
     row = {"mode": mode, "size": opts.size.name, "resolution": opts.size.resolution,
            "device": device_name(opts.device), "dtype": str(opts.dtype).replace("torch.", ""),
-           "reference_lokr": opts.reference_lokr, "timing": "interleaved" if opts.interleave else "sequential",
+           "reference_lokr": opts.reference_lokr, "optimizer": opts.optimizer,
+           "timing": "interleaved" if opts.interleave else "sequential",
            "step_s": proj["step_s"], "peak_gib": proj["peak_gib"], "tflops_per_s": proj.get("tflops_per_s"),
            "reference_step_s": ref["step_s"], "reference_peak_gib": ref["peak_gib"],
            "speedup_vs_reference": ref["step_s"] / proj["step_s"],

@@ -91,6 +91,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .bench import ALL_MODES, SIZES, BenchOptions, run_bench
+    from .config import OPTIMIZERS
     from .speedups import Speedups
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -99,6 +100,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
         raise ConfigError(f"unknown bench mode(s) {unknown}; choose from {', '.join(ALL_MODES)}")
+    if args.optimizer.lower() not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {args.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda"
                                                                           else "fp32")]
@@ -108,7 +111,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(size=SIZES[args.size], device=device, dtype=dtype, steps=args.steps, warmup=args.warmup,
                         reference_lokr=args.reference_lokr, speedups=speedups,
                         sequential=True if args.sequential else None, ablate=args.ablate,
-                        profile=Path(args.profile) if args.profile else None)
+                        profile=Path(args.profile) if args.profile else None, optimizer=args.optimizer)
     run_bench(modes, opts, Path(args.out) if args.out else None, emit=lambda line: print(line, flush=True))
     return 0
 
@@ -175,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lean-int8-backward", action="store_true", help="project step with quanto's own backward")
     p.add_argument("--no-lean-rope", action="store_true", help="project step with diffusers' rotary embedding")
     p.add_argument("--compile-blocks", action="store_true", help="torch.compile every transformer block")
+    p.add_argument("--optimizer", default="adamw",
+                   help="the optimizer of both steps, by SimpleTuner's name (default adamw: torch's AdamW; the "
+                        "HiDream quickstart uses optimi-lion)")
     p.add_argument("--batched-lokr", action="store_true",
                    help="project step with fast_lokr's copy-free form (W1 as a batched GEMM)")
     p.add_argument("--ablate", action="store_true",

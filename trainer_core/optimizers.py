@@ -29,8 +29,13 @@ _BNB = {"bnb-adamw8bit": "AdamW8bit", "bnb-adamw-paged": "PagedAdamW", "bnb-adam
 def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter],
                     device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
     """The optimizer `config.optimizer` names over `params`, at `config.learning_rate`."""
-    name = config.optimizer.lower()
-    lr, decay = config.learning_rate, config.adam_weight_decay
+    return optimizer_by_name(config.optimizer, params, config.learning_rate, config.adam_weight_decay, device)
+
+
+def optimizer_by_name(optimizer: str, params: list[torch.nn.Parameter], lr: float, decay: float,
+                      device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+    """The optimizer SimpleTuner calls `optimizer` over `params` (the trainer's and the benchmark's one factory)."""
+    name = optimizer.lower()
     if name in ("adamw", "adamw_bf16", "torch-adamw"):
         return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
     if name in ("optimi-adamw", "optimi-lion"):
@@ -51,7 +56,7 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter],
         return Prodigy(params, lr=lr, weight_decay=decay)
     if name in _BNB:
         return _bitsandbytes_optimizer(name, params, lr, decay, device)
-    raise ConfigError(f"optimizer {config.optimizer!r} is not supported; use one of: {', '.join(OPTIMIZERS)}")
+    raise ConfigError(f"optimizer {optimizer!r} is not supported; use one of: {', '.join(OPTIMIZERS)}")
 
 
 # Parameter-group keys that choose how an optimizer runs on this machine, not what it computes (torch's foreach and
