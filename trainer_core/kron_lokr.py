@@ -94,7 +94,7 @@ class BatchedKroneckerDelta(torch.autograd.Function):
         y.view(N, a, c) = base + W1 Z          one baddbmm: W1 broadcast over tokens, the residual add fused
 
     `KroneckerDelta`'s einsum keeps W1 X a single GEMM by permuting x and V into copies (two in the forward, six in
-    the backward); here the forward is two GEMM kernels and the backward four plus a small sum. The price is that
+    the backward); here the forward is two GEMM kernels and the backward five plus a small sum. The price is that
     the W1 products are batched (a x b) @ (b x c) GEMMs, one per token, which a GPU may run slowly: this form is off
     by default until a GPU run measures it. Saved for backward: x, W1, W2 (Z is recomputed, as V is there).
 
