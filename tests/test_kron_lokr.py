@@ -134,7 +134,7 @@ def test_fast_path_keeps_no_activation_sized_tensor_for_backward(batched):
 
 
 def test_batched_form_launches_fewer_kernels_and_copies_nothing():
-    """What `batched_lokr` is for: on a GPU-bound-by-launches step every kernel counts. Per adapted layer, forward
+    """What `batched_lokr` is for: on a launch-bound GPU step every kernel counts. Per adapted layer, forward
     and backward, it dispatches fewer kernels than the einsum form and no activation-sized copy (`clone`)."""
     torch.manual_seed(0)
     counts = {}
