@@ -6,6 +6,8 @@
 # Needs ~70 GB of GPU memory for bf16_nogc (the reference's own peak); the other modes fit in 40 GB.
 # BENCH_COMPILE=1 adds bf16_nogc with regional torch.compile of the blocks (a minute or two of compile time).
 # BENCH_BYPASS=1 adds bf16_nogc against LyCORIS' bypass forward (a stricter reference than the stock default).
+# BENCH_BUDGET_S=SECONDS shares a time budget across the runs below (bench --time-budget): past it nothing new
+# starts, and every mode still writes its line. Leave the device lease a minute or two more than this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
@@ -14,19 +16,29 @@ out="${1:-bench-results/$(date -u +%Y-%m-%d)-${gpu}.jsonl}"
 shift || true
 mkdir -p "$(dirname "$out")"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+ends_at=$(( $(date +%s) + ${BENCH_BUDGET_S:-0} ))
+bench() {  # the bench command with what is left of BENCH_BUDGET_S, if one was given
+    local budget=()
+    if [ -n "${BENCH_BUDGET_S:-}" ]; then
+        local left=$(( ends_at - $(date +%s) ))
+        [ "$left" -gt 0 ] || { echo "time budget spent: skipped bench $*" >&2; return 0; }
+        budget=(--time-budget "$left")
+    fi
+    "$PY" -m trainer_core bench --size full --device cuda "${budget[@]}" "$@"
+}
 # Every mode; --ablate adds the project step with each speed-up switched off in turn (what each one is worth) and
 # the adapter-free stock step (the floor of adapter-side speed-ups) and off-by-default candidates switched on;
 # --profile writes where each project step's time goes (JSON "profile" field, torch's table beside the results).
 # Ordered by what is least measured, so a run cut short by a device time limit keeps the figures that matter most;
 # about 10 minutes on one H100.
-"$PY" -m trainer_core bench --size full --device cuda --ablate --profile "${out%.jsonl}-profile.txt" \
+bench --ablate --profile "${out%.jsonl}-profile.txt" \
     --modes bf16_nogc,offload_gc,bf16_gc,int8_gc,sample_cfg --out "$out" "$@"
 # The quickstart's optimizer (optimi-lion: Triton kernels on a GPU) on the quickstart's checkpointed step.
-"$PY" -m trainer_core bench --size full --device cuda --modes bf16_gc --optimizer optimi-lion --out "$out" "$@"
+bench --modes bf16_gc --optimizer optimi-lion --out "$out" "$@"
 if [ "${BENCH_COMPILE:-0}" = "1" ]; then
-    "$PY" -m trainer_core bench --size full --device cuda --modes bf16_nogc --compile-blocks --out "$out" "$@"
+    bench --modes bf16_nogc --compile-blocks --out "$out" "$@"
 fi
 if [ "${BENCH_BYPASS:-0}" = "1" ]; then
-    "$PY" -m trainer_core bench --size full --device cuda --modes bf16_nogc --reference-lokr bypass --out "$out" "$@"
+    bench --modes bf16_nogc --reference-lokr bypass --out "$out" "$@"
 fi
 echo "results: $out"

@@ -90,3 +90,60 @@ def test_sequential_timing_caps_a_slow_configuration():
                            steps=5, warmup=2, interleave=False)
     assert calls == {"fast": 7, "slow": 3}
     assert len(results["fast"]["step_s_all"]) == 7 and len(results["slow"]["step_s_all"]) == 3
+
+
+def test_time_budget_keeps_what_was_measured():
+    """Past the deadline nothing new starts: the configuration being timed stops after one timed step, the ones not
+    yet set up are left out (a GPU lent for minutes keeps every figure it measured)."""
+    import time
+
+    import torch
+
+    from trainer_core.bench import Timed, time_configs
+
+    set_up = []
+
+    def config(label):
+        def setup():
+            set_up.append(label)
+            return Timed(lambda _: time.sleep(0.2), count_flops=False)
+        return setup
+
+    results = time_configs({label: config(label) for label in ("first", "second", "third")}, torch.device("cpu"),
+                           steps=5, warmup=0, interleave=False, deadline=time.monotonic() + 0.3)
+    assert set_up == ["first"] and list(results) == ["first"]
+    assert 1 <= len(results["first"]["step_s_all"]) <= 2 and results["first"]["step_s"] >= 0.2
+
+
+def test_time_budget_skips_later_modes_with_a_line_each(tmp_path):
+    out = tmp_path / "results.jsonl"
+    assert main(["bench", "--size", "small", "--device", "cpu", "--modes", "bf16_nogc,sample_cfg", "--steps", "1",
+                 "--warmup", "0", "--time-budget", "0.001", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["bf16_nogc", "sample_cfg"]
+    assert all("time budget" in r["skipped"] for r in rows)
+
+
+def test_a_mode_whose_reference_ran_out_of_time_still_writes_the_project(monkeypatch):
+    """The offload reference is slow: when the budget ends after the project was timed, the row keeps the
+    project's figures and says what did not run, instead of losing the mode."""
+    import torch
+
+    from trainer_core import bench
+
+    spent = {"now": False}
+    make_config = bench._train_config
+
+    def config_then_spend(mode, label, *args):
+        timed = make_config(mode, label, *args)
+        spent["now"] = True  # the budget ends while the project's step is being timed
+        return timed
+
+    monkeypatch.setattr(bench, "_train_config", config_then_spend)
+    monkeypatch.setattr(bench, "past", lambda deadline: spent["now"])
+    opts = bench.BenchOptions(size=bench.SMALL, device=torch.device("cpu"), dtype=torch.float32, steps=3, warmup=0,
+                              sequential=True, deadline=0.0)
+    row = bench.run_train_mode("bf16_nogc", opts)
+    assert row["step_s"] > 0 and len(row["project"]["step_s_all"]) == 1  # one timed step, then it stopped
+    assert row["reference"] is None and row["reference_step_s"] is None and row["check"] is None
+    assert row["not_run_for_time"] == ["reference"]

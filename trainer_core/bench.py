@@ -276,18 +276,33 @@ class Timed:
     max_warmup: Optional[int] = None  # cap on untimed steps, likewise
 
 
+class TimeBudgetSpent(RuntimeError):
+    """`--time-budget` ran out before a configuration the mode cannot do without."""
+
+
+def past(deadline: Optional[float]) -> bool:
+    """True once `deadline` (a time.monotonic() value, None for none) has passed."""
+    return deadline is not None and time.monotonic() >= deadline
+
+
 def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, steps: int, warmup: int,
-                 interleave: bool, profile: Optional[Callable[[str, Timed], None]] = None) -> dict[str, dict]:
+                 interleave: bool, profile: Optional[Callable[[str, Timed], None]] = None,
+                 deadline: Optional[float] = None) -> dict[str, dict]:
     """Median step time (and peak memory) of each configuration.
 
     interleave=False (GPU): one configuration lives at a time: set up, time, count FLOPs, close. Peak memory is
     per configuration. interleave=True (CPU): all configurations live together and their steps alternate (the
     order flips every round), so load from other processes on a shared CPU hits all of them alike.
     `profile(label, timed)`, when given, runs after a configuration's timed steps (untimed, before it closes).
+    Past `deadline`, configurations not yet set up are left out of the result and timing stops after the first
+    timed step (`step_s_all` says how many ran): a device lent for minutes keeps what was measured.
     """
     results: dict[str, dict] = {}
     if not interleave:
         for label, setup in configs.items():
+            if past(deadline):
+                logger.warning("time budget spent: %s not run", label)
+                continue
             timed = setup()
             _release(device)
             _reset_peak(device)
@@ -295,6 +310,9 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
             timed_steps = min(steps, timed.max_steps or steps)
             timed_warmup = min(warmup, warmup if timed.max_warmup is None else timed.max_warmup)
             for i in range(timed_warmup + timed_steps):
+                if i > timed_warmup and past(deadline):
+                    logger.warning("time budget spent: %s timed on %d steps", label, i - timed_warmup)
+                    break
                 _sync(device)
                 started = time.perf_counter()
                 timed.step(i)
@@ -304,9 +322,10 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
                 logger.info("%s step %d: %.3f s, peak so far %s GiB", label, i, times[-1], _gib_text(peak))
             logger.info("%s: median %.3f s, peak %s GiB", label, statistics.median(times[timed_warmup:]),
                         _gib_text(peak))
-            if profile is not None:
+            if profile is not None and not past(deadline):
                 profile(label, timed)
-            flops, kernels = count_work(lambda: timed.step(0)) if timed.count_flops else (None, None)
+            counted = timed.count_flops and not past(deadline)
+            flops, kernels = count_work(lambda: timed.step(0)) if counted else (None, None)
             results[label] = {**summarise(times, timed_warmup, peak, flops), "flops_per_step": flops,
                               "kernels_per_step": kernels, **timed.info}
             timed.close()
@@ -317,6 +336,9 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
     times = {label: [] for label in live}
     labels = list(live)
     for i in range(warmup + steps):
+        if i > warmup and past(deadline):
+            logger.warning("time budget spent: timed on %d steps", i - warmup)
+            break
         for label in (labels if i % 2 == 0 else labels[::-1]):
             started = time.perf_counter()
             live[label].step(i)
@@ -370,6 +392,7 @@ class BenchOptions:
     ablate: bool = False  # also time each speed-up switched off in turn, and the adapter-free stock model
     sequential: Optional[bool] = None  # None: sequential on CUDA (per-configuration peak memory), interleaved on CPU
     profile: Optional[Path] = None  # append a torch.profiler table of each mode's project step to this file
+    deadline: Optional[float] = None  # time.monotonic() past which nothing new starts (`--time-budget`)
     optimizer: str = "adamw"  # by SimpleTuner's name (optimizers.py), the same on both sides
 
     @property
@@ -536,20 +559,31 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
         configs["base_model"] = lambda: _base_model_config(mode, opts)
     profiles: dict = {}
     results = time_configs(configs, opts.device, opts.steps, opts.warmup, opts.interleave,
-                           _profiler(mode, opts, profiles))
-    (ref_loss, ref_grads, _), (proj_loss, proj_grads, report) = checks["reference"], checks["project"]
-    row = _row(mode, opts, results["project"], results["reference"], extra)
-    row["check"] = compare(ref_grads, proj_grads, ref_loss, proj_loss, opts.dtype)
+                           _profiler(mode, opts, profiles), opts.deadline)
+    _require(results, ("project",))  # a project without its reference (a slow offload one, cut by time) still counts
+    reference = checks.get("reference")
+    report = checks["project"][2]
+
+    def check(label: str) -> Optional[dict]:
+        if reference is None:
+            return None
+        ref_loss, ref_grads, _ = reference
+        return compare(ref_grads, checks[label][1], ref_loss, checks[label][0], opts.dtype)
+
+    row = _row(mode, opts, results["project"], results.get("reference"), extra)
+    row["check"] = check("project")
     row["speedups"] = report
     row.update(profiles)
+    not_run = [label for label in configs if label not in results]
+    if not_run:
+        row["not_run_for_time"] = not_run
     if len(labels) > 2:  # what each speed-up is worth: the step with it switched off, same run
         row["ablation"] = {label: {"step_s": results[label]["step_s"], "peak_gib": results[label]["peak_gib"],
                                    "kernels_per_step": results[label]["kernels_per_step"],
                                    "slowdown_vs_project": results[label]["step_s"] / results["project"]["step_s"],
-                                   "check_passed": compare(ref_grads, checks[label][1], ref_loss, checks[label][0],
-                                                           opts.dtype)["passed"]}
-                           for label in labels[2:]}
-    if "base_model" in results:
+                                   "check_passed": (check(label) or {}).get("passed")}
+                           for label in labels[2:] if label in results}
+    if "base_model" in results and "reference" in results:
         base = results["base_model"]
         row["base_model"] = {"step_s": base["step_s"], "peak_gib": base["peak_gib"],
                              "flops_per_step": base["flops_per_step"], "kernels_per_step": base["kernels_per_step"],
@@ -559,14 +593,21 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
     return row
 
 
-def _row(mode: str, opts: BenchOptions, proj: dict, ref: dict, extra: dict) -> dict:
+def _require(results: dict, labels: tuple[str, ...]) -> None:
+    missing = [label for label in labels if label not in results]
+    if missing:
+        raise TimeBudgetSpent(f"the time budget ran out before {', '.join(missing)} ran")
+
+
+def _row(mode: str, opts: BenchOptions, proj: dict, ref: Optional[dict], extra: dict) -> dict:
+    """The mode's JSON line; `ref` is None when the time budget ran out before the reference was timed."""
     row = {"mode": mode, "size": opts.size.name, "resolution": opts.size.resolution,
            "device": device_name(opts.device), "dtype": str(opts.dtype).replace("torch.", ""),
            "reference_lokr": opts.reference_lokr, "optimizer": opts.optimizer,
            "timing": "interleaved" if opts.interleave else "sequential",
            "step_s": proj["step_s"], "peak_gib": proj["peak_gib"], "tflops_per_s": proj.get("tflops_per_s"),
-           "reference_step_s": ref["step_s"], "reference_peak_gib": ref["peak_gib"],
-           "speedup_vs_reference": ref["step_s"] / proj["step_s"],
+           "reference_step_s": ref and ref["step_s"], "reference_peak_gib": ref and ref["peak_gib"],
+           "speedup_vs_reference": ref and ref["step_s"] / proj["step_s"],
            "project": proj, "reference": ref}
     row.update(extra)
     return row
@@ -608,7 +649,8 @@ def run_sample_mode(opts: BenchOptions) -> dict:
     results = time_configs({label: (lambda label=label: _sample_config(label, opts, outputs))
                             for label in ("base", "reference", "project")},
                            opts.device, opts.steps, opts.warmup, opts.interleave,
-                           _profiler("sample_cfg", opts, profiles))
+                           _profiler("sample_cfg", opts, profiles), opts.deadline)
+    _require(results, ("base", "reference", "project"))
     project, reference, base = results["project"], results["reference"], results["base"]
     row = _row("sample_cfg", opts, project, reference, {})
     row["speedups"] = project.pop("speedups", None)
@@ -650,7 +692,12 @@ def run_bench(modes: list[str], opts: BenchOptions, out: Optional[Path] = None,
         for mode in modes:
             started = time.perf_counter()
             try:
+                if past(opts.deadline):
+                    raise TimeBudgetSpent("the time budget ran out before this mode started")
                 row = run_mode(mode, opts)
+            except TimeBudgetSpent as exc:
+                logger.warning("bench mode %s: %s", mode, exc)
+                row = {"mode": mode, "skipped": f"{exc} (--time-budget)"}
             except torch.OutOfMemoryError as exc:
                 row = {"mode": mode, "error": "OutOfMemoryError", "message": str(exc)[:300]}
             except Exception as exc:  # one broken mode must not lose the others' figures

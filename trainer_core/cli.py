@@ -111,7 +111,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     opts = BenchOptions(size=SIZES[args.size], device=device, dtype=dtype, steps=args.steps, warmup=args.warmup,
                         reference_lokr=args.reference_lokr, speedups=speedups,
                         sequential=True if args.sequential else None, ablate=args.ablate,
-                        profile=Path(args.profile) if args.profile else None, optimizer=args.optimizer)
+                        profile=Path(args.profile) if args.profile else None, optimizer=args.optimizer,
+                        deadline=time.monotonic() + args.time_budget if args.time_budget else None)
     run_bench(modes, opts, Path(args.out) if args.out else None, emit=lambda line: print(line, flush=True))
     return 0
 
@@ -189,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="profile two project steps per mode (torch.profiler): device-busy time and time by kind of "
                         "work go into the JSON row, torch's operator table is appended to FILE")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="past this many seconds start nothing new: later modes and ablations are skipped and a "
+                        "configuration being timed stops after one timed step, so every mode still writes its "
+                        "line (for a GPU lent for minutes; leave room for the step in flight)")
     p.add_argument("--sequential", action="store_true",
                    help="time one configuration after the other (the CUDA default) instead of alternating steps")
     p.set_defaults(func=_cmd_bench)
