@@ -45,7 +45,11 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["einsum", "batched"])
+# Every LoKr test runs on both forms of the fast path: the einsum one (default) and `batched_lokr`.
+both_forms = pytest.mark.parametrize("batched", [False, True], ids=["einsum", "batched"])
+
+
+@both_forms
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_fast_bypass_matches_lycoris_bypass(variant, batched):
     torch.manual_seed(0)
@@ -83,7 +87,7 @@ def test_unsupported_modules_keep_lycoris_forward():
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["einsum", "batched"])
+@both_forms
 def test_bf16_activations_with_float32_factors(batched):
     """Training shape: bf16 base, float32 LoKr factors; the delta runs in the activation dtype, like LyCORIS."""
     torch.manual_seed(0)
@@ -114,7 +118,7 @@ def _saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["einsum", "batched"])
+@both_forms
 def test_fast_path_keeps_no_activation_sized_tensor_for_backward(batched):
     """The Kronecker path saves what the base Linear saves (its input) plus the small factors: no intermediate of
     the activation's size (LyCORIS' bypass keeps one per layer; at HiDream-I1 size that is gigabytes)."""

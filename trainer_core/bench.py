@@ -322,12 +322,7 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
                 logger.info("%s step %d: %.3f s, peak so far %s GiB", label, i, times[-1], _gib_text(peak))
             logger.info("%s: median %.3f s, peak %s GiB", label, statistics.median(times[timed_warmup:]),
                         _gib_text(peak))
-            if profile is not None and not past(deadline):
-                profile(label, timed)
-            counted = timed.count_flops and not past(deadline)
-            flops, kernels = count_work(lambda: timed.step(0)) if counted else (None, None)
-            results[label] = {**summarise(times, timed_warmup, peak, flops), "flops_per_step": flops,
-                              "kernels_per_step": kernels, **timed.info}
+            results[label] = _configuration_result(label, timed, times, timed_warmup, peak, profile, deadline)
             timed.close()
             del timed
             _release(device)
@@ -344,13 +339,21 @@ def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, 
             live[label].step(i)
             times[label].append(time.perf_counter() - started)
     for label, timed in live.items():
-        if profile is not None:
-            profile(label, timed)
-        flops, kernels = count_work(lambda: timed.step(0))
-        results[label] = {**summarise(times[label], warmup, None, flops), "flops_per_step": flops,
-                          "kernels_per_step": kernels, **timed.info}
+        results[label] = _configuration_result(label, timed, times[label], warmup, None, profile, deadline)
         timed.close()
     return results
+
+
+def _configuration_result(label: str, timed: Timed, times: list[float], warmup: int, peak: Optional[float],
+                          profile: Optional[Callable[[str, Timed], None]], deadline: Optional[float]) -> dict:
+    """One timed configuration's figures: its step times, then (unless the time budget is spent) the profile and
+    one step under the FLOP and kernel counters."""
+    if profile is not None and not past(deadline):
+        profile(label, timed)
+    counted = timed.count_flops and not past(deadline)
+    flops, kernels = count_work(lambda: timed.step(0)) if counted else (None, None)
+    return {**summarise(times, warmup, peak, flops), "flops_per_step": flops, "kernels_per_step": kernels,
+            **timed.info}
 
 
 def summarise(times: list[float], warmup: int, peak: Optional[float], flops: Optional[float]) -> dict:

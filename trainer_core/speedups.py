@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 
 from torch import nn
 
+from .config import TrainConfig
 from .frozen_qlinear import install_frozen_qlinear, uninstall_frozen_qlinear
 from .kron_lokr import install_kron_lokr, uninstall_kron_lokr
 from .lean_rope import install_lean_rope, uninstall_lean_rope
@@ -28,14 +29,18 @@ from .moe_dispatch import install_sorted_moe, is_moe_feed_forward, uninstall_sor
 logger = logging.getLogger(__name__)
 
 
+# The switches' defaults are TrainConfig's (its fields are the one source of truth for every setting).
+_DEFAULT = {f.name: f.default for f in fields(TrainConfig)}
+
+
 @dataclass(frozen=True)
 class Speedups:
-    fast_lokr: bool = True
-    fast_moe_dispatch: bool = True
-    lean_int8_backward: bool = True
-    compile_blocks: bool = False
-    lean_rope: bool = True
-    batched_lokr: bool = False
+    fast_lokr: bool = _DEFAULT["fast_lokr"]
+    fast_moe_dispatch: bool = _DEFAULT["fast_moe_dispatch"]
+    lean_int8_backward: bool = _DEFAULT["lean_int8_backward"]
+    compile_blocks: bool = _DEFAULT["compile_blocks"]
+    lean_rope: bool = _DEFAULT["lean_rope"]
+    batched_lokr: bool = _DEFAULT["batched_lokr"]
 
     @classmethod
     def from_config(cls, config) -> "Speedups":
