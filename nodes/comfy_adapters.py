@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..trainer_core.models import PromptEmbeds
+from ..trainer_core.hidream.models import PromptEmbeds
 from .sampling import comfy_to_scaled_latents, scaled_to_comfy_latents
 
 LLAMA_TOKENS = 128

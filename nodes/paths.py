@@ -6,7 +6,7 @@ from pathlib import Path
 
 import folder_paths
 
-from ..trainer_core.config import ConfigError
+from ..trainer_core.config.schema import ConfigError
 
 TINY_MODEL_NAME = "tiny-hidream"  # built on first use: the embedded tiny HiDream (random weights, ~9 MB)
 DEMO_DATASET_NAME = "hidream_lokr_demo_shapes"  # written on first use: 8 captioned shape images

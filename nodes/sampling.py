@@ -7,10 +7,10 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..trainer_core.config import ConfigError, SamplingConfig
-from ..trainer_core.lokr import load_lokr, lokr_applied, remove_lokr
+from ..trainer_core.config.schema import ConfigError, SamplingConfig
+from ..trainer_core.adapters.lokr import load_lokr, lokr_applied, remove_lokr
 from ..trainer_core.tiny_model import FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR
-from ..trainer_core.sample import denoise
+from ..trainer_core.hidream.sample import denoise
 from .train import pil_to_image
 from .types import CATEGORY, HiDreamModel, HiDreamModelType, LoKrHandle, LoKrType
 

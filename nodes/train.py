@@ -1,6 +1,6 @@
 """The training node: HIDREAM_MODEL + dataset + LoKr config + settings -> trained LoKr, loss curve, previews.
 
-All training logic is trainer_core.train.train(); this node maps widgets onto a TrainConfig, hands over the models
+All training logic is trainer_core.training.run.train(); this node maps widgets onto a TrainConfig, hands over the models
 the graph already holds (ModelComponents), and reports through ComfyUI: progress bar every step, preview images on
 the node, a `hidream_lokr.progress` websocket event per step (run_registry), and ComfyUI's interrupt.
 """
@@ -19,8 +19,8 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from ..trainer_core.config import ConfigError
-from ..trainer_core.train import ModelComponents, StepMetrics, TrainingCallbacks, train
+from ..trainer_core.config.schema import ConfigError
+from ..trainer_core.training.run import ModelComponents, StepMetrics, TrainingCallbacks, train
 from .lokr_config import LoKrSettings
 from .paths import new_run_dir
 from .run_registry import REGISTRY, TrainingRun

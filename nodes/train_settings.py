@@ -13,7 +13,7 @@ from typing import Optional
 
 from comfy_api.latest import io
 
-from ..trainer_core.config import OPTIMIZERS as CORE_OPTIMIZERS, ConfigError, TrainConfig
+from ..trainer_core.config.schema import OPTIMIZERS as CORE_OPTIMIZERS, ConfigError, TrainConfig
 from .types import TrainingData
 
 CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}

@@ -77,7 +77,7 @@ def test_sequential_timing_caps_a_slow_configuration():
     """A configuration with `max_steps`/`max_warmup` (the offload reference) runs fewer steps than asked."""
     import torch
 
-    from trainer_core.bench import Timed, time_configs
+    from trainer_core.bench.modes import Timed, time_configs
 
     calls = {"fast": 0, "slow": 0}
 
@@ -99,7 +99,7 @@ def test_time_budget_keeps_what_was_measured():
 
     import torch
 
-    from trainer_core.bench import Timed, time_configs
+    from trainer_core.bench.modes import Timed, time_configs
 
     set_up = []
 
@@ -129,7 +129,7 @@ def test_a_mode_whose_reference_ran_out_of_time_still_writes_the_project(monkeyp
     project's figures and says what did not run, instead of losing the mode."""
     import torch
 
-    from trainer_core import bench
+    from trainer_core.bench import modes as bench
 
     spent = {"now": False}
     make_config = bench._train_config

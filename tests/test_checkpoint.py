@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import tiny_train_config, write_shapes_dataset
-from trainer_core import checkpoint as ckpt
-from trainer_core.config import ConfigError
-from trainer_core.lokr import load_lokr
-from trainer_core.models import load_transformer
-from trainer_core.train import EMA_LOKR_FILENAME, LOKR_FILENAME, TrainingCallbacks, train
+from trainer_core.training import checkpoint as ckpt
+from trainer_core.config.schema import ConfigError
+from trainer_core.adapters.lokr import load_lokr
+from trainer_core.hidream.models import load_transformer
+from trainer_core.training.run import EMA_LOKR_FILENAME, LOKR_FILENAME, TrainingCallbacks, train
 
 ITEMS = [("circle", "red", "blue"), ("square", "green", "yellow"), ("circle", "yellow", "green"),
          ("square", "blue", "red")]

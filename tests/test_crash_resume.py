@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import write_lycoris_config, write_shapes_dataset
-from trainer_core import checkpoint as ckpt
-from trainer_core.cache import read_entry
-from trainer_core.faults import ENV
+from trainer_core.training import checkpoint as ckpt
+from trainer_core.data.cache import read_entry
+from trainer_core.util.faults import ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 ITEMS = [("circle", "red", "blue"), ("square", "green", "yellow"), ("circle", "yellow", "green"),

@@ -1,4 +1,4 @@
-"""Tests for trainer_core.data, on small real image files written with Pillow."""
+"""Tests for trainer_core.data.datasets, on small real image files written with Pillow."""
 from __future__ import annotations
 
 import itertools
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer_core.config import ConfigError, DatasetConfig
-from trainer_core.data import (
+from trainer_core.config.schema import ConfigError, DatasetConfig
+from trainer_core.data.datasets import (
     BUCKET_STEP,
     BucketBatches,
     CropBox,

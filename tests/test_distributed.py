@@ -136,9 +136,9 @@ def test_a_killed_rank_stops_the_job_and_both_ranks_resume_to_the_same_lokr(tiny
 SHARDED_FORWARD = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from trainer_core.distributed import DistributedContext, shard_frozen_base
-    from trainer_core.lokr import load_lokr
-    from trainer_core.models import PromptEmbeds, load_transformer, resolve_model_paths
+    from trainer_core.training.distributed import DistributedContext, shard_frozen_base
+    from trainer_core.adapters.lokr import load_lokr
+    from trainer_core.hidream.models import PromptEmbeds, load_transformer, resolve_model_paths
     model_dir, lokr, out = sys.argv[1:4]
     ranks = DistributedContext.from_environment()
     ranks.start(torch.device("cpu"), 60)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainer_core.kron_lokr import install_kron_lokr, supports_fast_bypass, uninstall_kron_lokr
-from trainer_core.step_profile import KernelCounter
+from trainer_core.speedups.kron_lokr import install_kron_lokr, supports_fast_bypass, uninstall_kron_lokr
+from trainer_core.bench.profile import KernelCounter
 
 
 def _lokr_network(model: nn.Module, multiplier: float = 1.0, **kwargs):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_hidream_image import apply_rope
 
-from trainer_core.lean_rope import PairRotation, install_lean_rope, is_hidream_attention, uninstall_lean_rope
+from trainer_core.speedups.lean_rope import PairRotation, install_lean_rope, is_hidream_attention, uninstall_lean_rope
 
 from conftest import cfg_forward
 

@@ -1,4 +1,4 @@
-"""Tests of the tiny HiDream folder and of the one loading path (trainer_core.models), with real classes only."""
+"""Tests of the tiny HiDream folder and of the one loading path (trainer_core.hidream.models), with real classes only."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ from diffusers import HiDreamImagePipeline, UniPCMultistepScheduler
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from trainer_core.config import ConfigError
-from trainer_core.models import (
+from trainer_core.config.schema import ConfigError
+from trainer_core.hidream.models import (
     HiDreamModelPaths,
     PromptEmbeds,
     component_identity,

@@ -6,8 +6,8 @@ import copy
 
 import torch
 
-from trainer_core.flow_matching import LoadBalancingLoss
-from trainer_core.moe_dispatch import install_sorted_moe, uninstall_sorted_moe
+from trainer_core.hidream.flow_matching import LoadBalancingLoss
+from trainer_core.speedups.moe_dispatch import install_sorted_moe, uninstall_sorted_moe
 
 
 def _moe(dim: int = 48, seed: int = 0):

@@ -10,7 +10,7 @@ import logging
 from PIL import Image
 
 from helpers import write_shapes_dataset
-from trainer_core import checkpoint as ckpt
+from trainer_core.training import checkpoint as ckpt
 from trainer_core.cli import main
 
 # config.json of the quickstart; only paths, sizes, step counts and intervals are changed (marked).

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trainer_core.config import ConfigError
-from trainer_core.single_file import load_transformer_file, read_transformer_file
+from trainer_core.config.schema import ConfigError
+from trainer_core.hidream.single_file import load_transformer_file, read_transformer_file
 
 
 def _state(transformer) -> dict:

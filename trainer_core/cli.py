@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import ConfigError, SamplingConfig
+from .config.schema import ConfigError, SamplingConfig
 
 logger = logging.getLogger("trainer_core")
 
@@ -24,8 +24,8 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config_reader import load_train_config
-    from .train import train
+    from .config.simpletuner import load_train_config
+    from .training.run import train
 
     config = load_train_config(Path(args.config))
     if args.max_train_steps:
@@ -47,12 +47,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .lokr import load_lokr
-    from .models import load_text_encoders, load_transformer, load_vae, resolve_model_paths
-    from .quantize import quantize_frozen
-    from .sample import sample_image
-    from .speedups import apply_speedups
-    from .train import resolve_device
+    from .adapters.lokr import load_lokr
+    from .hidream.models import load_text_encoders, load_transformer, load_vae, resolve_model_paths
+    from .quant.quanto import quantize_frozen
+    from .hidream.sample import sample_image
+    from .speedups.switches import apply_speedups
+    from .training.run import resolve_device
 
     settings = SamplingConfig(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
                               height=args.height, num_inference_steps=args.steps, guidance=args.guidance,
@@ -90,9 +90,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import ALL_MODES, SIZES, BenchOptions, run_bench
-    from .config import OPTIMIZERS
-    from .speedups import Speedups
+    from .bench.modes import ALL_MODES, SIZES, BenchOptions, run_bench
+    from .config.schema import OPTIMIZERS
+    from .speedups.switches import Speedups
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")

@@ -38,8 +38,8 @@ def small_flux_vaes(comfy):
 
 def test_comfy_vae_adapter_caches_the_cores_scaled_latents_and_decodes_back(comfy_modules, pack):
     adapters = importlib.import_module("hidream_lokr_pack.nodes.comfy_adapters")
-    from trainer_core.cache import VaeImageEncoder
-    from trainer_core.sample import latents_to_images
+    from trainer_core.data.cache import VaeImageEncoder
+    from trainer_core.hidream.sample import latents_to_images
 
     diffusers_vae, comfy_vae = small_flux_vaes(comfy_modules)
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1

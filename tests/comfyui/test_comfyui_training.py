@@ -51,8 +51,8 @@ def demo_run(comfy, events):
 
 def test_demo_trains_saves_a_loadable_lokr_and_samples(comfy, events, demo_run):
     import torch
-    from trainer_core.lokr import load_lokr
-    from trainer_core.models import load_transformer, resolve_model_paths
+    from trainer_core.adapters.lokr import load_lokr
+    from trainer_core.hidream.models import load_transformer, resolve_model_paths
 
     prompt_id, entry = demo_run
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -224,7 +224,7 @@ def test_lokr_config_matching_nothing_fails_in_plain_words(comfy, events, demo_r
 
 def _no_partial_files(folder: Path) -> None:
     """Nothing half-written under a real name: no temporaries left behind, and every cache entry verifies."""
-    from trainer_core.cache import read_entry
+    from trainer_core.data.cache import read_entry
 
     leftovers = [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
     assert not leftovers, leftovers
@@ -234,7 +234,7 @@ def _no_partial_files(folder: Path) -> None:
 
 
 def test_interrupt_during_validation_stops_at_the_step_boundary_and_requeue_resumes(comfy, events, demo_run):
-    from trainer_core import checkpoint as ckpt
+    from trainer_core.training import checkpoint as ckpt
 
     graph = load_graph(DEMO)
     graph[TRAIN]["inputs"].update(max_train_steps=5000, validation_step_interval=3, validation_num_inference_steps=60,

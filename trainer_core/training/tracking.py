@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from .atomic import write_text
+from ..util.atomic import write_text
 
 logger = logging.getLogger(__name__)
 

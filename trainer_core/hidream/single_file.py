@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError
+from ..config.schema import ConfigError
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 SCALED_FP8_MARKER = "scaled_fp8"

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import ConfigError
+from ..config.schema import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class BlockStreamer:
     """
 
     def __init__(self, transformer: nn.Module, device: torch.device):
-        from .speedups import transformer_blocks
+        from .switches import transformer_blocks
 
         self.transformer = transformer
         self.device = torch.device(device)

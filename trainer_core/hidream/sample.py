@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import SamplingConfig
-from .lokr import lokr_applied
+from ..config.schema import SamplingConfig
+from ..adapters.lokr import lokr_applied
 from .models import PromptEmbeds, vae_decode
 
 

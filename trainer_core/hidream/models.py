@@ -30,7 +30,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from .config import ConfigError
+from ..config.schema import ConfigError
 
 PathLike = Union[str, Path]
 Device = Union[str, torch.device]

@@ -26,8 +26,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from .atomic import write_with
-from .config import ConfigError
+from ..util.atomic import write_with
+from ..config.schema import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError, DatasetConfig, TrainConfig, check_model_choice, parse_resolutions
+from .schema import ConfigError, DatasetConfig, TrainConfig, check_model_choice, parse_resolutions
 
 logger = logging.getLogger(__name__)
 

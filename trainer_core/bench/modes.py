@@ -43,10 +43,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
+from ..hidream.flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
                             patch_tokens_to_image, sample_sigmas, shift_sigmas)
-from .optimizers import optimizer_by_name
-from .speedups import Speedups, apply_speedups, remove_speedups
+from ..training.optimizers import optimizer_by_name
+from ..speedups.switches import Speedups, apply_speedups, remove_speedups
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def reference_lokr(model, device: torch.device, lokr_mode: str):
 
 def project_lokr(model, device: torch.device, speedups: Speedups):
     """The trainer's LoKr: `create_lokr_network` with the default (quickstart attention-only) preset, sped up."""
-    from .lokr import LycorisConfig, create_lokr_network
+    from ..adapters.lokr import LycorisConfig, create_lokr_network
 
     network = create_lokr_network(model, LycorisConfig(factor=LOKR_FACTOR), seed=0)
     network.to(device)
@@ -369,7 +369,7 @@ def count_work(fn: Callable[[], object]) -> tuple[Optional[float], Optional[int]
     run under the counters (compiled code may refuse a dispatch mode): timing matters more."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .step_profile import KernelCounter
+    from .profile import KernelCounter
 
     flops = FlopCounterMode(display=False)
     kernels = KernelCounter()
@@ -409,7 +409,7 @@ def _prepare_train_model(mode: str, label: str, opts: BenchOptions, extra: dict,
     device = opts.device
     model = build_transformer(opts.size, device, opts.dtype)
     if mode == "int8_gc":
-        from .quantize import quantize_frozen
+        from ..quant.quanto import quantize_frozen
 
         started = time.perf_counter()
         quantize_frozen(model, "int8-quanto")
@@ -424,7 +424,7 @@ def _prepare_train_model(mode: str, label: str, opts: BenchOptions, extra: dict,
             model.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
                                        offload_type="block_level", num_blocks_per_group=1)
         else:
-            from .block_offload import BlockStreamer
+            from ..speedups.block_offload import BlockStreamer
 
             BlockStreamer(model, device)  # its hooks keep it alive with the model
         info["offload_setup_s"] = time.perf_counter() - started
@@ -517,7 +517,7 @@ def _profiler(mode: str, opts: BenchOptions, into: dict) -> Optional[Callable[[s
     row), torch's operator table appended to FILE."""
     if opts.profile is None:
         return None
-    from .step_profile import profile_steps
+    from .profile import profile_steps
 
     def profile(label: str, timed: Timed) -> None:
         if label != "project":
@@ -619,7 +619,7 @@ def _row(mode: str, opts: BenchOptions, proj: dict, ref: Optional[dict], extra: 
 def _sample_config(label: str, opts: BenchOptions, outputs: dict) -> Timed:
     """One CFG denoising step (batch 2, eval, no grad) on a fresh model: `base` (no adapter), `reference` (stock
     LyCORIS hooks) or `project` (the sampler's path: LoKr merged into the weights by `lokr_applied`)."""
-    from .lokr import lokr_applied
+    from ..adapters.lokr import lokr_applied
 
     device, dtype = opts.device, opts.dtype
     model = build_transformer(opts.size, device, dtype).eval()

@@ -9,12 +9,12 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image, ImageDraw
 
-from .atomic import write_with
-from .cache import TextEmbeddingCache
-from .config import ConfigError, SamplingConfig
-from .config_reader import read_json_file
-from .faults import crash_point
-from .sample import denoise
+from ..util.atomic import write_with
+from ..data.cache import TextEmbeddingCache
+from ..config.schema import ConfigError, SamplingConfig
+from ..config.simpletuner import read_json_file
+from ..util.faults import crash_point
+from ..hidream.sample import denoise
 
 MAIN_NICKNAME = "validation"  # the file name of `validation_prompt`'s images
 

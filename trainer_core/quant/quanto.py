@@ -6,7 +6,7 @@ import logging
 import torch
 from torch import nn
 
-from .config import ConfigError
+from ..config.schema import ConfigError
 
 logger = logging.getLogger(__name__)
 

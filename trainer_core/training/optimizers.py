@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from .config import OPTIMIZERS, ConfigError, TrainConfig
+from ..config.schema import OPTIMIZERS, ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 

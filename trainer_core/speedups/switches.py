@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 
 from torch import nn
 
-from .config import TrainConfig
+from ..config.schema import TrainConfig
 from .frozen_qlinear import install_frozen_qlinear, uninstall_frozen_qlinear
 from .kron_lokr import install_kron_lokr, uninstall_kron_lokr
 from .lean_rope import install_lean_rope, uninstall_lean_rope

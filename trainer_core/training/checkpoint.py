@@ -25,9 +25,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .atomic import DiskFullError, file_sha256, fsync_directory, write_text
-from .config import ConfigError
-from .faults import crash_point
+from ..util.atomic import DiskFullError, file_sha256, fsync_directory, write_text
+from ..config.schema import ConfigError
+from ..util.faults import crash_point
 
 logger = logging.getLogger(__name__)
 

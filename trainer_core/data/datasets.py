@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .config import ConfigError, DatasetConfig
+from ..config.schema import ConfigError, DatasetConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 # HiDream's VAE downsamples by 8 and the transformer patchifies 2x2 latents, so one token covers 16 px.

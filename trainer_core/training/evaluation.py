@@ -10,10 +10,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .cache import TextEmbeddingCache
-from .data import TrainingSample
-from .flow_matching import flow_matching_loss, flow_matching_target, noisy_latents
-from .models import PromptEmbeds
+from ..data.cache import TextEmbeddingCache
+from ..data.datasets import TrainingSample
+from ..hidream.flow_matching import flow_matching_loss, flow_matching_target, noisy_latents
+from ..hidream.models import PromptEmbeds
 
 # predict(latents_in (B, C, h, w), sigmas (B,), embeds) -> flow prediction (B, C, h, w), noise - x0
 Predict = Callable[[torch.Tensor, torch.Tensor, PromptEmbeds], torch.Tensor]

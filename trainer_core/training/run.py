@@ -23,27 +23,27 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import atomic
+from ..util import atomic
 from . import checkpoint as ckpt
-from .cache import CacheStats, ImageEncoder, LatentCache, TextEmbeddingCache, TextEncoder, VaeImageEncoder
-from .config import ConfigError, TrainConfig
+from ..data.cache import CacheStats, ImageEncoder, LatentCache, TextEmbeddingCache, TextEncoder, VaeImageEncoder
+from ..config.schema import ConfigError, TrainConfig
 from .distributed import DistributedContext, average_gradients, shard_frozen_base, wrap_data_parallel
-from .data import BucketBatches, ImageDataset, TrainingSample, check_enough_samples, discover_dataset
-from .ema import AdapterEMA
+from ..data.datasets import BucketBatches, ImageDataset, TrainingSample, check_enough_samples, discover_dataset
+from ..adapters.ema import AdapterEMA
 from .evaluation import eval_loss
-from .faults import crash_point
-from .flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
+from ..util.faults import crash_point
+from ..hidream.flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
                             patch_tokens_to_image, resolution_shift, sample_sigmas, shift_sigmas)
-from .adapters import create_adapter, describe
-from .block_offload import BlockStreamer
-from .lokr import LycorisConfig
-from .models import (PromptEmbeds, component_identity, load_text_encoders, load_transformer, load_vae,
+from ..adapters.interface import create_adapter, describe
+from ..speedups.block_offload import BlockStreamer
+from ..adapters.lokr import LycorisConfig
+from ..hidream.models import (PromptEmbeds, component_identity, load_text_encoders, load_transformer, load_vae,
                      resolve_model_paths, text_encoders_identity)
 from .optimizers import build_lr_scheduler, build_optimizer, load_optimizer_state
 from .plot import loss_curve_image
-from .quantize import quantize_frozen
-from .sample import latents_to_images
-from .speedups import apply_speedups, remove_speedups
+from ..quant.quanto import quantize_frozen
+from ..hidream.sample import latents_to_images
+from ..speedups.switches import apply_speedups, remove_speedups
 from .tracking import RunLog
 from .validation import render_validation, validation_latents, validation_prompts
 

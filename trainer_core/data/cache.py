@@ -27,11 +27,11 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
-from .atomic import file_sha256, write_with
+from ..util.atomic import file_sha256, write_with
 
-from .data import TrainingSample, display_path, load_sample_pixels
-from .faults import crash_point
-from .models import PromptEmbeds
+from .datasets import TrainingSample, display_path, load_sample_pixels
+from ..util.faults import crash_point
+from ..hidream.models import PromptEmbeds
 
 logger = logging.getLogger(__name__)
 

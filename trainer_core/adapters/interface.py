@@ -20,8 +20,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .atomic import write_with
-from .config import ConfigError, TrainConfig
+from ..util.atomic import write_with
+from ..config.schema import ConfigError, TrainConfig
 from .lokr import LycorisConfig, create_lokr_network, is_mergeable, lokr_applied, remove_lokr, save_lokr
 
 # HiDream's attention projections (image and text streams): what `lora_type standard` adapts.
