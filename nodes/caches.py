@@ -10,9 +10,9 @@ from dataclasses import replace
 import comfy.utils
 from comfy_api.latest import io
 
-from ..trainer_core.data.cache import LatentCache, TextEmbeddingCache
-from ..trainer_core.config.schema import ConfigError
-from ..trainer_core.data.datasets import discover_dataset
+from ..trainer_core.data import LatentCache, TextEmbeddingCache
+from ..trainer_core.config import ConfigError
+from ..trainer_core.data import discover_dataset
 from .types import CATEGORY, DatasetType, HiDreamModel, HiDreamModelType, TrainingData
 
 

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from ..trainer_core.hidream.models import PromptEmbeds
-from .sampling import comfy_to_scaled_latents, scaled_to_comfy_latents
+from ..trainer_core.hidream import PromptEmbeds
+from .convert import raw_to_scaled_latents, scaled_to_raw_latents
 
 LLAMA_TOKENS = 128
 
@@ -84,12 +84,11 @@ class ComfyVaeImageEncoder:
 
     def encode(self, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         image = ((pixels.float() + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1)  # (B, H, W, 3) in [0, 1]
-        return comfy_to_scaled_latents(self.vae.encode(image).float())
+        return raw_to_scaled_latents(self.vae.encode(image).float())
 
     def decode_latents(self, latents: torch.Tensor):
         from PIL import Image
-        import numpy as np
 
-        images = self.vae.decode(scaled_to_comfy_latents(latents.float()))
+        images = self.vae.decode(scaled_to_raw_latents(latents.float()))
         arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return [Image.fromarray(a) for a in arrays.reshape(-1, *arrays.shape[-3:])]

@@ -10,8 +10,8 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from ..trainer_core.config.schema import ConfigError, DatasetConfig
-from ..trainer_core.data.datasets import discover_dataset
+from ..trainer_core.config import ConfigError, DatasetConfig
+from ..trainer_core.data import discover_dataset
 from .paths import DEMO_DATASET_NAME, cache_dir, image_folder, pack_output_dir
 from .types import CATEGORY, DatasetType, TrainingData
 

@@ -7,11 +7,11 @@ import torch
 import folder_paths
 from comfy_api.latest import io
 
-from ..trainer_core.hidream.models import load_text_encoders, load_transformer, load_vae, resolve_model_paths, component_identity
-from ..trainer_core.data.cache import VaeImageEncoder
-from ..trainer_core.quant.quanto import quantize_frozen
-from ..trainer_core.hidream.single_file import load_transformer_file
-from ..trainer_core.hidream.sample import latents_to_images
+from ..trainer_core.hidream import load_text_encoders, load_transformer, load_vae, resolve_model_paths, component_identity
+from ..trainer_core.data import VaeImageEncoder
+from ..trainer_core.quant import quantize_frozen
+from ..trainer_core.hidream import load_transformer_file
+from ..trainer_core.hidream import latents_to_images
 from .paths import TINY_MODEL_NAME, diffusers_folder
 from .types import CATEGORY, HiDreamModel, HiDreamModelType
 

@@ -7,8 +7,8 @@ from typing import Optional
 
 from comfy_api.latest import io
 
-from ..trainer_core.config.schema import ConfigError
-from ..trainer_core.adapters.lokr import LycorisConfig
+from ..trainer_core.config import ConfigError
+from ..trainer_core.adapters import LycorisConfig
 from .types import CATEGORY, LoKrConfigType
 
 FEED_FORWARD_PATTERNS = ("double_stream_blocks.*.block.attn*", "double_stream_blocks.*.block.ff_t*",

@@ -9,8 +9,8 @@ from comfy_api.latest import io
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..trainer_core.config.schema import ConfigError
-from ..trainer_core.adapters.lokr import LycorisConfig
+from ..trainer_core.config import ConfigError
+from ..trainer_core.adapters import LycorisConfig
 from .paths import new_lora_file
 from .types import CATEGORY, LoKrHandle, LoKrType
 

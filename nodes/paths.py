@@ -6,7 +6,7 @@ from pathlib import Path
 
 import folder_paths
 
-from ..trainer_core.config.schema import ConfigError
+from ..trainer_core.config import ConfigError
 
 TINY_MODEL_NAME = "tiny-hidream"  # built on first use: the embedded tiny HiDream (random weights, ~9 MB)
 DEMO_DATASET_NAME = "hidream_lokr_demo_shapes"  # written on first use: 8 captioned shape images
@@ -37,7 +37,7 @@ def diffusers_folder(name: str) -> Path:
         if (root / name).is_dir():
             return root / name
     if name == TINY_MODEL_NAME and roots:
-        from ..trainer_core.tiny_model import build_tiny_model
+        from ..trainer_core import build_tiny_model
 
         return build_tiny_model(roots[0] / name)
     searched = ", ".join(str(r) for r in roots) or "(no models/diffusers folder configured)"
@@ -56,7 +56,7 @@ def image_folder(name: str) -> Path:
     if not path.is_absolute():
         path = Path(folder_paths.get_input_directory()) / name
     if name == DEMO_DATASET_NAME and not path.exists():
-        from ..trainer_core.demo import write_demo_dataset
+        from ..trainer_core import write_demo_dataset
 
         write_demo_dataset(path)
     return path

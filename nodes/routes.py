@@ -18,7 +18,7 @@ from typing import Optional
 
 from aiohttp import web
 
-from .run_registry import COMMANDS, REGISTRY, RUN_ID_PATTERN, CommandsUnsupported, RunNotFound, RunNotRunning
+from .run_registry import COMMANDS, REGISTRY, RUN_ID_PATTERN, RunNotFound, RunNotRunning
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +129,6 @@ async def run_command(request: web.Request) -> web.Response:
         return _error(404, f"no training run {run_id!r}")
     except RunNotRunning as e:
         return _error(409, str(e))
-    except CommandsUnsupported as e:
-        return _error(501, str(e))
     logger.info("HiDream LoKr run %s: %s requested from the browser", run_id, command)
     return web.json_response({"run_id": run_id, "command": command, "queued": queued,
                               "note": "runs at the next step boundary" if queued else "already waiting"})

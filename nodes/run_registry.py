@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..trainer_core.training import COMMANDS  # what the browser may ask a running training for
+
 PROGRESS_EVENT = "hidream_lokr.progress"
-COMMANDS = ("sample", "save", "stop")  # what the browser may ask a running training for
 RUN_ID_PATTERN = re.compile(r"^[0-9]{1,9}-[0-9a-f]{8}$")  # the shape of the ids RunRegistry.start makes
 
 
@@ -68,10 +69,6 @@ class RunNotRunning(RuntimeError):
     pass
 
 
-class CommandsUnsupported(RuntimeError):
-    """The trainer core this run uses has no TrainingCallbacks.poll_commands: nobody would read the queue."""
-
-
 @dataclass
 class TrainingRun:
     run_id: str
@@ -85,7 +82,6 @@ class TrainingRun:
     previews: list[dict] = field(default_factory=list)  # {step, path}
     phase: str = "starting"  # the latest phase the training reported (caching text, training, saving, ...)
     commands: CommandQueue = field(default_factory=CommandQueue, repr=False)
-    accepts_commands: bool = False  # set by the node when the core polls the queue (TrainingCallbacks.poll_commands)
 
     def summary(self) -> dict:
         last = self.events[-1] if self.events else {}
@@ -93,7 +89,7 @@ class TrainingRun:
                 "output_dir": str(self.output_dir), "total": self.total_steps, "status": self.status,
                 "started": self.started, "step": last.get("step", 0), "loss": last.get("loss"),
                 "phase": self.phase, "events_total": len(self.events), "previews_total": len(self.previews),
-                "pending_commands": self.commands.pending(), "accepts_commands": self.accepts_commands}
+                "pending_commands": self.commands.pending()}
 
 
 class RunRegistry:
@@ -134,7 +130,7 @@ class RunRegistry:
             run.phase = phase
             step = run.events[-1]["step"] if run.events else 0
         _send({"run_id": run.run_id, "node": run.node_id, "prompt_id": run.prompt_id, "kind": "phase",
-               "phase": phase, "step": step, "total": run.total_steps, "accepts_commands": run.accepts_commands})
+               "phase": phase, "step": step, "total": run.total_steps})
 
     def finish(self, run: TrainingRun, status: str) -> None:
         with self._lock:
@@ -186,16 +182,13 @@ class RunRegistry:
 
     def command(self, run_id: str, command: str) -> bool:
         """Queue a browser command for the named run only. Raises RunNotFound, RunNotRunning (finished runs take
-        no commands), CommandsUnsupported, ValueError (not one of COMMANDS). False: that command already waits."""
+        no commands), ValueError (not one of COMMANDS). False: that command already waits."""
         with self._lock:
             run = self._runs.get(run_id)
             if run is None:
                 raise RunNotFound(run_id)
             if run.status != "running":
                 raise RunNotRunning(f"run {run_id} is {run.status}: it takes no more commands")
-            if not run.accepts_commands:
-                raise CommandsUnsupported(f"run {run_id} cannot take commands: its trainer core has no "
-                                          "TrainingCallbacks.poll_commands (update the pack)")
         return run.commands.put(command)
 
 

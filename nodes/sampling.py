@@ -1,27 +1,17 @@
 """LoKr-merged sampling with the trainer core's transformer, and applying a LoKr to a native ComfyUI MODEL."""
 from __future__ import annotations
 
-from dataclasses import replace
 
 import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..trainer_core.config.schema import ConfigError, SamplingConfig
-from ..trainer_core.adapters.lokr import load_lokr, lokr_applied, remove_lokr
-from ..trainer_core.tiny_model import FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR
-from ..trainer_core.hidream.sample import denoise
-from .train import pil_to_image
+from ..trainer_core.config import ConfigError, SamplingConfig
+from ..trainer_core.adapters import load_lokr, lokr_applied, remove_lokr
+from ..trainer_core.hidream import denoise
+from .comfy_adapters import conditioning_to_embeds
+from .convert import pil_to_image, scaled_to_raw_latents
 from .types import CATEGORY, HiDreamModel, HiDreamModelType, LoKrHandle, LoKrType
-
-
-def scaled_to_comfy_latents(latents: torch.Tensor) -> torch.Tensor:
-    """The core's scaled latents (z - 0.1159) x 0.3611 -> ComfyUI's raw Flux latents z (what VAEDecode takes)."""
-    return latents / FLUX_VAE_SCALING_FACTOR + FLUX_VAE_SHIFT_FACTOR
-
-
-def comfy_to_scaled_latents(latents: torch.Tensor) -> torch.Tensor:
-    return (latents - FLUX_VAE_SHIFT_FACTOR) * FLUX_VAE_SCALING_FACTOR
 
 
 class HiDreamLoKrSampler(io.ComfyNode):
@@ -70,8 +60,6 @@ class HiDreamLoKrSampler(io.ComfyNode):
                 height: int, steps: int, cfg: float, shift: float, seed: int, scheduler: str,
                 lokr: LoKrHandle = None, vae=None, positive_conditioning=None,
                 negative_conditioning=None) -> io.NodeOutput:
-        from .comfy_adapters import conditioning_to_embeds
-
         def embeds(text: str, conditioning, which: str):
             if conditioning is not None:
                 cond, extras = conditioning[0]
@@ -100,7 +88,7 @@ class HiDreamLoKrSampler(io.ComfyNode):
         finally:
             if network is not None:
                 remove_lokr(network)
-        raw = scaled_to_comfy_latents(latents.float().cpu())
+        raw = scaled_to_raw_latents(latents.float().cpu())
         if vae is not None:
             image = vae.decode(raw)
         elif hidream_model.decode_latents is not None:

@@ -1,6 +1,6 @@
 """The training node: HIDREAM_MODEL + dataset + LoKr config + settings -> trained LoKr, loss curve, previews.
 
-All training logic is trainer_core.training.run.train(); this node maps widgets onto a TrainConfig, hands over the models
+All training logic is trainer_core.training.train(); this node maps widgets onto a TrainConfig, hands over the models
 the graph already holds (ModelComponents), and reports through ComfyUI: progress bar every step, preview images on
 the node, a `hidream_lokr.progress` websocket event per step (run_registry), and ComfyUI's interrupt.
 """
@@ -14,13 +14,13 @@ from typing import Optional
 
 import comfy.model_management
 import comfy.utils
-import numpy as np
 import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from ..trainer_core.config.schema import ConfigError
-from ..trainer_core.training.run import ModelComponents, StepMetrics, TrainingCallbacks, train
+from ..trainer_core.config import ConfigError
+from ..trainer_core.training import ModelComponents, StepMetrics, TrainingCallbacks, train
+from .convert import pil_to_image
 from .lokr_config import LoKrSettings
 from .paths import new_run_dir
 from .run_registry import REGISTRY, TrainingRun
@@ -32,16 +32,6 @@ logger = logging.getLogger(__name__)
 PREVIEW_MAX_SIDE = 512
 
 
-def pil_to_image(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images -> ComfyUI IMAGE (B, H, W, 3) float32 in [0, 1]. An IMAGE batch has one size, so smaller images
-    are placed top-left on a white canvas of the largest width and height."""
-    width, height = max(im.width for im in images), max(im.height for im in images)
-    canvases = []
-    for im in images:
-        canvas = Image.new("RGB", (width, height), (255, 255, 255))
-        canvas.paste(im.convert("RGB"), (0, 0))
-        canvases.append(torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0))
-    return torch.stack(canvases)
 
 
 def free_comfy_memory(device: torch.device) -> str:
@@ -204,7 +194,6 @@ class TrainHiDreamLoKr(io.ComfyNode):
         callbacks = TrainingCallbacks(on_phase=reporter.on_phase, on_step=reporter.on_step,
                                       on_validation=reporter.on_validation, should_stop=watch.should_stop)
         callbacks.poll_commands = run.commands.drain  # the browser's Sample/Save/Stop, at step boundaries
-        run.accepts_commands = True
         components = ModelComponents(transformer=hidream_model.transformer, transformer_name=hidream_model.name,
                                      text_encoder=text_encoder, image_encoder=image_encoder, decode_latents=decode)
         status = "failed"
@@ -221,9 +210,8 @@ class TrainHiDreamLoKr(io.ComfyNode):
             if status == "failed" and remove_leftover_lokr(hidream_model.transformer):
                 logger.warning("HiDream LoKr: the failed run left LoKr hooks on the transformer; removed them")
         if watch.interrupted:
-            checkpoint = getattr(result, "checkpoint_path", None)  # TrainResult of cores that checkpoint
-            if checkpoint is not None:
-                REGISTRY.remember_interrupted(key, checkpoint)
+            if result.checkpoint_path is not None:
+                REGISTRY.remember_interrupted(key, result.checkpoint_path)
             logger.info("HiDream LoKr: interrupted at step %d; LoKr saved to %s (%.2f s after the interrupt was "
                         "seen)", result.steps_done, result.lokr_path, time.time() - watch.detected_at)
             (output_dir / "interrupted.json").write_text(json.dumps(

@@ -1,8 +1,7 @@
 """Training-node widgets -> TrainConfig: the one place where the node's settings meet the core's config.
 
-Widget ids ARE TrainConfig field names (SimpleTuner's keys), so the mapping is mechanical. `OPTIONAL_SETTINGS`
-lists widgets for fields that not every trainer_core version has (EMA, checkpoints, resume): a widget appears on
-the node only when its field exists in TrainConfig, so new core options are wired by adding one line here.
+Widget ids ARE TrainConfig field names (SimpleTuner's keys), so the mapping is mechanical: a new core option is
+wired by adding its widget here, and `train_config_from_settings` refuses a widget id that is not a field.
 """
 from __future__ import annotations
 
@@ -13,18 +12,17 @@ from typing import Optional
 
 from comfy_api.latest import io
 
-from ..trainer_core.config.schema import OPTIMIZERS as CORE_OPTIMIZERS, ConfigError, TrainConfig
+from ..trainer_core.config import LR_SCHEDULERS, OPTIMIZERS as CORE_OPTIMIZERS, ConfigError, TrainConfig
 from .types import TrainingData
 
 CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
 INIT_LOKR_FIELD = "init_lokr_weights"  # continue from an existing LoKr
 RESUME_FIELD = "resume_from_checkpoint"
 OPTIMIZERS = [n for n in CORE_OPTIMIZERS if n not in ("adamw_bf16", "torch-adamw")]  # both are adamw here
-LR_SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
 
 
 def core_settings() -> list:
-    """Widgets for options every trainer_core version has, in node order."""
+    """The training widgets every graph sets, in node order."""
     return [
         io.Int.Input("max_train_steps", default=1000, min=1, max=1_000_000,
                      tooltip="Optimizer steps to train (each sees train_batch_size x gradient_accumulation_steps "
@@ -32,7 +30,7 @@ def core_settings() -> list:
         io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-5, round=1e-8,
                        tooltip="Peak learning rate (the quickstart uses 4e-5 to 1e-4 for LoKr)."),
         io.Combo.Input("optimizer", options=OPTIMIZERS, default="adamw", tooltip="Optimizer for the LoKr weights."),
-        io.Combo.Input("lr_scheduler", options=LR_SCHEDULERS, default="constant_with_warmup",
+        io.Combo.Input("lr_scheduler", options=list(LR_SCHEDULERS), default="constant_with_warmup",
                        tooltip="Learning-rate schedule over max_train_steps."),
         io.Int.Input("lr_warmup_steps", default=100, min=0, max=100_000,
                      tooltip="Steps over which the learning rate ramps up from 0."),

@@ -12,8 +12,8 @@ from typing import Any, Callable, Optional
 
 from comfy_api.latest import io
 
-from ..trainer_core.config.schema import DatasetConfig
-from ..trainer_core.adapters.lokr import LycorisConfig
+from ..trainer_core.config import DatasetConfig
+from ..trainer_core.adapters import LycorisConfig
 
 CATEGORY = "HiDream LoKr"
 
@@ -27,7 +27,7 @@ LoKrType = io.Custom("HIDREAM_LOKR")
 class HiDreamModel:
     """A HiDream-I1 the trainer core can use: the diffusers transformer plus whatever encodes text and images.
 
-    text_encoder / image_encoder follow trainer_core.data.cache's TextEncoder / ImageEncoder protocols (the diffusers
+    text_encoder / image_encoder follow trainer_core.data's TextEncoder / ImageEncoder protocols (the diffusers
     encoders, or adapters over ComfyUI's CLIP and VAE); decode_latents turns scaled latents (B, 16, h, w) into PIL
     images. Any of them may be None when the graph supplies them separately.
     """

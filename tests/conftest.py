@@ -28,7 +28,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_paths(tiny_model_dir):
-    from trainer_core.hidream.models import resolve_model_paths
+    from trainer_core.hidream import resolve_model_paths
 
     return resolve_model_paths(tiny_model_dir)
 
@@ -36,14 +36,14 @@ def tiny_paths(tiny_model_dir):
 @pytest.fixture()
 def tiny_transformer(tiny_paths):
     """A fresh float32 transformer per test (tests wrap and mutate it)."""
-    from trainer_core.hidream.models import load_transformer
+    from trainer_core.hidream import load_transformer
 
     return load_transformer(tiny_paths, dtype=torch.float32)
 
 
 def random_conditioning(transformer, batch: int = 1, seed: int = 0):
     """Random text conditioning with the shapes the tiny transformer expects."""
-    from trainer_core.hidream.models import PromptEmbeds
+    from trainer_core.hidream import PromptEmbeds
 
     cfg = transformer.config
     g = torch.Generator().manual_seed(seed)

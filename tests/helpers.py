@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer_core.config.schema import DatasetConfig, TrainConfig
+from trainer_core.config import DatasetConfig, TrainConfig
 from trainer_core.demo import draw_shape_image
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_core.util.atomic import DiskFullError, published, write_bytes
+from trainer_core.util import DiskFullError, published, write_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_disk_full_names_the_path_and_the_space_needed(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from trainer_core.util.atomic import write_bytes
+    from trainer_core.util import write_bytes
     target, size = sys.argv[1], int(sys.argv[2])
     n = 0
     while True:

@@ -77,7 +77,7 @@ def test_sequential_timing_caps_a_slow_configuration():
     """A configuration with `max_steps`/`max_warmup` (the offload reference) runs fewer steps than asked."""
     import torch
 
-    from trainer_core.bench.modes import Timed, time_configs
+    from trainer_core.bench.timing import Timed, time_configs
 
     calls = {"fast": 0, "slow": 0}
 
@@ -99,7 +99,7 @@ def test_time_budget_keeps_what_was_measured():
 
     import torch
 
-    from trainer_core.bench.modes import Timed, time_configs
+    from trainer_core.bench.timing import Timed, time_configs
 
     set_up = []
 
@@ -130,6 +130,7 @@ def test_a_mode_whose_reference_ran_out_of_time_still_writes_the_project(monkeyp
     import torch
 
     from trainer_core.bench import modes as bench
+    from trainer_core.bench import timing
 
     spent = {"now": False}
     make_config = bench._train_config
@@ -140,8 +141,9 @@ def test_a_mode_whose_reference_ran_out_of_time_still_writes_the_project(monkeyp
         return timed
 
     monkeypatch.setattr(bench, "_train_config", config_then_spend)
-    monkeypatch.setattr(bench, "past", lambda deadline: spent["now"])
-    opts = bench.BenchOptions(size=bench.SMALL, device=torch.device("cpu"), dtype=torch.float32, steps=3, warmup=0,
+    for module in (bench, timing):  # the budget check where modes start and where steps are timed
+        monkeypatch.setattr(module, "past", lambda deadline: spent["now"])
+    opts = bench.BenchOptions(size=bench.SIZES["small"], device=torch.device("cpu"), dtype=torch.float32, steps=3, warmup=0,
                               sequential=True, deadline=0.0)
     row = bench.run_train_mode("bf16_nogc", opts)
     assert row["step_s"] > 0 and len(row["project"]["step_s_all"]) == 1  # one timed step, then it stopped

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer_core.speedups.block_offload import BlockStreamer
-from trainer_core.config.schema import ConfigError
-from trainer_core.adapters.lokr import LycorisConfig, create_lokr_network, lokr_applied
-from trainer_core.quant.quanto import quantize_frozen
-from trainer_core.speedups.switches import apply_speedups, transformer_blocks
+from trainer_core.speedups import BlockStreamer
+from trainer_core.config import ConfigError
+from trainer_core.adapters import LycorisConfig, create_lokr_network, lokr_applied
+from trainer_core.quant import quantize_frozen
+from trainer_core.hidream import transformer_blocks
+from trainer_core.speedups import apply_speedups
 
 from conftest import random_conditioning
 from test_speedups import _loss_and_grads, _set_factors
@@ -96,8 +97,8 @@ def test_training_with_offload_blocks_equals_resident_training(tiny_model_dir, t
     from safetensors.torch import load_file
 
     from helpers import tiny_train_config, write_shapes_dataset
-    from trainer_core.hidream.models import load_transformer
-    from trainer_core.training.run import ModelComponents, train
+    from trainer_core.hidream import load_transformer
+    from trainer_core.training import ModelComponents, train
 
     shapes = write_shapes_dataset(tmp_path / "shapes", [("circle", "red", "blue"), ("square", "green", "yellow")])
     common = dict(max_train_steps=3, gradient_checkpointing=True, validation_prompt="a red circle",

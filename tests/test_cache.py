@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from helpers import write_shapes_dataset
-from trainer_core.data.cache import LatentCache, TextEmbeddingCache, VaeImageEncoder
-from trainer_core.config.schema import DatasetConfig
-from trainer_core.data.datasets import discover_dataset
-from trainer_core.hidream.models import component_identity, load_text_encoders, load_vae
+from trainer_core.data import LatentCache, TextEmbeddingCache, VaeImageEncoder
+from trainer_core.config import DatasetConfig
+from trainer_core.data import discover_dataset
+from trainer_core.hidream import component_identity, load_text_encoders, load_vae
 
 
 class CountingTextEncoder:

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from helpers import write_shapes_dataset
-from trainer_core.data.cache import CacheEntryCorrupt, LatentCache, TextEmbeddingCache, VaeImageEncoder, read_entry
-from trainer_core.config.schema import DatasetConfig
-from trainer_core.data.datasets import discover_dataset
-from trainer_core.hidream.models import component_identity, load_text_encoders, load_vae
+from trainer_core.data import CacheEntryCorrupt, LatentCache, TextEmbeddingCache, VaeImageEncoder, read_entry
+from trainer_core.config import DatasetConfig
+from trainer_core.data import discover_dataset
+from trainer_core.hidream import component_identity, load_text_encoders, load_vae
 
 ITEMS = [("circle", "red", "blue"), ("square", "green", "yellow"), ("circle", "yellow", "green")]
 REPO = Path(__file__).resolve().parents[1]
@@ -84,10 +84,10 @@ def test_text_entry_damaged_during_training_is_deleted_and_explained(tiny_paths,
 FILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from trainer_core.data.cache import LatentCache, TextEmbeddingCache, VaeImageEncoder
-    from trainer_core.config.schema import DatasetConfig
-    from trainer_core.data.datasets import discover_dataset
-    from trainer_core.hidream.models import component_identity, load_text_encoders, load_vae, resolve_model_paths
+    from trainer_core.data import LatentCache, TextEmbeddingCache, VaeImageEncoder
+    from trainer_core.config import DatasetConfig
+    from trainer_core.data import discover_dataset
+    from trainer_core.hidream import component_identity, load_text_encoders, load_vae, resolve_model_paths
     model, data, cache_dir = sys.argv[1:4]
     paths = resolve_model_paths(model)
     samples = discover_dataset(DatasetConfig(instance_data_dir=data, id="s", caption_strategy="textfile",

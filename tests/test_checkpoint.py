@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from helpers import tiny_train_config, write_shapes_dataset
 from trainer_core.training import checkpoint as ckpt
-from trainer_core.config.schema import ConfigError
-from trainer_core.adapters.lokr import load_lokr
-from trainer_core.hidream.models import load_transformer
-from trainer_core.training.run import EMA_LOKR_FILENAME, LOKR_FILENAME, TrainingCallbacks, train
+from trainer_core.config import ConfigError
+from trainer_core.adapters import load_lokr
+from trainer_core.hidream import load_transformer
+from trainer_core.training import EMA_LOKR_FILENAME, LOKR_FILENAME, TrainingCallbacks, train
 
 ITEMS = [("circle", "red", "blue"), ("square", "green", "yellow"), ("circle", "yellow", "green"),
          ("square", "blue", "red")]

@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from trainer_core.adapters.lokr import create_lokr_network
-from trainer_core.speedups.switches import Speedups, apply_speedups, transformer_blocks
+from trainer_core.adapters import create_lokr_network
+from trainer_core.hidream import transformer_blocks
+from trainer_core.speedups import Speedups, apply_speedups
 
 from test_speedups import CONFIG, _loss_and_grads, _set_factors
 

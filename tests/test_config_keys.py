@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from helpers import tiny_train_config, write_shapes_dataset
-from trainer_core.config.schema import ConfigError
-from trainer_core.config.simpletuner import train_config_from_dict
+from trainer_core.config import ConfigError
+from trainer_core.config import train_config_from_dict
 from trainer_core.training.optimizers import build_lr_scheduler, build_optimizer, load_optimizer_state
-from trainer_core.training.run import resolve_total_steps
+from trainer_core.training import resolve_total_steps
 
 
 @pytest.fixture()

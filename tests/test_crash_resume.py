@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from helpers import write_lycoris_config, write_shapes_dataset
 from trainer_core.training import checkpoint as ckpt
-from trainer_core.data.cache import read_entry
+from trainer_core.data import read_entry
 from trainer_core.util.faults import ENV
 
 ROOT = Path(__file__).resolve().parents[1]

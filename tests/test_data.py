@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer_core.config.schema import ConfigError, DatasetConfig
+from trainer_core.config import ConfigError, DatasetConfig
 from trainer_core.data.datasets import (
     BUCKET_STEP,
     BucketBatches,

@@ -137,8 +137,8 @@ SHARDED_FORWARD = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from trainer_core.training.distributed import DistributedContext, shard_frozen_base
-    from trainer_core.adapters.lokr import load_lokr
-    from trainer_core.hidream.models import PromptEmbeds, load_transformer, resolve_model_paths
+    from trainer_core.adapters import load_lokr
+    from trainer_core.hidream import PromptEmbeds, load_transformer, resolve_model_paths
     model_dir, lokr, out = sys.argv[1:4]
     ranks = DistributedContext.from_environment()
     ranks.start(torch.device("cpu"), 60)

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from helpers import tiny_train_config, write_shapes_dataset
 from trainer_core.training import checkpoint as ckpt
-from trainer_core.util.atomic import DiskFullError
-from trainer_core.training.run import LOKR_FILENAME, ModelComponents, TrainingStopped, train
+from trainer_core.util import DiskFullError
+from trainer_core.training import ModelComponents, TrainingStopped, train
 
 ITEMS = [("circle", "red", "blue"), ("square", "green", "yellow"), ("circle", "yellow", "green")]
 
@@ -25,9 +25,9 @@ def shapes(tmp_path):
 
 def components_with(tiny_paths, hook_factory):
     """The tiny model as a caller would hand it over, with a fault-injecting hook on the transformer."""
-    from trainer_core.data.cache import VaeImageEncoder
-    from trainer_core.hidream.models import component_identity, load_text_encoders, load_transformer, load_vae
-    from trainer_core.hidream.sample import latents_to_images
+    from trainer_core.data import VaeImageEncoder
+    from trainer_core.hidream import component_identity, load_text_encoders, load_transformer, load_vae
+    from trainer_core.hidream import latents_to_images
 
     transformer = load_transformer(tiny_paths, dtype=torch.float32)
     vae = load_vae(tiny_paths)
@@ -135,7 +135,7 @@ def test_out_of_memory_switches_on_gradient_checkpointing_and_retries_the_same_s
     components = components_with(tiny_paths, out_of_memory_from_call(5, unless_checkpointing=True))
     config = tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=5,
                                gradient_accumulation_steps=2, gradient_checkpointing=False)
-    with caplog.at_level("WARNING", logger="trainer_core.training.run"):
+    with caplog.at_level("WARNING", logger="trainer_core.training"):
         recovered = train(config, components=components)
     # Forward 5 is step 3's first micro-batch (2 per step).
     assert "step 3 ran out of memory" in caplog.text and "gradient_checkpointing: true" in caplog.text

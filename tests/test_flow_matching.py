@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_conditioning
-from trainer_core.hidream.flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
+from trainer_core.hidream import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
                                         patch_tokens_to_image, resolution_shift, sample_sigmas, shift_sigmas)
 
 
@@ -90,7 +90,7 @@ def test_routed_experts_get_gradient_only_in_train_mode(tiny_transformer):
 
 
 def test_load_balancing_loss_is_collected_with_gradient(tiny_transformer):
-    from trainer_core.adapters.lokr import LycorisConfig, create_lokr_network
+    from trainer_core.adapters import LycorisConfig, create_lokr_network
 
     network = create_lokr_network(tiny_transformer, LycorisConfig(use_scalar=False), init_lokr_norm=1e-2)
     lb = LoadBalancingLoss(tiny_transformer, alpha=0.01)

@@ -7,9 +7,9 @@ import torch
 
 from helpers import tiny_train_config
 from hostile_corpus import EXPECTED, write_hostile_corpus
-from trainer_core.config.schema import DatasetConfig
-from trainer_core.data.datasets import MAX_CAPTION_CHARS, display_path, discover_dataset, load_sample_pixels
-from trainer_core.training.run import train
+from trainer_core.config import DatasetConfig
+from trainer_core.data import MAX_CAPTION_CHARS, display_path, discover_dataset, load_sample_pixels
+from trainer_core.training import train
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import tiny_train_config, write_shapes_dataset
-from trainer_core.training.run import train
+from trainer_core.training import train
 
 ITEMS = [("circle", "red", "blue"), ("square", "green", "yellow"), ("circle", "yellow", "green"),
          ("square", "blue", "red")]

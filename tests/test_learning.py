@@ -10,13 +10,13 @@ from dataclasses import replace
 import torch
 
 from helpers import tiny_train_config, write_lycoris_config, write_shapes_dataset
-from trainer_core.data.datasets import discover_dataset
-from trainer_core.adapters.lokr import load_lokr
-from trainer_core.hidream.models import load_transformer, load_vae
-from trainer_core.hidream.sample import denoise
-from trainer_core.data.cache import LatentCache, TextEmbeddingCache
-from trainer_core.hidream.models import component_identity, load_text_encoders
-from trainer_core.training.run import train
+from trainer_core.data import discover_dataset
+from trainer_core.adapters import load_lokr
+from trainer_core.hidream import load_transformer
+from trainer_core.hidream import denoise
+from trainer_core.data import LatentCache, TextEmbeddingCache
+from trainer_core.hidream import component_identity, load_text_encoders
+from trainer_core.training import train
 
 CAPTION = "a red circle on a blue background"
 STEPS = 300

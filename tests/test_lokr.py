@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 
 from conftest import random_conditioning
-from trainer_core.config.schema import ConfigError
-from trainer_core.adapters.lokr import (LycorisConfig, create_lokr_network, load_lokr, lokr_applied, remove_lokr,
+from trainer_core.config import ConfigError
+from trainer_core.adapters import (LycorisConfig, create_lokr_network, load_lokr, lokr_applied, remove_lokr,
                                save_lokr)
 
 QUICKSTART_ATTENTION = {"algo": "lokr", "multiplier": 1.0, "linear_dim": 16384, "linear_alpha": 1,
@@ -69,7 +69,7 @@ def test_preset_matching_nothing_is_an_error_naming_the_classes(tiny_transformer
 
 def test_presets_do_not_leak_between_networks(tiny_paths):
     """LyCORIS presets are class attributes: a second network must not inherit the first one's targets."""
-    from trainer_core.hidream.models import load_transformer
+    from trainer_core.hidream import load_transformer
 
     ff = create_lokr_network(load_transformer(tiny_paths), LycorisConfig.from_dict(QUICKSTART_FF))
     ff_names = {l.lora_name for l in ff.loras}
@@ -83,7 +83,7 @@ def test_presets_do_not_leak_between_networks(tiny_paths):
 def test_save_load_round_trip_gives_identical_outputs(tiny_paths, tmp_path):
     from lycoris import create_lycoris_from_weights
 
-    from trainer_core.hidream.models import load_transformer
+    from trainer_core.hidream import load_transformer
 
     trained = load_transformer(tiny_paths)
     config = LycorisConfig.from_dict(QUICKSTART_ATTENTION)
@@ -115,7 +115,7 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_paths, tmp_path):
 def test_load_rejects_a_file_for_another_model(tiny_paths, tmp_path):
     from safetensors.torch import save_file
 
-    from trainer_core.hidream.models import load_transformer
+    from trainer_core.hidream import load_transformer
 
     save_file({"lycoris_unet_down_blocks_0_attn.lokr_w1": torch.ones(2, 2),
                "lycoris_unet_down_blocks_0_attn.lokr_w2": torch.ones(2, 2)}, str(tmp_path / "sdxl.safetensors"))
@@ -174,7 +174,7 @@ def test_lycoris_config_reads_quickstart_json_with_trailing_commas(tmp_path):
 
 def test_quantised_base_runs_the_lokr_unmerged(tiny_transformer):
     """Merging into frozen optimum-quanto weights silently does nothing, so sampling keeps the bypass hooks."""
-    from trainer_core.quant.quanto import quantize_frozen
+    from trainer_core.quant import quantize_frozen
 
     reference = _forward(tiny_transformer)
     quantize_frozen(tiny_transformer, "int8-quanto")

@@ -11,8 +11,8 @@ from diffusers import HiDreamImagePipeline, UniPCMultistepScheduler
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from trainer_core.config.schema import ConfigError
-from trainer_core.hidream.models import (
+from trainer_core.config import ConfigError
+from trainer_core.hidream import (
     HiDreamModelPaths,
     PromptEmbeds,
     component_identity,

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from trainer_core.hidream.flow_matching import LoadBalancingLoss
+from trainer_core.hidream import LoadBalancingLoss
 from trainer_core.speedups.moe_dispatch import install_sorted_moe, uninstall_sorted_moe
 
 

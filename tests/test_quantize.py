@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import cfg_forward
-from trainer_core.quant.quanto import INT8_INPUT_MULTIPLE, is_quantized, quantize_frozen
+from trainer_core.quant import INT8_INPUT_MULTIPLE, is_quantized, quantize_frozen
 
 
 def test_int8_bf16_base_samples_on_cpu(tiny_transformer):

@@ -1,15 +1,14 @@
 """Transformer weights from one ComfyUI-style .safetensors file (prefixed keys, fp16 or scaled fp8)."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from trainer_core.config.schema import ConfigError
-from trainer_core.hidream.single_file import load_transformer_file, read_transformer_file
+from trainer_core.config import ConfigError
+from trainer_core.hidream import load_transformer_file, read_transformer_file
 
 
 def _state(transformer) -> dict:

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from helpers import tiny_train_config, write_shapes_dataset
-from trainer_core.training.run import TrainingCallbacks, train
+from trainer_core.training import TrainingCallbacks, train
 
 ITEMS = [("circle", "red", "blue"), ("square", "green", "yellow"), ("circle", "yellow", "green"),
          ("square", "blue", "red")]

@@ -7,10 +7,10 @@ import copy
 
 import torch
 
-from trainer_core.hidream.flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
+from trainer_core.hidream import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
                                         patch_tokens_to_image)
-from trainer_core.adapters.lokr import LycorisConfig, create_lokr_network, lokr_applied
-from trainer_core.speedups.switches import Speedups, apply_speedups, remove_speedups
+from trainer_core.adapters import LycorisConfig, create_lokr_network, lokr_applied
+from trainer_core.speedups import Speedups, apply_speedups, remove_speedups
 
 from conftest import cfg_forward, random_conditioning
 
@@ -128,7 +128,7 @@ def test_lean_int8_backward_frees_activations_and_keeps_quanto_maths():
 
 def test_speedups_on_int8_base_with_lokr(tiny_transformer):
     """Quantised base: LoKr runs in bypass on QLinear; the lean int8 backward is its base forward."""
-    from trainer_core.quant.quanto import quantize_frozen
+    from trainer_core.quant import quantize_frozen
 
     results = []
     for options in (Speedups.none(), Speedups()):

@@ -9,8 +9,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from helpers import tiny_train_config, write_shapes_dataset
-from trainer_core.config.schema import ConfigError
-from trainer_core.training.run import LOKR_FILENAME, train
+from trainer_core.config import ConfigError
+from trainer_core.training import LOKR_FILENAME, train
 
 ITEMS = [("circle", "red", "blue"), ("square", "green", "yellow"), ("circle", "yellow", "green"),
          ("square", "blue", "red")]
@@ -81,8 +81,8 @@ def test_missing_model_folder_is_a_clear_error(shapes, tmp_path):
 
 
 def test_bf16_mixed_precision_keeps_the_lokr_in_float32(tiny_model_dir, tiny_paths, shapes, tmp_path):
-    from trainer_core.adapters.lokr import LycorisConfig, create_lokr_network
-    from trainer_core.hidream.models import load_transformer
+    from trainer_core.adapters import LycorisConfig, create_lokr_network
+    from trainer_core.hidream import load_transformer
 
     network = create_lokr_network(load_transformer(tiny_paths, dtype=torch.bfloat16), LycorisConfig())
     assert {p.dtype for p in network.parameters()} == {torch.float32}  # the update lives in float32
@@ -95,10 +95,10 @@ def test_given_components_train_like_loaded_ones_and_come_back_unchanged(tiny_mo
                                                                           tmp_path):
     """A front end that already holds the models (ComfyUI) passes them in: no file is read for them, the losses
     equal a run that loads them itself, and the caller's transformer comes back without LoKr and unchanged."""
-    from trainer_core.data.cache import VaeImageEncoder
-    from trainer_core.hidream.models import component_identity, load_text_encoders, load_transformer, load_vae
-    from trainer_core.hidream.sample import latents_to_images
-    from trainer_core.training.run import ModelComponents
+    from trainer_core.data import VaeImageEncoder
+    from trainer_core.hidream import component_identity, load_text_encoders, load_transformer, load_vae
+    from trainer_core.hidream import latents_to_images
+    from trainer_core.training import ModelComponents
 
     reference = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "loaded"))
     transformer = load_transformer(tiny_paths, dtype=torch.float32)

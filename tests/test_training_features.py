@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from helpers import tiny_train_config, write_shapes_dataset
-from trainer_core.config.schema import ConfigError, DatasetConfig
-from trainer_core.training.run import EMA_LOKR_FILENAME, train
+from trainer_core.config import ConfigError, DatasetConfig
+from trainer_core.training import EMA_LOKR_FILENAME, train
 
 ITEMS = [("circle", "red", "blue"), ("square", "green", "yellow"), ("circle", "yellow", "green"),
          ("square", "blue", "red")]
@@ -136,7 +136,7 @@ def test_quantised_text_encoders_fill_their_own_cache_entries(tiny_model_dir, sh
 
 
 def test_lora_type_standard_trains_a_peft_lora_saved_in_diffusers_keys(tiny_model_dir, shapes, tmp_path):
-    from trainer_core.training.run import TrainingCallbacks
+    from trainer_core.training import TrainingCallbacks
 
     kw = dict(lora_type="standard", lora_rank=4, lora_alpha=2.0, max_train_steps=4, learning_rate=1e-2,
               use_ema=True, cache_dir=tmp_path / "cache")
@@ -177,8 +177,8 @@ def test_lora_type_standard_trains_a_peft_lora_saved_in_diffusers_keys(tiny_mode
 
 def test_a_given_transformer_comes_back_without_the_lora(tiny_model_dir, tiny_paths, shapes, tmp_path):
     """The ComfyUI path (ModelComponents) with lora_type standard: the caller's model leaves unchanged."""
-    from trainer_core.hidream.models import load_transformer
-    from trainer_core.training.run import ModelComponents
+    from trainer_core.hidream import load_transformer
+    from trainer_core.training import ModelComponents
 
     transformer = load_transformer(tiny_paths, dtype=torch.float32)
     before = {k: v.clone() for k, v in transformer.state_dict().items()}

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config.schema import ConfigError, SamplingConfig
+from .config import ConfigError, SamplingConfig
 
 logger = logging.getLogger("trainer_core")
 
@@ -24,8 +24,8 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config.simpletuner import load_train_config
-    from .training.run import train
+    from .config import load_train_config
+    from .training import train
 
     config = load_train_config(Path(args.config))
     if args.max_train_steps:
@@ -47,12 +47,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .adapters.lokr import load_lokr
-    from .hidream.models import load_text_encoders, load_transformer, load_vae, resolve_model_paths
-    from .quant.quanto import quantize_frozen
-    from .hidream.sample import sample_image
-    from .speedups.switches import apply_speedups
-    from .training.run import resolve_device
+    from .adapters import load_lokr
+    from .hidream import load_text_encoders, load_transformer, load_vae, resolve_model_paths, sample_image
+    from .quant import quantize_frozen
+    from .speedups import apply_speedups
+    from .util import resolve_device
 
     settings = SamplingConfig(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
                               height=args.height, num_inference_steps=args.steps, guidance=args.guidance,
@@ -90,9 +89,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench.modes import ALL_MODES, SIZES, BenchOptions, run_bench
-    from .config.schema import OPTIMIZERS
-    from .speedups.switches import Speedups
+    from .bench import ALL_MODES, SIZES, BenchOptions, run_bench
+    from .config import OPTIMIZERS
+    from .speedups import Speedups
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
@@ -117,23 +116,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer_core",
-                                     description="HiDream-I1 LoKr training and sampling")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_make_tiny_model_command(sub) -> None:
     p = sub.add_parser("make-tiny-model", help="write a tiny random HiDream-I1 model folder (diffusers layout)")
     p.add_argument("dir", help="folder to create")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny_model)
 
+
+def _add_train_command(sub) -> None:
     p = sub.add_parser("train", help="train a LoKr from a (SimpleTuner-style) config.json")
     p.add_argument("--config", required=True, help="config.json")
     p.add_argument("--max-train-steps", type=int, default=None, help="override max_train_steps")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_sample_command(sub) -> None:
     p = sub.add_parser("sample", help="draw an image, optionally with a LoKr merged in")
     p.add_argument("--model", required=True, help="HiDream model folder (diffusers layout)")
     p.add_argument("--llama", default=None, help="separate Llama-3.1-8B-Instruct folder")
@@ -155,11 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_sample)
 
+
+def _add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="build the tiny model and a generated dataset, train a LoKr on the CPU")
     p.add_argument("--out", default="output/demo", help="output folder")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="time training/sampling steps against the stock diffusers+LyCORIS step; "
                                      "one JSON line per mode")
     p.add_argument("--size", choices=["full", "small"], default="full",
@@ -197,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true",
                    help="time one configuration after the other (the CUDA default) instead of alternating steps")
     p.set_defaults(func=_cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer_core",
+                                     description="HiDream-I1 LoKr training and sampling")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_make_tiny_model_command(sub)
+    _add_train_command(sub)
+    _add_sample_command(sub)
+    _add_demo_command(sub)
+    _add_bench_command(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 from PIL import Image, ImageDraw
 
-from .config.schema import DatasetConfig, TrainConfig
+from .config import DatasetConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def demo_config(model_dir: Path, dataset_dir: Path, output_dir: Path, steps: int
 
 def run_demo(out: Path, steps: Optional[int] = None) -> Path:
     from .tiny_model import build_tiny_model
-    from .training.run import train
+    from .training import train
 
     import torch
 

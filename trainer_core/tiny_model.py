@@ -94,9 +94,8 @@ class TinyHiDreamSizes:
 
 TINY_SIZES = TinyHiDreamSizes()
 
-# Values of the real HiDream-I1 (Flux) VAE; the trainer reads them from vae.config, so the tiny model carries them too.
-FLUX_VAE_SCALING_FACTOR = 0.3611
-FLUX_VAE_SHIFT_FACTOR = 0.1159
+# The trainer reads the VAE's factors from vae.config, so the tiny model carries the real (Flux) ones.
+from .hidream.vae import FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR  # noqa: E402
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"

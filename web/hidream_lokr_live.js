@@ -62,7 +62,6 @@ class LiveView {
     this.previews = []; // {index, step}
     this.selectedPreview = null;
     this.lastMessageAt = 0;
-    this.acceptsCommands = false;
     this._restoring = null;
     this._pending = []; // live messages that arrived while the history was loading, replayed after it
     this._noHistory = new Set(); // runs the server could not give a history for: follow them live only
@@ -143,7 +142,6 @@ class LiveView {
     this.lastEvent = null;
     this.previews = [];
     this.selectedPreview = null;
-    this.acceptsCommands = false;
     this.chart.reset(total || 0);
     this.message("");
   }
@@ -165,7 +163,6 @@ class LiveView {
       this._startRun(m.run_id, m.total);
     }
     if (m.total) this.chart.totalSteps = m.total;
-    if (typeof m.accepts_commands === "boolean") this.acceptsCommands = m.accepts_commands;
     if (m.kind === "preview") {
       this._addPreview(m.preview);
     } else if (m.kind === "finished") {
@@ -228,7 +225,6 @@ class LiveView {
     }
     for (const p of history.previews || []) this._addPreview(p);
     this.status = history.status;
-    this.acceptsCommands = !!history.accepts_commands;
     this.phase = history.status === "running" ? history.phase : history.status;
     this.chart.requestDraw();
     this._render();
@@ -271,7 +267,7 @@ class LiveView {
     } catch (error) {
       this.message(`${button.textContent} failed: ${error.message || error}`);
     } finally {
-      button.disabled = this.status !== "running" || !this.acceptsCommands;
+      button.disabled = this.status !== "running";
     }
   }
 
@@ -311,9 +307,7 @@ class LiveView {
     this.lbEl.textContent = t.lb;
     this.memEl.textContent = t.memory;
     for (const button of Object.values(this.buttons)) {
-      button.disabled = !running || !this.acceptsCommands;
-      if (running && !this.acceptsCommands) button.dataset.why = "this trainer core cannot take commands";
-      else delete button.dataset.why;
+      button.disabled = !running;
     }
     this._renderPreviews();
     const d = this.root.dataset;

@@ -38,8 +38,7 @@ def small_flux_vaes(comfy):
 
 def test_comfy_vae_adapter_caches_the_cores_scaled_latents_and_decodes_back(comfy_modules, pack):
     adapters = importlib.import_module("hidream_lokr_pack.nodes.comfy_adapters")
-    from trainer_core.data.cache import VaeImageEncoder
-    from trainer_core.hidream.sample import latents_to_images
+    from trainer_core.hidream import latents_to_images
 
     diffusers_vae, comfy_vae = small_flux_vaes(comfy_modules)
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -56,8 +55,8 @@ def test_comfy_vae_adapter_caches_the_cores_scaled_latents_and_decodes_back(comf
     assert np.abs(decoded.astype(int) - theirs).max() <= 1
 
     # and the sampler's LATENT output is what ComfyUI's own VAEDecode expects: raw z
-    sampling = importlib.import_module("hidream_lokr_pack.nodes.sampling")
-    raw = sampling.scaled_to_comfy_latents(ours)
+    convert = importlib.import_module("hidream_lokr_pack.nodes.convert")
+    raw = convert.scaled_to_raw_latents(ours)
     torch.testing.assert_close(raw, mean, rtol=1e-4, atol=1e-4)
 
 

@@ -45,7 +45,7 @@ def native_hidream(comfy, transformer_dir):
 
 def random_lokr(transformer, tmp_path, config):
     """A LoKr with every factor random (a trained one would do; random makes every key matter)."""
-    from trainer_core.adapters.lokr import create_lokr_network, remove_lokr, save_lokr
+    from trainer_core.adapters import create_lokr_network, remove_lokr, save_lokr
 
     network = create_lokr_network(transformer, config, seed=1)
     g = torch.Generator().manual_seed(5)
@@ -74,8 +74,8 @@ def test_native_comfyui_prediction_matches_the_core_with_the_same_lokr(comfy_mod
     import importlib
 
     from safetensors.torch import load_file
-    from trainer_core.adapters.lokr import LycorisConfig, load_lokr, lokr_applied, remove_lokr
-    from trainer_core.hidream.models import load_transformer, resolve_model_paths
+    from trainer_core.adapters import LycorisConfig, load_lokr, lokr_applied, remove_lokr
+    from trainer_core.hidream import load_transformer, resolve_model_paths
 
     comfy = comfy_modules
     transformer = load_transformer(resolve_model_paths(tiny_dir), dtype=torch.float32).eval()

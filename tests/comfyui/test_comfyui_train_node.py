@@ -12,8 +12,8 @@ sys.path.insert(0, str(REPO))
 
 
 def test_a_failed_runs_lokr_hooks_are_removed_from_the_cached_transformer(pack, tmp_path):
-    from trainer_core.adapters.lokr import LycorisConfig, create_lokr_network
-    from trainer_core.hidream.models import load_transformer, resolve_model_paths
+    from trainer_core.adapters import LycorisConfig, create_lokr_network
+    from trainer_core.hidream import load_transformer, resolve_model_paths
     from trainer_core.tiny_model import build_tiny_model
 
     train_node = importlib.import_module("hidream_lokr_pack.nodes.train")

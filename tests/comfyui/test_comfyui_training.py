@@ -51,8 +51,8 @@ def demo_run(comfy, events):
 
 def test_demo_trains_saves_a_loadable_lokr_and_samples(comfy, events, demo_run):
     import torch
-    from trainer_core.adapters.lokr import load_lokr
-    from trainer_core.hidream.models import load_transformer, resolve_model_paths
+    from trainer_core.adapters import load_lokr
+    from trainer_core.hidream import load_transformer, resolve_model_paths
 
     prompt_id, entry = demo_run
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -224,7 +224,7 @@ def test_lokr_config_matching_nothing_fails_in_plain_words(comfy, events, demo_r
 
 def _no_partial_files(folder: Path) -> None:
     """Nothing half-written under a real name: no temporaries left behind, and every cache entry verifies."""
-    from trainer_core.data.cache import read_entry
+    from trainer_core.data import read_entry
 
     leftovers = [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
     assert not leftovers, leftovers

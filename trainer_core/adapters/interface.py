@@ -1,158 +1,42 @@
-"""The two trainable adapter types behind one small interface, so the training loop does not care which it has.
+"""The trainable adapter behind one small interface, so the training loop does not care which kind it has.
 
 * `LokrAdapter` (lora_type lycoris): a LyCORIS LoKr in bypass mode (lokr.py), saved with LyCORIS keys.
-* `PeftLoraAdapter` (lora_type standard): a PEFT LoRA (rank `lora_rank`, alpha `lora_alpha`) on the attention
-  projections, saved in the diffusers / ComfyUI key format: `transformer.<module path>.lora_A.weight` (down,
-  (r, in)) and `.lora_B.weight` (up, (out, r)), plus `.alpha` when alpha differs from the rank (ComfyUI scales by
-  alpha / rank; without the key it uses 1, which is alpha == rank).
-
-Both: `parameters()` train, `module` holds them (for the EMA), `save(path)`, `load_weights(path)` (exact inverse
-of save for float32 weights), `applied(strength)` (a context in which the model samples with the adapter at that
-strength, merged where possible), `remove()` (hand the model back without the adapter).
+* `PeftLoraAdapter` (lora_type standard): a PEFT LoRA on the attention projections (lora.py), saved in the
+  diffusers / ComfyUI key format.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional, Protocol
 
-import torch
 from torch import nn
 
-from ..util.atomic import write_with
-from ..config.schema import ConfigError, TrainConfig
-from .lokr import LycorisConfig, create_lokr_network, is_mergeable, lokr_applied, remove_lokr, save_lokr
-
-# HiDream's attention projections (image and text streams): what `lora_type standard` adapts.
-LORA_TARGETS = r".*\.attn1\.(to_q|to_k|to_v|to_out)(_t)?$"
-LORA_KEY_PREFIX = "transformer."
+from ..config.schema import TrainConfig
+from .lokr import LokrAdapter, LycorisConfig
+from .lora import PeftLoraAdapter
 
 
-class LokrAdapter:
-    kind = "lokr"
+class Adapter(Protocol):
+    """What training needs of an adapter. `parameters()` train, `module` holds them (for the EMA), `save(path)` and
+    `load_weights(path)` (exact inverses for float32 weights), `applied(strength)` (a context in which the model
+    samples with the adapter at that strength, merged where possible), `remove()` (hand the model back without
+    it), `mergeable` (False: sampling runs it unmerged), `kind` ("lokr" or "lora", recorded in checkpoints)."""
 
-    def __init__(self, transformer: nn.Module, config: TrainConfig, lycoris: LycorisConfig):
-        self.lycoris = lycoris
-        self.network = create_lokr_network(transformer, lycoris, seed=config.seed,
-                                           init_lokr_norm=config.init_lokr_norm)
-        self.module = self.network
+    kind: str
+    module: nn.Module
+    mergeable: bool
 
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.network.parameters() if p.requires_grad]
+    def parameters(self) -> list[nn.Parameter]: ...
 
-    @property
-    def mergeable(self) -> bool:
-        return is_mergeable(self.network)
+    def save(self, path: Path, metadata: Optional[dict] = None) -> Path: ...
 
-    def save(self, path: Path, metadata: Optional[dict] = None) -> Path:
-        return save_lokr(self.network, path, self.lycoris, metadata=metadata)
+    def load_weights(self, path: Path) -> None: ...
 
-    def load_weights(self, path: Path) -> None:
-        from safetensors.torch import load_file
+    def applied(self, strength: float) -> contextlib.AbstractContextManager: ...
 
-        try:
-            self.network.load_state_dict(load_file(str(path)), strict=True)
-        except RuntimeError as exc:
-            raise ConfigError(f"{path} does not fit this LoKr (trained with another lycoris_config or model?): "
-                              f"{str(exc)[:400]}") from exc
-
-    def applied(self, strength: float):
-        return lokr_applied(self.network, strength)
-
-    def remove(self) -> None:
-        remove_lokr(self.network)
-
-
-class PeftLoraAdapter:
-    kind = "lora"
-
-    def __init__(self, transformer: nn.Module, config: TrainConfig):
-        from peft import LoraConfig, inject_adapter_in_model
-
-        self.transformer = transformer
-        self.rank = config.lora_rank
-        self.alpha = float(config.lora_alpha if config.lora_alpha is not None else config.lora_rank)
-        torch.manual_seed(config.seed)  # PEFT draws lora_A from the global generator
-        inject_adapter_in_model(LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=LORA_TARGETS,
-                                           init_lora_weights=True), transformer)
-        self.module = transformer  # its only trainable parameters are the LoRA's
-        if not self.parameters():
-            raise ConfigError("lora_type standard found no attention projection to adapt in this transformer")
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.transformer.named_parameters() if "lora_" in name and p.requires_grad]
-
-    @property
-    def mergeable(self) -> bool:
-        return True  # the LoRA runs beside the (possibly quantised) base layer; nothing to merge into
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.transformer)
-
-    def save(self, path: Path, metadata: Optional[dict] = None) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {LORA_KEY_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        if self.alpha != self.rank:
-            for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
-                tensors[key[:-len(".lora_A.weight")] + ".alpha"] = torch.tensor(self.alpha)
-        # diffusers ignores `.alpha` keys; it builds its LoraConfig from this metadata entry instead.
-        diffusers_config = {"transformer.r": self.rank, "transformer.lora_alpha": self.alpha,
-                            "transformer.target_modules": LORA_TARGETS}
-        meta = {"lora_rank": str(self.rank), "lora_alpha": str(self.alpha), "format": "pt",
-                "lora_adapter_metadata": json.dumps(diffusers_config), "modelspec.architecture": "hidream-i1/lora"}
-        meta.update({k: str(v) for k, v in (metadata or {}).items()})
-        return write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-    def load_weights(self, path: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        weights = {k[len(LORA_KEY_PREFIX):]: v for k, v in load_file(str(path)).items()
-                   if k.startswith(LORA_KEY_PREFIX) and not k.endswith(".alpha")}
-        expected = set(self.state_dict())
-        if set(weights) != expected:
-            raise ConfigError(f"{path} does not fit this LoRA (another lora_rank or model?): "
-                              f"{len(set(weights) ^ expected)} keys differ")
-        result = set_peft_model_state_dict(self.transformer, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise ConfigError(f"{path}: unexpected LoRA keys {result.unexpected_keys[:3]}")
-
-    def _layers(self):
-        from peft.tuners.lora import LoraLayer
-
-        return [m for m in self.transformer.modules() if isinstance(m, LoraLayer)]
-
-    @contextlib.contextmanager
-    def applied(self, strength: float) -> Iterator[str]:
-        layers = self._layers()
-        if strength == 0.0:
-            for layer in layers:
-                layer.enable_adapters(False)
-        elif strength != 1.0:
-            for layer in layers:
-                layer.scale_layer(strength)
-        try:
-            yield "lora"
-        finally:
-            for layer in layers:
-                if strength == 0.0:
-                    layer.enable_adapters(True)
-                elif strength != 1.0:
-                    layer.unscale_layer(strength)
-
-    def remove(self) -> None:
-        """Put every wrapped Linear back in its place (the caller's model leaves without LoRA layers)."""
-        for layer in self._layers():
-            for name, module in list(self.transformer.named_modules()):
-                if module is layer:
-                    parent_name, _, child = name.rpartition(".")
-                    setattr(self.transformer.get_submodule(parent_name), child, layer.get_base_layer())
+    def remove(self) -> None: ...
 
 
 def create_adapter(transformer: nn.Module, config: TrainConfig, lycoris: Optional[LycorisConfig]):

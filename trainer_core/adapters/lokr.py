@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ..util.atomic import write_with
-from ..config.schema import ConfigError
+from ..config.json_files import read_json_file
+from ..config.schema import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +93,10 @@ class LycorisConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> "LycorisConfig":
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read lycoris_config {path}: {exc}") from exc
-        return cls.from_dict(_loads_lenient(text, path))
+        data = read_json_file(path, "lycoris_config", allow_trailing_commas=True)
+        if not isinstance(data, dict):
+            raise ConfigError(f"lycoris_config {path} must be a JSON object")
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict:
         out = {"algo": self.algo, "multiplier": self.multiplier, "linear_dim": self.linear_dim,
@@ -114,23 +114,6 @@ def _as_bool(value: Any, what: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
         return value.strip().lower() in ("true", "1", "yes")
     raise ConfigError(f"{what} must be true or false, got {value!r}")
-
-
-def _loads_lenient(text: str, path: Path) -> dict:
-    """JSON, tolerating the trailing commas that the SimpleTuner quickstart's own example contains."""
-    import re
-
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    cleaned = re.sub(r",(\s*[}\]])", r"\1", text)
-    try:
-        data = json.loads(cleaned)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-    logger.warning("%s has trailing commas (invalid JSON); read it anyway", path)
-    return data
 
 
 def resolve_preset(preset: dict, model: nn.Module) -> dict:
@@ -337,3 +320,38 @@ def remove_lokr(network) -> None:
     """Unhook the network from the model; the base weights are untouched (training never merges)."""
     for lora in network.loras:
         lora.restore()
+
+
+class LokrAdapter:
+    kind = "lokr"
+
+    def __init__(self, transformer: nn.Module, config: TrainConfig, lycoris: LycorisConfig):
+        self.lycoris = lycoris
+        self.network = create_lokr_network(transformer, lycoris, seed=config.seed,
+                                           init_lokr_norm=config.init_lokr_norm)
+        self.module = self.network
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    @property
+    def mergeable(self) -> bool:
+        return is_mergeable(self.network)
+
+    def save(self, path: Path, metadata: Optional[dict] = None) -> Path:
+        return save_lokr(self.network, path, self.lycoris, metadata=metadata)
+
+    def load_weights(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        try:
+            self.network.load_state_dict(load_file(str(path)), strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(f"{path} does not fit this LoKr (trained with another lycoris_config or model?): "
+                              f"{str(exc)[:400]}") from exc
+
+    def applied(self, strength: float):
+        return lokr_applied(self.network, strength)
+
+    def remove(self) -> None:
+        remove_lokr(self.network)

@@ -30,12 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import gc
 import json
 import logging
-import math
-import platform
-import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,343 +39,23 @@ from typing import Callable, Optional
 
 import torch
 
-from ..hidream.flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
-                            patch_tokens_to_image, sample_sigmas, shift_sigmas)
+from ..config.schema import StepSettings
+from ..hidream.flow_matching import LoadBalancingLoss
+from ..hidream.forward import predict_flow
+from ..speedups.switches import Speedups, remove_speedups
 from ..training.optimizers import optimizer_by_name
-from ..speedups.switches import Speedups, apply_speedups, remove_speedups
+from ..training.step import MicroBatch, TrainStep
+from ..util.device import release_memory
+from .reference import compare, lokr_grads, project_lokr, reference_lokr, remove_network, set_lokr_weights
+from .setup import (LOAD_BALANCING_WEIGHT, SIZES, BenchSize, StepNoise, build_transformer, device_name, make_inputs,
+                    stock_loss, versions)
+from .timing import Timed, TimeBudgetSpent, past, time_configs
 
 logger = logging.getLogger(__name__)
 
 TRAIN_MODES = ("bf16_nogc", "bf16_gc", "int8_gc", "offload_gc")
 ALL_MODES = ("bf16_nogc", "bf16_gc", "sample_cfg", "offload_gc", "int8_gc")  # every configuration builds its own model
-LOKR_FACTOR = 16
-LOAD_BALANCING_WEIGHT = 0.01
-
-
-@dataclass(frozen=True)
-class BenchSize:
-    """A transformer config and the input sizes fed to it."""
-
-    name: str
-    model: dict
-    resolution: int  # pixels; latents are (B, 16, resolution/8, resolution/8)
-    text_tokens: int = 128
-    llama_layers: int = 32  # layers in the Llama hidden-state stack (first axis of the llama input)
-
-
-FULL = BenchSize("full", dict(
-    patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32, attention_head_dim=128,
-    num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048, num_routed_experts=4,
-    num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(128, 128),
-    llama_layers=[min(i, 31) for i in range(48)]), resolution=1024)
-
-# Same block structure (double + single blocks, 4 experts top-2, three text streams), 1/10 of the width, 1/8 of
-# the depth, 256 px: a CPU thread runs a training step in about a second.
-SMALL = BenchSize("small", dict(
-    patch_size=2, in_channels=16, out_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=64,
-    num_attention_heads=4, caption_channels=[256, 256], text_emb_dim=256, num_routed_experts=4,
-    num_activated_experts=2, axes_dims_rope=(16, 24, 24), max_resolution=(128, 128),
-    llama_layers=[0, 1, 2, 3, 3, 3]), resolution=256, llama_layers=4)
-
-SIZES = {"full": FULL, "small": SMALL}
-
-
-# ----------------------------------------------------------------------------------------------- device helpers
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gib(device: torch.device) -> Optional[float]:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def _gib_text(value: Optional[float]) -> str:
-    return f"{value:.2f}" if value is not None else "n/a"
-
-
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"torch": torch.__version__}
-    for name, dist in (("diffusers", "diffusers"), ("lycoris", "lycoris-lora"), ("quanto", "optimum-quanto")):
-        try:
-            out[name] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ model, inputs
-
-def build_transformer(size: BenchSize, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """diffusers' HiDream transformer with random weights, created directly on `device` in `dtype`, frozen."""
-    from diffusers import HiDreamImageTransformer2DModel
-
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            model = HiDreamImageTransformer2DModel(**size.model)
-    finally:
-        torch.set_default_dtype(previous)
-    model.requires_grad_(False)
-    return model
-
-
-@dataclass
-class BenchInputs:
-    """latents (B, 16, h, w) float32, t5 (B, T, C0), llama (L, B, T, C1), pooled (B, P), all on the device."""
-
-    latents: torch.Tensor
-    t5: torch.Tensor
-    llama: torch.Tensor
-    pooled: torch.Tensor
-
-    def batch(self, n: int) -> "BenchInputs":
-        return BenchInputs(self.latents.repeat(n, 1, 1, 1), self.t5.repeat(n, 1, 1), self.llama.repeat(1, n, 1, 1),
-                           self.pooled.repeat(n, 1))
-
-
-def make_inputs(size: BenchSize, device: torch.device, dtype: torch.dtype, seed: int = 0) -> BenchInputs:
-    g = torch.Generator(device=device).manual_seed(seed)
-    lat = size.resolution // 8
-    c0, c1 = size.model["caption_channels"]
-    return BenchInputs(
-        latents=torch.randn(1, size.model["in_channels"], lat, lat, generator=g, device=device),
-        t5=torch.randn(1, size.text_tokens, c0, generator=g, device=device, dtype=dtype),
-        llama=torch.randn(size.llama_layers, 1, size.text_tokens, c1, generator=g, device=device, dtype=dtype),
-        pooled=torch.randn(1, size.model["text_emb_dim"], generator=g, device=device, dtype=dtype))
-
-
-def step_noise(inputs: BenchInputs, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The noise and sigmas of step `step`: the same for the reference and the project."""
-    device = inputs.latents.device
-    g = torch.Generator(device=device).manual_seed(1000 + step)
-    noise = torch.randn(inputs.latents.shape, generator=g, device=device)
-    sigmas = shift_sigmas(sample_sigmas(inputs.latents.shape[0], torch.Generator().manual_seed(step)), 3.0)
-    return noise, sigmas.to(device)
-
-
-def training_loss(model, inputs: BenchInputs, noise: torch.Tensor, sigmas: torch.Tensor,
-                  load_balancing: LoadBalancingLoss, dtype: torch.dtype) -> torch.Tensor:
-    """The trainer's loss: flow matching on -output vs noise - x0 in float32, plus the MoE load-balancing loss."""
-    _, _, h, w = inputs.latents.shape
-    load_balancing.clear()
-    model_input = noisy_latents(inputs.latents, noise, sigmas).to(dtype)
-    out = model(hidden_states=model_input, timesteps=sigmas * 1000.0, encoder_hidden_states_t5=inputs.t5,
-                encoder_hidden_states_llama3=inputs.llama, pooled_embeds=inputs.pooled, return_dict=False)[0]
-    loss = flow_matching_loss(-patch_tokens_to_image(out, h, w), flow_matching_target(inputs.latents, noise))
-    lb = load_balancing.take()
-    return loss if lb is None else loss + lb
-
-
-# ------------------------------------------------------------------------------------------------------ LoKrs
-
-def reference_lokr(model, device: torch.device, lokr_mode: str):
-    """Stock LyCORIS exactly as a user of the library writes it (the starting point's `add_lokr`)."""
-    from lycoris import LycorisNetwork, create_lycoris
-
-    LycorisNetwork.apply_preset({"target_module": ["HiDreamAttention"],
-                                 "module_algo_map": {"HiDreamAttention": {"factor": LOKR_FACTOR}}})
-    kwargs = {"bypass_mode": True} if lokr_mode == "bypass" else {}
-    network = create_lycoris(model, 1.0, linear_dim=16384, linear_alpha=1, algo="lokr", factor=LOKR_FACTOR,
-                             full_matrix=True, **kwargs)
-    network.apply_to()
-    network.to(device)
-    return network
-
-
-def project_lokr(model, device: torch.device, speedups: Speedups):
-    """The trainer's LoKr: `create_lokr_network` with the default (quickstart attention-only) preset, sped up."""
-    from ..adapters.lokr import LycorisConfig, create_lokr_network
-
-    network = create_lokr_network(model, LycorisConfig(factor=LOKR_FACTOR), seed=0)
-    network.to(device)
-    report = apply_speedups(model, network, speedups)
-    return network, report
-
-
-@torch.no_grad()
-def set_lokr_weights(network, seed: int = 0) -> None:
-    """Deterministic non-zero factors (by module name), so both W1 and W2 get gradient and dW is not zero."""
-    for lora in sorted(network.loras, key=lambda l: l.lora_name):
-        g = torch.Generator().manual_seed(seed + sum(map(ord, lora.lora_name)))
-        for name, param in sorted(lora.named_parameters()):
-            std = 0.25 if name.startswith("lokr_w1") else 5e-3
-            param.copy_(torch.randn(param.shape, generator=g) * std)
-
-
-def lokr_grads(network) -> dict[str, torch.Tensor]:
-    out = {}
-    for lora in network.loras:
-        for name, param in lora.named_parameters():
-            if param.grad is not None:
-                out[f"{lora.lora_name}.{name}"] = param.grad.detach().float().cpu().clone()
-    return out
-
-
-def remove_network(network) -> None:
-    for lora in network.loras:
-        lora.restore()
-
-
-def compare(reference: dict, project: dict, loss_ref: float, loss_proj: float, dtype: torch.dtype) -> dict:
-    """Loss relative difference and the relative L2 error of the concatenated LoKr gradient."""
-    missing = sorted(set(reference) ^ set(project))
-    keys = sorted(set(reference) & set(project))
-    ref = torch.cat([reference[k].flatten() for k in keys]) if keys else torch.zeros(1)
-    proj = torch.cat([project[k].flatten() for k in keys]) if keys else torch.zeros(1)
-    grad_err = ((proj - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-    cosine = torch.nn.functional.cosine_similarity(proj, ref, dim=0).item()
-    loss_err = abs(loss_proj - loss_ref) / max(abs(loss_ref), 1e-30)
-    tol_loss, tol_grad = (2e-2, 5e-2) if dtype in (torch.bfloat16, torch.float16) else (1e-4, 1e-3)
-    return {"loss_reference": loss_ref, "loss_project": loss_proj, "loss_rel_err": loss_err,
-            "grad_rel_err": grad_err, "grad_cosine": cosine, "grad_tensors": len(keys),
-            "tolerance": {"loss": tol_loss, "grad": tol_grad},
-            "passed": bool(not missing and keys and loss_err <= tol_loss and grad_err <= tol_grad and
-                           math.isfinite(loss_proj)), **({"mismatched_grads": missing[:5]} if missing else {})}
-
-
-# ----------------------------------------------------------------------------------------------------- timing
-
-@dataclass
-class Timed:
-    """One configuration ready to run: `step(i)` runs step i; `close()` frees it."""
-
-    step: Callable[[int], object]
-    close: Callable[[], None] = lambda: None
-    info: dict = field(default_factory=dict)
-    # One extra step under the FLOP and kernel counters; skipped where a step is slow and its work is another
-    # mode's (offloading moves weights, not work).
-    count_flops: bool = True
-    max_steps: Optional[int] = None  # cap on timed steps (a reference so slow that the run's time limit matters)
-    max_warmup: Optional[int] = None  # cap on untimed steps, likewise
-
-
-class TimeBudgetSpent(RuntimeError):
-    """`--time-budget` ran out before a configuration the mode cannot do without."""
-
-
-def past(deadline: Optional[float]) -> bool:
-    """True once `deadline` (a time.monotonic() value, None for none) has passed."""
-    return deadline is not None and time.monotonic() >= deadline
-
-
-def time_configs(configs: dict[str, Callable[[], Timed]], device: torch.device, steps: int, warmup: int,
-                 interleave: bool, profile: Optional[Callable[[str, Timed], None]] = None,
-                 deadline: Optional[float] = None) -> dict[str, dict]:
-    """Median step time (and peak memory) of each configuration.
-
-    interleave=False (GPU): one configuration lives at a time: set up, time, count FLOPs, close. Peak memory is
-    per configuration. interleave=True (CPU): all configurations live together and their steps alternate (the
-    order flips every round), so load from other processes on a shared CPU hits all of them alike.
-    `profile(label, timed)`, when given, runs after a configuration's timed steps (untimed, before it closes).
-    Past `deadline`, configurations not yet set up are left out of the result and timing stops after the first
-    timed step (`step_s_all` says how many ran): a device lent for minutes keeps what was measured.
-    """
-    results: dict[str, dict] = {}
-    if not interleave:
-        for label, setup in configs.items():
-            if past(deadline):
-                logger.warning("time budget spent: %s not run", label)
-                continue
-            timed = setup()
-            _release(device)
-            _reset_peak(device)
-            times = []
-            timed_steps = min(steps, timed.max_steps or steps)
-            timed_warmup = min(warmup, warmup if timed.max_warmup is None else timed.max_warmup)
-            for i in range(timed_warmup + timed_steps):
-                if i > timed_warmup and past(deadline):
-                    logger.warning("time budget spent: %s timed on %d steps", label, i - timed_warmup)
-                    break
-                _sync(device)
-                started = time.perf_counter()
-                timed.step(i)
-                _sync(device)
-                times.append(time.perf_counter() - started)
-                peak = _peak_gib(device)  # logged per step: a run cut short by a time limit keeps its memory too
-                logger.info("%s step %d: %.3f s, peak so far %s GiB", label, i, times[-1], _gib_text(peak))
-            logger.info("%s: median %.3f s, peak %s GiB", label, statistics.median(times[timed_warmup:]),
-                        _gib_text(peak))
-            results[label] = _configuration_result(label, timed, times, timed_warmup, peak, profile, deadline)
-            timed.close()
-            del timed
-            _release(device)
-        return results
-    live = {label: setup() for label, setup in configs.items()}
-    times = {label: [] for label in live}
-    labels = list(live)
-    for i in range(warmup + steps):
-        if i > warmup and past(deadline):
-            logger.warning("time budget spent: timed on %d steps", i - warmup)
-            break
-        for label in (labels if i % 2 == 0 else labels[::-1]):
-            started = time.perf_counter()
-            live[label].step(i)
-            times[label].append(time.perf_counter() - started)
-    for label, timed in live.items():
-        results[label] = _configuration_result(label, timed, times[label], warmup, None, profile, deadline)
-        timed.close()
-    return results
-
-
-def _configuration_result(label: str, timed: Timed, times: list[float], warmup: int, peak: Optional[float],
-                          profile: Optional[Callable[[str, Timed], None]], deadline: Optional[float]) -> dict:
-    """One timed configuration's figures: its step times, then (unless the time budget is spent) the profile and
-    one step under the FLOP and kernel counters."""
-    if profile is not None and not past(deadline):
-        profile(label, timed)
-    counted = timed.count_flops and not past(deadline)
-    flops, kernels = count_work(lambda: timed.step(0)) if counted else (None, None)
-    return {**summarise(times, warmup, peak, flops), "flops_per_step": flops, "kernels_per_step": kernels,
-            **timed.info}
-
-
-def summarise(times: list[float], warmup: int, peak: Optional[float], flops: Optional[float]) -> dict:
-    timed = times[warmup:]
-    med = statistics.median(timed)
-    return {"step_s": med, "step_s_all": [round(t, 4) for t in times], "peak_gib": peak,
-            "tflops_per_s": (flops / med / 1e12) if flops else None}
-
-
-def count_work(fn: Callable[[], object]) -> tuple[Optional[float], Optional[int]]:
-    """(FLOPs, kernels) of one run of `fn`: the FLOPs torch's FlopCounterMode sees (matmuls, attention; quanto's int8
-    matmul op is not counted) and the kernels `KernelCounter` sees dispatched, or (None, None) when the step cannot
-    run under the counters (compiled code may refuse a dispatch mode): timing matters more."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .profile import KernelCounter
-
-    flops = FlopCounterMode(display=False)
-    kernels = KernelCounter()
-    try:
-        with flops, kernels:
-            fn()
-    except Exception as exc:  # noqa: BLE001 - a missing FLOP figure must not lose the mode's timings
-        logger.warning("FLOP count failed (%s: %s); TFLOP/s left empty", type(exc).__name__, exc)
-        return None, None
-    return float(flops.get_total_flops()), kernels.total
+__all__ = ["ALL_MODES", "SIZES", "TRAIN_MODES", "BenchOptions", "run_bench"]
 
 
 @dataclass
@@ -428,7 +104,7 @@ def _prepare_train_model(mode: str, label: str, opts: BenchOptions, extra: dict,
 
             BlockStreamer(model, device)  # its hooks keep it alive with the model
         info["offload_setup_s"] = time.perf_counter() - started
-    _release(device)
+    release_memory()
     if device.type == "cuda":
         info["weights_on_device_gib"] = torch.cuda.memory_allocated(device) / 2**30
     model.train()  # differentiable MoE routing, as in training
@@ -451,22 +127,33 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
 
     # The check: one fixed batch with identical non-zero LoKr factors on both sides, loss and gradients kept.
     set_lokr_weights(network)
-    noise, sigmas = step_noise(inputs, 0)
-    loss = training_loss(model, inputs, noise, sigmas, load_balancing, opts.dtype)
-    loss.backward()
+    params = [p for p in network.parameters() if p.requires_grad]
+    optimizer = optimizer_by_name(opts.optimizer, params, opts.learning_rate, 0.01, device)
+    noise = StepNoise(inputs)
+    micro_batches = [lambda: MicroBatch(inputs.latents, inputs.embeds)]
+    if label == "reference":
+        loss = stock_loss(model, inputs.latents, noise, inputs, load_balancing)
+        loss.backward()
+        trainer_step = None
+    else:
+        # The project side IS the trainer's step (training/step.py), with the trainer's default step settings.
+        trainer_step = TrainStep(model, params, optimizer, load_balancing,
+                                 StepSettings(use_load_balancing_loss=True), noise)
+        loss = trainer_step.backward(micro_batches)[0]
     checks[label] = (loss.item(), lokr_grads(network), report)
     for p in network.parameters():
         p.grad = None
 
-    params = [p for p in network.parameters() if p.requires_grad]
     # Everything big lives in `state`, which close() empties: on a GPU the next configuration must not find this
     # one's 32 GB of weights still referenced.
-    state = {"model": model, "optimizer": optimizer_by_name(opts.optimizer, params, opts.learning_rate, 0.01, device)}
+    state = {"model": model, "optimizer": optimizer, "trainer_step": trainer_step}
     del model
 
-    def step(i: int) -> torch.Tensor:
-        noise, sigmas = step_noise(inputs, i)
-        loss = training_loss(state["model"], inputs, noise, sigmas, load_balancing, opts.dtype)
+    def step(i: int) -> object:
+        noise.step = i
+        if state["trainer_step"] is not None:
+            return state["trainer_step"].run(micro_batches, i)
+        loss = stock_loss(state["model"], inputs.latents, noise, inputs, load_balancing)
         loss.backward()
         state["optimizer"].step()
         state["optimizer"].zero_grad(set_to_none=True)
@@ -497,11 +184,12 @@ def _base_model_config(mode: str, opts: BenchOptions) -> Timed:
     state = {"model": model}
     del model
 
+    noise = StepNoise(inputs)
+
     def step(i: int) -> torch.Tensor:
-        noise, sigmas = step_noise(inputs, i)
+        noise.step = i
         latents = inputs.latents.detach().requires_grad_(True)  # the gradient needs a leaf to reach
-        loss = training_loss(state["model"], replace(inputs, latents=latents), noise, sigmas, load_balancing,
-                             opts.dtype)
+        loss = stock_loss(state["model"], latents, noise, inputs, load_balancing)
         loss.backward()
         return loss.detach()
 
@@ -637,9 +325,7 @@ def _sample_config(label: str, opts: BenchOptions, outputs: dict) -> Timed:
 
     @torch.no_grad()
     def step(_: int = 0) -> torch.Tensor:
-        return model(hidden_states=inputs.latents.to(dtype), timesteps=timesteps,
-                     encoder_hidden_states_t5=inputs.t5, encoder_hidden_states_llama3=inputs.llama,
-                     pooled_embeds=inputs.pooled, return_dict=False)[0]
+        return predict_flow(model, inputs.latents, timesteps, inputs.embeds)
 
     outputs[label] = step().float().cpu()
 
@@ -714,5 +400,5 @@ def run_bench(modes: list[str], opts: BenchOptions, out: Optional[Path] = None,
                 f.write(line + "\n")
                 f.flush()
             rows.append(row)
-            _release(opts.device)
+            release_memory()
     return rows

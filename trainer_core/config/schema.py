@@ -55,7 +55,9 @@ LrScheduler = Literal["constant", "constant_with_warmup", "cosine", "cosine_with
 LoraType = Literal["lycoris", "standard"]
 ModelFlavour = Literal["full", "dev", "fast"]
 ReportTo = Literal["none", "tensorboard"]
-# Optimizer names as SimpleTuner spells them; trainer_core/optimizers.py builds each.
+PRECISIONS = typing.get_args(Precision)
+LR_SCHEDULERS = typing.get_args(LrScheduler)  # diffusers' schedule names, as SimpleTuner passes them on
+# Optimizer names as SimpleTuner spells them; trainer_core/training/optimizers.py builds each.
 OPTIMIZERS = ("adamw", "adamw_bf16", "torch-adamw", "optimi-adamw", "optimi-lion", "prodigy", "bnb-adamw8bit",
               "bnb-adamw-paged", "bnb-adamw8bit-paged", "bnb-lion8bit", "bnb-lion8bit-paged")
 
@@ -90,6 +92,30 @@ class SamplingConfig:
 
 
 Resolution = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """How training draws noise levels (the `flow_*` settings): sigma = sigmoid(sigmoid_scale * n), n ~ N(0, 1)
+    (or uniform), then shifted by `shift` (or by the image size, `auto_shift`)."""
+
+    shift: float = 3.0
+    auto_shift: bool = False
+    sigmoid_scale: float = 1.0
+    uniform: bool = False
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What one optimizer step does besides the forward and backward."""
+
+    gradient_accumulation_steps: int = 1
+    caption_dropout_probability: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_clip_method: Literal["norm", "value"] = "norm"
+    use_load_balancing_loss: bool = False
+    max_consecutive_nonfinite_steps: int = 5
+    recover_from_out_of_memory: bool = True
 
 
 @dataclass
@@ -242,9 +268,9 @@ class TrainConfig:
         if self.grad_clip_method not in ("norm", "value"):
             raise ConfigError(f"grad_clip_method must be 'norm' or 'value', got {self.grad_clip_method!r}")
         for name in ("base_model_precision", *(f"text_encoder_{i}_precision" for i in range(1, 5))):
-            if getattr(self, name) not in typing.get_args(Precision):
+            if getattr(self, name) not in PRECISIONS:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not supported; use one of: "
-                                  f"{', '.join(typing.get_args(Precision))}")
+                                  f"{', '.join(PRECISIONS)}")
         if self.report_to not in ("none", "tensorboard"):
             raise ConfigError(f"report_to {self.report_to!r} is not supported: use 'tensorboard' or 'none'")
         if not self.tracker_run_name or any(c in self.tracker_run_name for c in "/\\\0") or \
@@ -268,6 +294,18 @@ class TrainConfig:
                               guidance=self.validation_guidance, guidance_rescale=self.validation_guidance_rescale,
                               shift=self.flow_schedule_shift, seed=self.validation_seed,
                               scheduler=self.validation_noise_scheduler, lokr_strength=self.validation_lycoris_strength)
+
+    def noise_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule(shift=self.flow_schedule_shift, auto_shift=self.flow_schedule_auto_shift,
+                             sigmoid_scale=self.flow_sigmoid_scale, uniform=self.flow_use_uniform_schedule)
+
+    def step_settings(self) -> StepSettings:
+        return StepSettings(gradient_accumulation_steps=self.gradient_accumulation_steps,
+                            caption_dropout_probability=self.caption_dropout_probability,
+                            max_grad_norm=self.max_grad_norm, grad_clip_method=self.grad_clip_method,
+                            use_load_balancing_loss=self.hidream_use_load_balancing_loss,
+                            max_consecutive_nonfinite_steps=self.max_consecutive_nonfinite_steps,
+                            recover_from_out_of_memory=self.recover_from_out_of_memory)
 
     @property
     def resolved_cache_dir(self) -> Path:

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
+from .json_files import read_json_file
 from .schema import ConfigError, DatasetConfig, TrainConfig, check_model_choice, parse_resolutions
 
 logger = logging.getLogger(__name__)
@@ -232,16 +233,6 @@ def train_config_from_dict(data: dict, base: Path = Path(".")) -> TrainConfig:
     config = TrainConfig(**values)
     config.validate()
     return config
-
-
-def read_json_file(path: Path, what: str):
-    """The parsed JSON of `path`; a missing or malformed file is a ConfigError that names `what` and the file."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not valid JSON: {exc}") from exc
 
 
 def load_train_config(path: Path) -> TrainConfig:

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Protocol, Sequence
@@ -31,7 +30,7 @@ from ..util.atomic import file_sha256, write_with
 
 from .datasets import TrainingSample, display_path, load_sample_pixels
 from ..util.faults import crash_point
-from ..hidream.models import PromptEmbeds
+from ..hidream.embeds import PromptEmbeds
 
 logger = logging.getLogger(__name__)
 

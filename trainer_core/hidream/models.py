@@ -5,12 +5,10 @@ tokenizer{,_2,_3}/, scheduler/). The Llama-3.1-8B-Instruct text encoder usually 
 and weights together, `llama_dir`); a folder that carries it as text_encoder_4/ + tokenizer_4/ works too.
 Nothing here downloads: every load is local and every failure is a ConfigError naming the path and the fix.
 
-Text conditioning is computed by diffusers' own `HiDreamImagePipeline.encode_prompt` (on a pipeline holding only
-the text parts), so cached embeddings are by construction the ones the pipeline would feed the transformer.
+The text encoders are `text_encoders.HiDreamTextEncoders`; the VAE's encode/decode is in `vae.py`.
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ from typing import Optional, Union
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+from diffusers import AutoencoderKL, HiDreamImageTransformer2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import (
     CLIPTextModelWithProjection,
@@ -31,6 +29,7 @@ from transformers import (
 )
 
 from ..config.schema import ConfigError
+from .text_encoders import HiDreamTextEncoders
 
 PathLike = Union[str, Path]
 Device = Union[str, torch.device]
@@ -55,164 +54,7 @@ _IDENTITY_SUFFIXES = {".json", ".safetensors", ".bin", ".model", ".txt", ".tikto
 _IDENTITY_HEAD_BYTES = 1 << 20
 
 
-# ------------------------------------------------------------------------------------------------- prompt embeds
-
-
-@dataclass
-class PromptEmbeds:
-    """The text conditioning of a batch of captions, in the layout HiDreamImageTransformer2DModel.forward takes.
-
-    t5:     (B, S, D_t5)        T5 last hidden state (`encoder_hidden_states_t5`); S = 128
-    llama:  (L, B, S, D_llama)  every Llama layer's output, layer axis first (`encoder_hidden_states_llama3`)
-    pooled: (B, D_pooled)       CLIP-L and CLIP-G projected text embeds, concatenated (`pooled_embeds`)
-    """
-
-    t5: torch.Tensor
-    llama: torch.Tensor
-    pooled: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.t5.ndim != 3 or self.llama.ndim != 4 or self.pooled.ndim != 2:
-            raise ValueError(
-                "PromptEmbeds expects t5 (B,S,D), llama (L,B,S,D), pooled (B,D); got "
-                f"t5 {tuple(self.t5.shape)}, llama {tuple(self.llama.shape)}, pooled {tuple(self.pooled.shape)}"
-            )
-        if not (self.t5.shape[0] == self.llama.shape[1] == self.pooled.shape[0]):
-            raise ValueError(
-                f"PromptEmbeds batch sizes disagree: t5 {self.t5.shape[0]}, llama {self.llama.shape[1]}, "
-                f"pooled {self.pooled.shape[0]}"
-            )
-
-    @property
-    def batch_size(self) -> int:
-        return self.t5.shape[0]
-
-    def to(self, device: Optional[Device] = None, dtype: Optional[torch.dtype] = None) -> "PromptEmbeds":
-        return PromptEmbeds(
-            t5=self.t5.to(device=device, dtype=dtype),
-            llama=self.llama.to(device=device, dtype=dtype),
-            pooled=self.pooled.to(device=device, dtype=dtype),
-        )
-
-    @classmethod
-    def cat(cls, items: list["PromptEmbeds"]) -> "PromptEmbeds":
-        """Concatenate along the batch axis (dim 0 of t5/pooled, dim 1 of llama)."""
-        if not items:
-            raise ValueError("PromptEmbeds.cat needs at least one item")
-        return cls(
-            t5=torch.cat([item.t5 for item in items], dim=0),
-            llama=torch.cat([item.llama for item in items], dim=1),
-            pooled=torch.cat([item.pooled for item in items], dim=0),
-        )
-
-    def select(self, index: int) -> "PromptEmbeds":
-        """One batch element, keeping a batch axis of size 1 (negative indices count from the end)."""
-        batch = self.batch_size
-        if not -batch <= index < batch:
-            raise IndexError(f"index {index} out of range for a batch of {batch}")
-        index %= batch
-        return PromptEmbeds(
-            t5=self.t5[index : index + 1],
-            llama=self.llama[:, index : index + 1],
-            pooled=self.pooled[index : index + 1],
-        )
-
-
-# ------------------------------------------------------------------------------------------------- text encoders
-
-
-class HiDreamTextEncoders:
-    """The four HiDream text encoders and their tokenizers.
-
-    `encode` runs diffusers' `HiDreamImagePipeline.encode_prompt` on a pipeline that holds only these text parts
-    (no transformer, VAE or scheduler) with classifier-free guidance off, so the encoding IS the pipeline's:
-    CLIP-L/CLIP-G pooled projections at 128 tokens, T5 last hidden state, and all Llama hidden states but the
-    embedding layer.
-
-    `identity` is a stable string naming these exact encoders (configs, tokenizer files, weight files, dtype); use it
-    in cache keys so that cached embeddings are never reused with other encoders.
-    """
-
-    def __init__(
-        self,
-        tokenizer: CLIPTokenizer,
-        text_encoder: CLIPTextModelWithProjection,
-        tokenizer_2: CLIPTokenizer,
-        text_encoder_2: CLIPTextModelWithProjection,
-        tokenizer_3: T5Tokenizer,
-        text_encoder_3: T5EncoderModel,
-        tokenizer_4: PreTrainedTokenizerFast,
-        text_encoder_4: torch.nn.Module,
-        identity: str,
-    ) -> None:
-        self.identity = identity
-        # The pipeline sets tokenizer_4.pad_token = eos_token in its __init__, exactly as at inference time.
-        self._pipeline: Optional[HiDreamImagePipeline] = HiDreamImagePipeline(
-            scheduler=None,
-            vae=None,
-            transformer=None,
-            tokenizer=tokenizer,
-            text_encoder=text_encoder,
-            tokenizer_2=tokenizer_2,
-            text_encoder_2=text_encoder_2,
-            tokenizer_3=tokenizer_3,
-            text_encoder_3=text_encoder_3,
-            tokenizer_4=tokenizer_4,
-            text_encoder_4=text_encoder_4,
-        )
-        for encoder in self._encoders():
-            encoder.eval().requires_grad_(False)
-
-    def _live_pipeline(self) -> HiDreamImagePipeline:
-        if self._pipeline is None:
-            raise RuntimeError("these HiDream text encoders were freed; load them again with load_text_encoders")
-        return self._pipeline
-
-    def _encoders(self) -> list[torch.nn.Module]:
-        pipe = self._live_pipeline()
-        return [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.text_encoder_4]
-
-    @property
-    def device(self) -> torch.device:
-        return next(self._live_pipeline().text_encoder_4.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self._live_pipeline().text_encoder_4.parameters()).dtype
-
-    def to(self, device: Device) -> "HiDreamTextEncoders":
-        for encoder in self._encoders():
-            encoder.to(device)
-        return self
-
-    def encode(self, prompts: list[str], max_sequence_length: int = 128) -> PromptEmbeds:
-        """Encode captions -> PromptEmbeds with t5 (B,128,D_t5), llama (L,B,128,D_llama), pooled (B,D_pooled).
-
-        Runs under no_grad (not inference_mode, whose tensors could not later be saved for backward in training).
-        The result stays on the encoders' device in their dtype; the caller moves it.
-        """
-        if isinstance(prompts, str) or not prompts:
-            raise ValueError("encode expects a non-empty list of caption strings")
-        pipe = self._live_pipeline()
-        with torch.no_grad():
-            t5, _, llama, _, pooled, _ = pipe.encode_prompt(
-                prompt=list(prompts),
-                device=self.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=False,
-                max_sequence_length=max_sequence_length,
-            )
-        return PromptEmbeds(t5=t5, llama=llama, pooled=pooled)
-
-    def free(self) -> None:
-        """Drop every reference to the encoders so their memory (tens of GB for the real model) is released."""
-        self._pipeline = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-# --------------------------------------------------------------------------------------------------------- paths
+# ----------------------------------------------------------------------------------------------------------- paths
 
 
 @dataclass(frozen=True)
@@ -287,7 +129,7 @@ def resolve_model_paths(
     return HiDreamModelPaths(model_dir=model_dir, llama_dir=None)
 
 
-# ------------------------------------------------------------------------------------------------------ identity
+# -------------------------------------------------------------------------------------------------------- identity
 
 
 def _identity_files(path: Path) -> list[Path]:
@@ -334,7 +176,7 @@ def text_encoders_identity(paths: HiDreamModelPaths, dtype: torch.dtype) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-# ------------------------------------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------------------------------------- loading
 
 
 def _load(what: str, folder: Path, load):
@@ -410,31 +252,3 @@ def load_scheduler(paths: HiDreamModelPaths) -> SchedulerMixin:
     if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin)):
         raise ConfigError(f"{config_file} names {class_name!r}, which is not a diffusers scheduler class")
     return _load("scheduler", folder, lambda d: scheduler_cls.from_pretrained(d, local_files_only=True))
-
-
-# ----------------------------------------------------------------------------------------------------------- VAE
-
-
-def _vae_shift_and_scale(vae: AutoencoderKL) -> tuple[float, float]:
-    shift = vae.config.shift_factor
-    return (0.0 if shift is None else float(shift)), float(vae.config.scaling_factor)
-
-
-@torch.no_grad()
-def vae_encode(vae: AutoencoderKL, pixels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Pixels (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8), on the VAE's device and dtype.
-
-    Samples the posterior (with `generator` when given) and normalises it the way the pipeline un-normalises before
-    decoding: (z - shift_factor) * scaling_factor.
-    """
-    shift, scale = _vae_shift_and_scale(vae)
-    posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    return (posterior.sample(generator=generator) - shift) * scale
-
-
-@torch.no_grad()
-def vae_decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents (B, C, h, w) -> pixels (B, 3, 8h, 8w) clamped to [-1, 1] (inverse of vae_encode)."""
-    shift, scale = _vae_shift_and_scale(vae)
-    latents = latents.to(device=vae.device, dtype=vae.dtype) / scale + shift
-    return vae.decode(latents, return_dict=False)[0].clamp(-1.0, 1.0)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..config.schema import SamplingConfig
 from ..adapters.lokr import lokr_applied
-from .models import PromptEmbeds, vae_decode
+from .embeds import PromptEmbeds
+from .forward import compute_dtype, predict_flow
+from .vae import latents_to_images
 
 
 def make_scheduler(name: str, shift: float, num_train_timesteps: int = 1000):
@@ -35,8 +36,7 @@ def denoise(transformer, cond: PromptEmbeds, uncond: Optional[PromptEmbeds], set
             progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """Sample latents (1, C, H/8, W/8) float32 for one prompt. CFG runs when `uncond` is given and guidance > 1."""
     settings.validate()
-    param = next(transformer.parameters())
-    device, dtype = param.device, (param.dtype if param.dtype.is_floating_point else torch.bfloat16)
+    device = next(transformer.parameters()).device
     channels = transformer.config.in_channels
     generator = torch.Generator().manual_seed(settings.seed)
     latents = torch.randn((1, channels, settings.height // 8, settings.width // 8), generator=generator)
@@ -44,7 +44,7 @@ def denoise(transformer, cond: PromptEmbeds, uncond: Optional[PromptEmbeds], set
 
     use_cfg = uncond is not None and settings.guidance > 1.0
     embeds = PromptEmbeds.cat([uncond, cond]) if use_cfg else cond
-    embeds = embeds.to(device=device, dtype=dtype)
+    embeds = embeds.to(device=device, dtype=compute_dtype(transformer))  # once, not at every step
     scheduler = make_scheduler(settings.scheduler, settings.shift)
     scheduler.set_timesteps(settings.num_inference_steps, device=device)
 
@@ -53,10 +53,7 @@ def denoise(transformer, cond: PromptEmbeds, uncond: Optional[PromptEmbeds], set
     try:
         for i, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if use_cfg else latents
-            out = transformer(hidden_states=model_input.to(dtype), timesteps=t.expand(model_input.shape[0]),
-                              encoder_hidden_states_t5=embeds.t5, encoder_hidden_states_llama3=embeds.llama,
-                              pooled_embeds=embeds.pooled, return_dict=False)[0]
-            velocity = -out.float()  # raw output is x0 - noise; the scheduler wants noise - x0
+            velocity = predict_flow(transformer, model_input, t.expand(model_input.shape[0]), embeds).float()
             if use_cfg:
                 v_uncond, v_cond = velocity.chunk(2)
                 velocity = v_uncond + settings.guidance * (v_cond - v_uncond)
@@ -78,11 +75,6 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, amount: float) ->
     return amount * rescaled + (1.0 - amount) * guided
 
 
-def latents_to_images(vae, latents: torch.Tensor) -> list[Image.Image]:
-    """Decode scaled latents (B, 16, h, w) to PIL images."""
-    pixels = vae_decode(vae, latents)
-    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
 def sample_image(transformer, vae, cond: PromptEmbeds, uncond: Optional[PromptEmbeds], settings: SamplingConfig,

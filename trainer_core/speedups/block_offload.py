@@ -85,7 +85,7 @@ class BlockStreamer:
     """
 
     def __init__(self, transformer: nn.Module, device: torch.device):
-        from .switches import transformer_blocks
+        from ..hidream.forward import transformer_blocks
 
         self.transformer = transformer
         self.device = torch.device(device)

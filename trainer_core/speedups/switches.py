@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from torch import nn
 
 from ..config.schema import TrainConfig
+from ..hidream.forward import transformer_blocks
 from .frozen_qlinear import install_frozen_qlinear, uninstall_frozen_qlinear
 from .kron_lokr import install_kron_lokr, uninstall_kron_lokr
 from .lean_rope import install_lean_rope, uninstall_lean_rope
@@ -52,8 +53,6 @@ class Speedups:
         return cls(**{f.name: False for f in fields(cls)})
 
 
-def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
-    return [*getattr(transformer, "double_stream_blocks", []), *getattr(transformer, "single_stream_blocks", [])]
 
 
 def apply_speedups(transformer: nn.Module, network=None, config=None) -> dict:

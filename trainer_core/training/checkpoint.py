@@ -1,16 +1,9 @@
-"""Resumable training checkpoints: `<output_dir>/checkpoint-<step>/`, written atomically, verified on load.
+"""Checkpoint folders: `<output_dir>/checkpoint-<step>/`, written atomically, verified on load, listed, pruned.
 
-A checkpoint folder holds
-    pytorch_lora_weights.safetensors      the adapter (float32, also loadable on its own)
-    pytorch_lora_weights_ema.safetensors  the EMA adapter, when use_ema
-    training_state.pt                     optimizer, lr schedule, EMA, RNG states, data position, step
-    config.json                           the resolved configuration
-    manifest.json                         sha256 and size of every file above, written last
-
-Everything is written into `.checkpoint-<step>.tmp/` and renamed into place, and the manifest is written last, so
-a crash at any point leaves either no `checkpoint-<step>` or one whose manifest proves every file complete. A
-folder without a valid manifest is never resumed from. `training_state.pt` holds only tensors, numbers, strings,
-lists and dicts: it loads with `torch.load(weights_only=True)` (nothing is unpickled).
+What goes inside is TrainState's business (state.py); here a folder is published with a `manifest.json` (sha256
+and size of every file). Everything is written into `.checkpoint-<step>.tmp/` and renamed into place, and the
+manifest is written last, so a crash at any point leaves either no `checkpoint-<step>` or one whose manifest
+proves every file complete. A folder without a valid manifest is never resumed from.
 """
 from __future__ import annotations
 
@@ -152,22 +145,3 @@ def prune_checkpoints(output_dir: Path, keep: Optional[int]) -> list[Path]:
         shutil.rmtree(folder)
         logger.info("removed old checkpoint %s (checkpoints_total_limit %d)", folder.name, keep)
     return doomed
-
-
-def rng_state(noise_generator: torch.Generator, python_rng) -> dict:
-    """Every random stream training draws from, as weights_only-loadable values."""
-    version, internal, gauss = python_rng.getstate()
-    state = {"torch": torch.get_rng_state(), "noise_generator": noise_generator.get_state(),
-             "python_random": {"version": version, "internal": list(internal), "gauss": gauss}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict, noise_generator: torch.Generator, python_rng) -> None:
-    torch.set_rng_state(state["torch"])
-    noise_generator.set_state(state["noise_generator"])
-    py = state["python_random"]
-    python_rng.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

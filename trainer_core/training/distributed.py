@@ -107,14 +107,14 @@ class DistributedContext:
         per_rank = tensor.shape[0] // self.world_size
         return tensor[self.rank * per_rank:(self.rank + 1) * per_rank]
 
-    def mean(self, value: float) -> float:
-        """The mean of a scalar across ranks (for logging the global loss)."""
+    def mean_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise mean of `values` across ranks, in one all-reduce (for logging the global losses)."""
         if not self.enabled:
-            return value
+            return values
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.world_size
+        reduced = values.to(device=device, dtype=torch.float64)
+        dist.all_reduce(reduced)
+        return reduced / self.world_size
 
 
 class LoKrTrainingModule(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from ..data.cache import TextEmbeddingCache
 from ..data.datasets import TrainingSample
 from ..hidream.flow_matching import flow_matching_loss, flow_matching_target, noisy_latents
-from ..hidream.models import PromptEmbeds
+from ..hidream.embeds import PromptEmbeds
 
 # predict(latents_in (B, C, h, w), sigmas (B,), embeds) -> flow prediction (B, C, h, w), noise - x0
 Predict = Callable[[torch.Tensor, torch.Tensor, PromptEmbeds], torch.Tensor]

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from ..util.atomic import write_with
 from ..data.cache import TextEmbeddingCache
 from ..config.schema import ConfigError, SamplingConfig
-from ..config.simpletuner import read_json_file
+from ..config.json_files import read_json_file
 from ..util.faults import crash_point
 from ..hidream.sample import denoise
 

@@ -1,0 +1,121 @@
+"""The model phase of a run: the frozen transformer (loaded or given, optionally quantised), the adapter that
+trains (LoKr, or LoRA with lora_type standard), the speed-ups, block streaming, and DDP / FSDP across ranks."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from torch import nn
+
+from ..adapters.interface import Adapter, create_adapter, describe
+from ..adapters.lokr import LycorisConfig
+from ..config.schema import ConfigError, TrainConfig
+from ..hidream.flow_matching import LoadBalancingLoss
+from ..hidream.models import HiDreamModelPaths, load_transformer
+from ..quant import quantize_frozen
+from ..speedups import BlockStreamer, apply_speedups, remove_speedups
+from .context import RunContext
+from .distributed import shard_frozen_base, wrap_data_parallel
+from .interface import ModelComponents
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingModel:
+    """`transformer` is the frozen base with the adapter hooked in; `model` is what the training forward calls
+    (the transformer, or DDP over it and its adapter). `load_balancing` collects the MoE aux loss of each
+    forward."""
+
+    transformer: nn.Module
+    model: nn.Module
+    adapter: Adapter
+    load_balancing: LoadBalancingLoss
+    base_name: str
+
+    @property
+    def lokr_network(self):
+        return self.adapter.module if self.adapter.kind == "lokr" else None
+
+
+def build_training_model(config: TrainConfig, ctx: RunContext, given: ModelComponents,
+                         paths: Optional[HiDreamModelPaths], lycoris: LycorisConfig,
+                         cleanup: contextlib.ExitStack) -> TrainingModel:
+    """Load (or take) the transformer, freeze it and attach the adapter. A transformer the caller gave comes back
+    when `cleanup` closes: without the adapter and speed-ups, in its own train/eval mode and checkpointing."""
+    ctx.phase("loading transformer")
+    if given.transformer is not None:
+        transformer, base_name = given.transformer, given.transformer_name
+    else:
+        # Streamed blocks are packed from CPU memory: never put the whole model on the device first.
+        transformer = load_transformer(paths, dtype=ctx.dtype, device="cpu" if config.offload_blocks else ctx.device)
+        quantize_frozen(transformer, config.base_model_precision)
+        base_name = paths.model_dir.name
+    transformer.requires_grad_(False)
+    was_training, was_checkpointing = transformer.training, transformer.is_gradient_checkpointing
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()  # MoE routing stays differentiable; eval() would cut the routed experts' gradient
+    adapter = create_adapter(transformer, config, lycoris)
+    if config.init_lokr_weights:
+        adapter.load_weights(config.init_lokr_weights)
+        logger.info("adapter initialised from %s", config.init_lokr_weights)
+    adapter.module.to(ctx.device)
+    trained = TrainingModel(transformer=transformer, model=transformer, adapter=adapter,
+                            load_balancing=LoadBalancingLoss(transformer, config.hidream_load_balancing_loss_weight),
+                            base_name=base_name)
+    cleanup.callback(trained.load_balancing.remove)
+    apply_speedups(transformer, trained.lokr_network, config)
+    if config.offload_blocks:
+        _stream_blocks(trained, ctx, given, cleanup)
+    if ctx.sharded:
+        shard_frozen_base(transformer)
+    elif ctx.ranks.enabled:
+        trained.model = wrap_data_parallel(transformer, adapter.module, ctx.ranks, ctx.device)
+
+    @cleanup.callback
+    def hand_back_callers_model() -> None:
+        if given.transformer is None:
+            return  # ours: it is dropped with the run
+        remove_speedups(transformer, trained.lokr_network)
+        adapter.remove()
+        if not was_checkpointing and transformer.is_gradient_checkpointing:
+            transformer.disable_gradient_checkpointing()
+        transformer.train(was_training)
+
+    _log_adapter(config, ctx, trained)
+    return trained
+
+
+def _stream_blocks(trained: TrainingModel, ctx: RunContext, given: ModelComponents,
+                   cleanup: contextlib.ExitStack) -> None:
+    if ctx.ranks.enabled:
+        raise ConfigError("offload_blocks runs in a single process; under torchrun / accelerate use "
+                          "distributed_mode: fsdp to spread the weights instead")
+    callers_device = next(trained.transformer.parameters()).device  # where a given transformer goes back to
+    streamer = BlockStreamer(trained.transformer, ctx.device)
+    if given.transformer is not None:
+        cleanup.callback(streamer.remove, callers_device)
+
+
+def _log_adapter(config: TrainConfig, ctx: RunContext, trained: TrainingModel) -> None:
+    logger.info("adapter: %s", describe(trained.adapter))
+    if ctx.sharded:
+        logger.info("validation samples run the LoKr unmerged (bypass mode): the base weights are sharded")
+    elif not trained.adapter.mergeable:
+        logger.warning("the base weights are quantised: a LoKr cannot be merged into them, so validation samples "
+                       "run it unmerged (bypass mode)")
+    if config.hidream_use_load_balancing_loss:
+        logger.info("MoE load-balancing loss on %d gates, weight %g, with gradient (SimpleTuner adds it detached "
+                    "and weights it twice)", trained.load_balancing.num_gates, config.hidream_load_balancing_loss_weight)
+
+
+def adapter_settings(config: TrainConfig) -> LycorisConfig:
+    """The LoKr's shape (the lycoris_config file, or the quickstart's attention-only preset), read and checked
+    before any data or model work starts, like the adapter file training starts from."""
+    if config.init_lokr_weights and not Path(config.init_lokr_weights).is_file():
+        raise ConfigError(f"init_lokr_weights: adapter file not found: {config.init_lokr_weights}")
+    return LycorisConfig.from_file(config.lycoris_config) if config.lycoris_config else LycorisConfig()

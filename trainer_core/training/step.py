@@ -1,0 +1,207 @@
+"""One optimizer step of LoKr training, the same function in the trainer's loop and in the benchmark.
+
+    for each micro-batch:  noise, sigma -> x_sigma -> predict_flow -> (pred - (noise - x0))^2 (+ MoE aux) -> backward
+    then:                  gradients averaged (FSDP) -> clipped -> optimizer step (skipped if non-finite) -> EMA
+
+The logged numbers (losses, gradient norm) stay on the device until the step's end, where they are read once:
+that one read is the step's only device-to-host wait besides the ones inside the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from ..adapters.ema import AdapterEMA
+from ..config.schema import NoiseSchedule, StepSettings
+from ..hidream.embeds import PromptEmbeds
+from ..hidream.flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
+                                     resolution_shift, sample_sigmas, shift_sigmas)
+from ..hidream.forward import predict_flow
+from ..util.device import peak_memory_bytes, release_memory
+from .distributed import DistributedContext, average_gradients
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """This rank's slice of one micro-batch: latents (B, 16, h, w) float32 on the device and their captions'
+    conditioning (captions dropped to "" already applied)."""
+
+    latents: torch.Tensor
+    embeds: PromptEmbeds
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    loss: float  # mean over the micro-batches (and ranks) of the loss that was backpropagated
+    flow_loss: float
+    load_balancing_loss: Optional[float]
+    grad_norm: float
+    updated: bool  # False: a non-finite loss or gradient, the update was skipped
+
+
+class NoiseSource(Protocol):
+    """Where a step's noise comes from: `draw(latents)` -> (noise, sigmas (B,)); its state can be taken and put
+    back (a step retried after running out of memory draws the same noise)."""
+
+    def draw(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def get_state(self): ...
+
+    def set_state(self, state) -> None: ...
+
+
+class NoiseSampler:
+    """The noise and noise levels of each micro-batch, from the run's own generator (never the global one).
+
+    They are drawn for the whole global batch (B x world size) and sliced, so N ranks draw exactly what one
+    process with the global batch draws.
+    """
+
+    def __init__(self, generator: torch.Generator, schedule: NoiseSchedule,
+                 ranks: DistributedContext = DistributedContext()):
+        self.generator, self.schedule, self.ranks = generator, schedule, ranks
+
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+    def draw(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise like `latents`, sigmas (B,)), both on the latents' device."""
+        b, _, h, w = latents.shape
+        global_batch = b * self.ranks.world_size
+        noise = self.ranks.shard_tensor(torch.randn((global_batch, *latents.shape[1:]), generator=self.generator))
+        kind = "uniform" if self.schedule.uniform else "logit_normal"
+        sigmas = self.ranks.shard_tensor(sample_sigmas(global_batch, self.generator, kind,
+                                                       self.schedule.sigmoid_scale))
+        shift = resolution_shift(h, w) if self.schedule.auto_shift else self.schedule.shift
+        return noise.to(latents.device), shift_sigmas(sigmas, shift).to(latents.device)
+
+
+def flow_matching_losses(model: nn.Module, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+                         embeds: PromptEmbeds, load_balancing: LoadBalancingLoss, add_load_balancing: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(loss to backpropagate, flow-matching loss, MoE load-balancing loss or None) of one micro-batch.
+
+    The load-balancing loss is added with its gradient and weighted once (inside LoadBalancingLoss) when
+    `add_load_balancing`; it is computed and returned for logging either way.
+    """
+    load_balancing.clear()
+    prediction = predict_flow(model, noisy_latents(latents, noise, sigmas), sigmas * 1000.0, embeds)
+    flow_loss = flow_matching_loss(prediction, flow_matching_target(latents, noise))
+    lb_loss = load_balancing.take()
+    loss = flow_loss + lb_loss if add_load_balancing and lb_loss is not None else flow_loss
+    return loss, flow_loss.detach(), (lb_loss.detach() if lb_loss is not None else None)
+
+
+class TrainStep:
+    """Forward, backward and update of the adapter for one optimizer step.
+
+    `model` is what the forward calls (the transformer, or DDP over it); `params` the adapter's trainable
+    weights; `micro_batches` are functions that load one micro-batch each. `lower_memory` is asked, after the device ran out of memory, for a setting that needs less (it
+    switches it on and names it, or returns None and the error propagates). A step retried that way runs on the
+    same micro-batches and noise.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
+                 load_balancing: LoadBalancingLoss, settings: StepSettings, noise: "NoiseSource",
+                 ranks: DistributedContext = DistributedContext(), sharded: bool = False,
+                 ema: Optional[AdapterEMA] = None, lr_schedule=None,
+                 lower_memory: Optional[Callable[[], Optional[str]]] = None):
+        self.model, self.params, self.optimizer = model, list(params), optimizer
+        self.load_balancing, self.settings, self.noise = load_balancing, settings, noise
+        self.ranks, self.sharded, self.ema, self.lr_schedule = ranks, sharded, ema, lr_schedule
+        self.lower_memory = lower_memory or (lambda: None)
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_steps = 0
+
+    def backward(self, micro_batches: Sequence[Callable[[], MicroBatch]]) -> torch.Tensor:
+        """Forward and backward of every micro-batch (each loaded when its turn comes, so only one is on the
+        device at a time); the gradients are left in `params`. Returns the step's (loss, flow loss,
+        load-balancing loss) means as one float64 tensor on the device (NaN where there is no load-balancing
+        loss)."""
+        sums = None
+        has_lb = False
+        n = len(micro_batches)
+        for i, load in enumerate(micro_batches):
+            micro = load()
+            device = micro.latents.device
+            sums = torch.zeros(3, dtype=torch.float64, device=device) if sums is None else sums
+            noise, sigmas = self.noise.draw(micro.latents)
+            # DDP averages gradients once per optimizer step, not per micro-batch.
+            sync = self.model.no_sync() if hasattr(self.model, "no_sync") and i < n - 1 else contextlib.nullcontext()
+            with sync:
+                loss, flow_loss, lb_loss = flow_matching_losses(
+                    self.model, micro.latents, noise, sigmas, micro.embeds, self.load_balancing,
+                    self.settings.use_load_balancing_loss)
+                (loss / n).backward()
+            parts = [loss.detach(), flow_loss, lb_loss if lb_loss is not None else torch.zeros((), device=device)]
+            sums += torch.stack([p.to(torch.float64) for p in parts]) / n
+            has_lb = has_lb or lb_loss is not None
+        return sums if has_lb else torch.cat([sums[:2], sums.new_full((1,), math.nan)])
+
+    def backward_retrying(self, micro_batches: Sequence[Callable[[], MicroBatch]], step: int) -> torch.Tensor:
+        """`backward`, retried with a lower-memory setting after an out-of-memory error (same noise)."""
+        noise_state = self.noise.get_state()
+        while True:
+            try:
+                return self.backward(micro_batches)
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)  # the failed attempt's partial gradients
+                self.load_balancing.clear()
+                switched_on = self.lower_memory()
+                if switched_on is None:
+                    raise
+            # Past the handler its traceback, and the activations its frames pinned, are gone.
+            release_memory()
+            self.noise.set_state(noise_state)
+            logger.warning("step %d ran out of memory on %s (peak %.1f GiB); retrying it, and training on, with "
+                           "%s (put it in the config to start with it)", step, self.device,
+                           peak_memory_bytes(self.device) / 2**30, switched_on)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def run(self, micro_batches: Sequence[Callable[[], MicroBatch]], step: int = 0) -> StepOutcome:
+        """One whole optimizer step: average (FSDP), measure, check and clip the gradients, then step the
+        optimizer and the EMA. A step whose loss or gradient is not finite changes no weight and no optimizer
+        state; the lr schedule advances either way. Reading the logged numbers for the finiteness check is the
+        step's one host read."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.backward_retrying(micro_batches, step)
+        if self.sharded:
+            average_gradients(self.params, self.ranks)
+        losses = self.ranks.mean_tensor(losses)  # what rank 0 logs is the global mean
+        grads = [p.grad for p in self.params if p.grad is not None]
+        total_norm = torch.nn.utils.get_total_norm(grads)
+        loss, flow, lb, grad_norm = torch.cat([losses, total_norm.to(losses).reshape(1)]).tolist()
+        updated = math.isfinite(loss) and math.isfinite(grad_norm)
+        if updated:
+            self.nonfinite_in_a_row = 0
+            if self.settings.grad_clip_method == "value":
+                torch.nn.utils.clip_grad_value_(self.params, self.settings.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.settings.max_grad_norm, total_norm)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
+        else:
+            # A NaN/inf loss or gradient would poison the weights and the optimizer's moments: skip the update.
+            # The data, random streams and lr schedule still advance, so the step count keeps its meaning.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_steps += 1
+        if self.lr_schedule is not None:
+            self.lr_schedule.step()
+        return StepOutcome(loss=loss, flow_loss=flow, load_balancing_loss=None if math.isnan(lb) else lb,
+                           grad_norm=grad_norm, updated=updated)
