@@ -60,18 +60,25 @@ def optimizer_by_name(optimizer: str, params: list[torch.nn.Parameter], lr: floa
 
 
 # Parameter-group keys that choose how an optimizer runs on this machine, not what it computes (torch's foreach and
-# fused kernels, optimi's Triton kernels and the flag that makes it pick them). A checkpoint carries them, but they
-# are the writing process's choice: a GPU run's "triton": True would send a resumed CPU run to Triton kernels.
-IMPLEMENTATION_KEYS = ("foreach", "fused", "triton", "setup")
+# fused kernels, optimi's Triton kernels). A checkpoint carries them, but they are the writing process's choice: a
+# GPU run's "triton": True would send a resumed CPU run to Triton kernels. optimi's "setup" is NOT one of them: it
+# also means "my state is initialised", and optimi's Adam family resets its step counter (bias correction) when it
+# finds it False.
+IMPLEMENTATION_KEYS = ("foreach", "fused", "triton")
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """`optimizer.load_state_dict(state)`, keeping this process's own implementation choices (`IMPLEMENTATION_KEYS`)
-    so that a run resumes on another kind of device."""
+    so that a run resumes on another kind of device. An optimi optimizer that would have picked its kernels at its
+    first step (triton None) picks them here, as that first step is behind it."""
     chosen = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, keys in zip(optimizer.param_groups, chosen):
         group.update(keys)
+        if group.get("setup") and "triton" in keys and keys["triton"] is None and group.get("foreach") is None:
+            from optimi.utils import _default_to_triton  # the choice optimi makes in its own first step
+
+            group["triton"] = _default_to_triton(group["params"])
 
 
 def _bitsandbytes_optimizer(name: str, params, lr: float, decay: float, device: torch.device):
