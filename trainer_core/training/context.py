@@ -43,6 +43,7 @@ class RunContext:
         device = ranks.device(config.device) if ranks.enabled else resolve_device(config.device)
         ranks.start(device, config.distributed_timeout_seconds)
         cleanup.callback(ranks.stop)
+        cleanup.enter_context(seeded_global_generators(config.seed, device))
         if ranks.enabled:
             logger.info("rank %d of %d (%s): effective batch %d = train_batch_size %d x gradient_accumulation_steps "
                         "%d x %d ranks; the learning rate is used as given (%g), not rescaled", ranks.rank,
@@ -53,3 +54,16 @@ class RunContext:
                    dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32,
                    sharded=ranks.enabled and config.distributed_mode == "fsdp",
                    phase=on_phase or (lambda name: logger.info("phase: %s", name)))
+
+
+@contextlib.contextmanager
+def seeded_global_generators(seed: int, device: torch.device):
+    """The run's own global torch generators: seeded from `seed` inside, the caller's put back after. Whatever draws
+    from them during training (a library's initialisation) then draws the same numbers in every run with this seed,
+    whatever the process did before (a ComfyUI server runs many things first)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed(seed)
+        yield

@@ -111,10 +111,28 @@ def write_history(ctx: RunContext, state: TrainState) -> Optional[Path]:
     return write_loss_curve(state.losses, ctx.output_dir / "loss_curve.png")
 
 
+# diffusers' schedules whose learning rate at a step depends on the run's total length.
+LENGTH_DEPENDENT_SCHEDULES = ("cosine", "cosine_with_restarts", "linear", "polynomial")
+
+
 def resume(state: TrainState, folder: Path, callbacks: TrainingCallbacks) -> None:
-    """Weights, optimizer, schedule, EMA, random streams, data position and history, exactly as saved."""
+    """Weights, optimizer, schedule, EMA, random streams, data position and history, exactly as saved.
+
+    A run may continue with another length (a larger max_train_steps extends it). Every random stream and the
+    data order are independent of the length, so it then trains exactly what a run of the new length from the
+    start trains, unless its lr schedule depends on the length: then the steps up to here followed the old
+    schedule and the rest follows the new one (logged)."""
     state.read(folder)
     logger.info("resumed from %s at step %d of %d", folder, state.step, state.total_steps)
+    config = state.config
+    if state.written_for_steps != state.total_steps:
+        logger.info("the checkpoint was written by a run of %d steps; this one runs %d", state.written_for_steps,
+                    state.total_steps)
+        if config.lr_scheduler in LENGTH_DEPENDENT_SCHEDULES:
+            logger.warning("lr_scheduler %s depends on the run's length: steps 1-%d followed the %d-step schedule, "
+                           "the rest follows the %d-step one, so this run is not the same as an unbroken %d-step "
+                           "run (constant and constant_with_warmup do not depend on it)", config.lr_scheduler,
+                           state.step, state.written_for_steps, state.total_steps, state.total_steps)
     if callbacks.on_resume:
         callbacks.on_resume(state.step, list(state.losses))
 

@@ -4,8 +4,9 @@ A checkpoint folder (published atomically by checkpoint.py) holds
 
     pytorch_lora_weights.safetensors      the adapter (float32, also loadable on its own)
     pytorch_lora_weights_ema.safetensors  the EMA adapter, when use_ema
-    training_state.pt                     TrainState.state_dict(): step, optimizer, lr schedule, EMA, every random
-                                          stream, the data position, the loss histories
+    training_state.pt                     TrainState.state_dict(): step, the adapter's trainable tensors (what
+                                          resuming loads), optimizer, lr schedule, EMA, every random stream, the
+                                          data position, the loss histories
     config.json                           the resolved configuration (for people; resuming reads the run's own)
 
 `training_state.pt` holds only tensors, numbers, strings, lists and dicts: it loads with
@@ -13,8 +14,9 @@ A checkpoint folder (published atomically by checkpoint.py) holds
 
 Every random draw training makes comes from a stream this object owns and the checkpoint restores: the noise and
 sigma generator, the caption-dropout generator, and the data order (BucketBatches, seeded per epoch). The global
-torch generators are saved and restored as well, so code outside the trainer that draws from them (a library's
-own initialisation, say) sees the same numbers after a resume as in an unbroken run.
+torch generators, which a run seeds for itself (context.seeded_global_generators), are saved and restored as well,
+so code outside the trainer that draws from them (a library's own initialisation, say) sees the same numbers
+after a resume as in an unbroken run.
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ class TrainState:
         self.config, self.adapter, self.optimizer, self.lr_schedule = config, adapter, optimizer, lr_schedule
         self.ema, self.batches, self.total_steps, self.base_name = ema, batches, total_steps, base_name
         self.step = 0
+        self.written_for_steps = total_steps  # a restored state: the run length its checkpoint was written for
         self.losses: list[float] = []
         self.eval_losses: list[tuple[int, float]] = []
         # Noise and sigmas, and caption dropout, draw from their own seeded generators: same seed, same run.
@@ -77,7 +80,8 @@ class TrainState:
 
     def state_dict(self) -> dict:
         state = {"step": self.step, "total_steps": self.total_steps, "optimizer_name": self.config.optimizer,
-                 "adapter": self.adapter.kind, "optimizer": self.optimizer.state_dict(),
+                 "adapter": self.adapter.kind, "adapter_parameters": self._trainable(),
+                 "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_schedule.state_dict(), "rng": self._rng_state(),
                  "batches": self.batches.state_dict(), "losses": list(self.losses),
                  "eval_losses": [list(e) for e in self.eval_losses]}
@@ -99,6 +103,8 @@ class TrainState:
         except (ValueError, KeyError, RuntimeError) as exc:
             raise ConfigError(f"{source} was written by a run with another optimizer or adapter ({exc}); resume "
                               "with the settings it was written with, or train into a new output_dir") from exc
+        if "adapter_parameters" in state:
+            self._load_trainable(state["adapter_parameters"], source)
         if self.ema is not None:
             if "ema" in state:
                 self.ema.load_state_dict(state["ema"])
@@ -109,6 +115,24 @@ class TrainState:
         self.losses = [float(v) for v in state["losses"]]
         self.eval_losses = [(int(s), float(v)) for s, v in state["eval_losses"]]
         self.step = int(state["step"])
+        self.written_for_steps = int(state.get("total_steps", self.total_steps))
+
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        """The adapter's trainable tensors exactly as the optimizer sees them. The LoKr file is not that: LyCORIS
+        folds a trainable `scalar` into lokr_w1 when it saves and loads it back as 1, which computes the same
+        forward but gives the optimizer other parameters (and gradients) to continue with."""
+        return {name: p.detach().cpu().clone() for name, p in self.adapter.module.named_parameters()
+                if p.requires_grad}
+
+    def _load_trainable(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
+        params = {name: p for name, p in self.adapter.module.named_parameters() if p.requires_grad}
+        if set(params) != set(tensors):
+            raise ConfigError(f"{source} holds another adapter ({len(set(params) ^ set(tensors))} trainable tensors "
+                              "differ): resume with the lycoris_config it was written with, or train into a new "
+                              "output_dir")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(tensors[name])
 
     def _rng_state(self) -> dict:
         """Every random stream, as weights_only-loadable values."""
@@ -151,7 +175,10 @@ class TrainState:
         (folder / CONFIG_FILE).write_text(config_json(self.config))
 
     def read(self, folder: Path) -> None:
-        """Continue from the checkpoint `folder` (already verified against its manifest)."""
-        self.adapter.load_weights(folder / LOKR_FILENAME)
-        self.load_state_dict(load_training_state(folder), folder)
+        """Continue from the checkpoint `folder` (already verified against its manifest). Checkpoints written
+        before training_state.pt held the adapter's own tensors resume from the LoKr file."""
+        state = load_training_state(folder)
+        if "adapter_parameters" not in state:
+            self.adapter.load_weights(folder / LOKR_FILENAME)
+        self.load_state_dict(state, folder)
 
