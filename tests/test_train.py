@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from helpers import tiny_train_config, write_shapes_dataset
 from trainer_core.config import ConfigError
@@ -34,6 +36,24 @@ def test_same_seed_same_losses_and_second_run_hits_every_cache(tiny_model_dir, s
     other = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "c", cache_dir=cache, seed=8,
                                     caption_dropout_probability=0.3, train_batch_size=2))
     assert other.losses != first.losses
+
+
+def test_the_same_images_anywhere_train_the_same_lokr_and_hit_the_cache(tiny_model_dir, shapes, tmp_path):
+    """Moving a dataset changes nothing: its latents' cache keys and posterior-sample seeds come from the images'
+    bytes and transforms, never their paths (with random crops, whose offsets follow the path inside the folder)."""
+    moved = tmp_path / "elsewhere" / "deeper" / "shapes"
+    moved.parent.mkdir(parents=True)
+    shutil.copytree(shapes, moved)
+    cache = tmp_path / "cache"
+    options = dict(cache_dir=cache, max_train_steps=3, train_batch_size=2, dataset_crop_style="random",
+                   dataset_resolution=48)
+    here = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "here", **options))
+    there = train(tiny_train_config(tiny_model_dir, moved, tmp_path / "there", **options))
+    assert here.latent_cache.misses == len(ITEMS)
+    assert there.latent_cache.encoder_calls == 0 and there.latent_cache.hits == len(ITEMS)
+    assert there.losses == here.losses
+    a, b = load_file(str(here.lokr_path)), load_file(str(there.lokr_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_outputs_lokr_validation_image_and_loss_curve(tiny_model_dir, shapes, tmp_path):

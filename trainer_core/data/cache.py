@@ -34,7 +34,7 @@ from ..hidream.embeds import PromptEmbeds
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 2  # 2: entries carry a checksum of their tensors
+CACHE_FORMAT_VERSION = 3  # 2: entries carry a checksum of their tensors; 3: latent keys name no file path
 
 
 class TextEncoder(Protocol):
@@ -225,7 +225,8 @@ class VaeImageEncoder:
 
 
 class LatentCache:
-    """Per-sample VAE latents (16, H/8, W/8), keyed by image bytes, resize, crop, bucket and VAE identity."""
+    """Per-sample VAE latents (16, H/8, W/8), keyed by image bytes, resize, crop, bucket and VAE identity (never by
+    the file's path)."""
 
     def __init__(self, cache_dir: Path, encoder_identity: str):
         self.cache_dir = Path(cache_dir)

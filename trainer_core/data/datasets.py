@@ -87,10 +87,11 @@ class TrainingSample:
     def cache_key_fields(self) -> dict:
         """Everything except the file's bytes that changes the training pixels (JSON-serialisable).
 
-        The caption is deliberately absent: it does not change the latent.
+        The caption is deliberately absent: it does not change the latent. So is the file's path: the same image
+        with the same transform has the same latent wherever it lives, so a moved dataset hits the cache and the
+        posterior sample seeded from the key (and with it the trained LoKr) does not depend on the folder.
         """
         return {
-            "image_path": str(self.image_path),
             "bucket": list(self.bucket),
             "resize_to": list(self.resize_to),
             "crop": list(self.crop.as_tuple()),
