@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine: every bench mode at HiDream-I1 size (1024 px, bf16), project vs the naive stock
 # step (LyCORIS' default forward, as in the GPU starting point), one JSON line per mode in the results file
-# (default bench-results/<date>-<gpu>.jsonl).
+# (default benchmarks/<date>-<gpu>.jsonl).
 #   scripts/gpu_bench.sh [results.jsonl] [extra bench args...]
 # Needs ~70 GB of GPU memory for bf16_nogc (the reference's own peak); the other modes fit in 40 GB.
 # BENCH_COMPILE=1 adds bf16_nogc with regional torch.compile of the blocks (a minute or two of compile time).
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
 gpu="$("$PY" -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "_"))')"
-out="${1:-bench-results/$(date -u +%Y-%m-%d)-${gpu}.jsonl}"
+out="${1:-benchmarks/$(date -u +%Y-%m-%d)-${gpu}.jsonl}"
 shift || true
 mkdir -p "$(dirname "$out")"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
