@@ -49,13 +49,17 @@ class DatasetConfig:
     cache_dir_vae: Optional[Path] = None  # this dataset's latent cache (default: the run's cache dir)
 
 
-Precision = Literal["no_change", "bf16", "fp32", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto"]
+# *-quanto: optimum-quanto weights (dequantised for every matmul); *-scaled: 8-bit weights feeding 8-bit matmuls
+# (trainer_core/quant/scaled.py; fp8-scaled needs an sm89+ GPU, RTX 40xx / H100, or a CPU).
+Precision = Literal["no_change", "bf16", "fp32", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto",
+                    "fp8-scaled", "int8-scaled"]
 MixedPrecision = Literal["no", "bf16"]
 LrScheduler = Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
 LoraType = Literal["lycoris", "standard"]
 ModelFlavour = Literal["full", "dev", "fast"]
 ReportTo = Literal["none", "tensorboard"]
 PRECISIONS = typing.get_args(Precision)
+SCALED_PRECISIONS = ("fp8-scaled", "int8-scaled")  # 8-bit weights and matmuls; offload_blocks streams them
 LR_SCHEDULERS = typing.get_args(LrScheduler)  # diffusers' schedule names, as SimpleTuner passes them on
 # Optimizer names as SimpleTuner spells them; trainer_core/training/optimizers.py builds each.
 OPTIMIZERS = ("adamw", "adamw_bf16", "torch-adamw", "optimi-adamw", "optimi-lion", "prodigy", "bnb-adamw8bit",
