@@ -215,7 +215,7 @@ class TrainConfig:
     # instead of 24; off until a GPU run measures its small batched GEMMs (kron_lokr.BatchedKroneckerDelta).
     batched_lokr: bool = False
     # Low-memory mode: transformer blocks stay in pinned CPU memory and are streamed to the GPU one block ahead
-    # (block_offload.py). Needs gradient_checkpointing and float base weights; a single process.
+    # (block_offload.py). Needs gradient_checkpointing and float or *-scaled base weights; a single process.
     offload_blocks: bool = False
     # A training step that runs out of GPU memory is retried with gradient checkpointing switched on (when it was
     # off) instead of stopping the run; single process only. Off: the run stops with a checkpoint and a message.
@@ -254,8 +254,9 @@ class TrainConfig:
             clashes = [why for clash, why in (
                 (not self.gradient_checkpointing, "gradient_checkpointing: true (without it every block's weights "
                                                   "stay on the GPU for the backward)"),
-                (self.base_model_precision != "no_change", "base_model_precision: no_change (quantised weights "
-                                                           "are not streamed; int8 alone already fits 24 GB)"),
+                (self.base_model_precision not in ("no_change", "bf16", "fp32", *SCALED_PRECISIONS),
+                 "base_model_precision: no_change, fp8-scaled or int8-scaled (optimum-quanto weights are not "
+                 "streamed)"),
                 (self.compile_blocks, "compile_blocks: false (compiled blocks would trace the streaming hooks)"))
                 if clash]
             if clashes:
