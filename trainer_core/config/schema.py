@@ -129,6 +129,10 @@ class TrainConfig:
     pretrained_model_name_or_path: Path
     datasets: list[DatasetConfig]
     output_dir: Path = Path("output/models-hidream")
+    # The transformer from elsewhere (SimpleTuner's key): one .safetensors file, e.g. ComfyUI's
+    # hidream_i1_full_fp8.safetensors (read straight into 8-bit layers with base_model_precision fp8-scaled), or a
+    # diffusers transformer folder. The VAE, text encoders and scheduler still come from pretrained_model_name_or_path.
+    pretrained_transformer_model_name_or_path: Optional[Path] = None
     pretrained_llama_path: Optional[Path] = None
     cache_dir: Optional[Path] = None  # default: <output_dir>/cache
     text_cache_dir: Optional[Path] = None  # default: <cache_dir>/text (a text_embeds backend's cache_dir)
@@ -227,6 +231,12 @@ class TrainConfig:
         if not any(d.dataset_type == "image" for d in self.datasets):
             raise ConfigError("every dataset is dataset_type eval: at least one dataset must be for training")
         check_model_choice(self.model_family, self.model_type, self.model_flavour, self.lora_type)
+        if Path(self.pretrained_model_name_or_path).suffix.lower() in (".safetensors", ".sft"):
+            raise ConfigError(
+                f"pretrained_model_name_or_path {self.pretrained_model_name_or_path} is a single transformer file; "
+                "the VAE, text encoders and scheduler come from a HiDream-I1 diffusers folder. Set "
+                "pretrained_transformer_model_name_or_path to this file and pretrained_model_name_or_path to the "
+                "diffusers folder (base_model_precision fp8-scaled keeps an fp8 file in fp8)")
         if self.optimizer.lower() not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer!r} is not supported; use one of: {', '.join(OPTIMIZERS)}")
         for name in ("train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "lora_rank",
