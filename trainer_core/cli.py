@@ -171,8 +171,9 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--size", choices=["full", "small"], default="full",
                    help="full: HiDream-I1 at 1024 px (needs a large GPU); small: a reduced config for CPUs")
     p.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--modes", default=None, help="comma-separated: bf16_nogc,bf16_gc,sample_cfg,offload_gc,int8_gc "
-                                                 "(default: all)")
+    p.add_argument("--modes", default=None, help="comma-separated: bf16_nogc,bf16_gc,sample_cfg,offload_gc,int8_gc, "
+                                                 "the 8-bit bases fp8_gc,fp8_nogc,fp8_offload_gc,int8s_gc,"
+                                                 "sample_cfg_fp8 (default: all)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
