@@ -144,3 +144,21 @@ def test_gpus_without_fp8_tensor_cores_are_told_the_alternatives():
     assert "int8-quanto" in unsupported_reason("int8", "Tesla V100", (7, 0))
     assert unsupported_reason("fp8", "AMD Instinct MI300X", (9, 4), hip=True)
     check_matmul_support(torch.device("cpu"), "fp8")  # CPUs run both
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_the_cuda_quantiser_traces_as_one_graph(fmt):
+    """On CUDA the row quantiser and the int8 epilogue run through torch.compile(fullgraph=True, dynamic=True);
+    dynamo's capture (device-independent, here with the eager backend) must take each whole, for any row count,
+    and give the eager bits."""
+    from trainer_core.quant.scaled import _int8_epilogue, _quantize_rows
+
+    traced = torch.compile(_quantize_rows, backend="eager", fullgraph=True, dynamic=True)
+    for rows, dtype in ((5, torch.float32), (33, torch.bfloat16)):
+        x = torch.randn(rows, 64, dtype=dtype)
+        (q, s), (q0, s0) = traced(x, fmt), _quantize_rows(x, fmt)
+        assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
+    epilogue = torch.compile(_int8_epilogue, backend="eager", fullgraph=True, dynamic=True)
+    acc = torch.randint(-1000, 1000, (7, 32), dtype=torch.int32)
+    args = (acc, torch.rand(7, 1), torch.rand(1, 32), torch.randn(32), torch.bfloat16)
+    assert torch.equal(epilogue(*args), _int8_epilogue(*args))

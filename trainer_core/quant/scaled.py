@@ -30,6 +30,7 @@ it trains in float32 in LyCORIS' bypass mode, around these layers' forward.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Optional
 
 import torch
@@ -57,8 +58,13 @@ def quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
     """x (M, K) float -> (q (M, K) float8_e4m3fn or int8, contiguous; scale (M, 1) float32) with x ~= q * scale.
 
     The multiplier that scales each row is rounded to x's dtype first and the scale is its exact reciprocal, so the
-    quantiser and the matmul's rescaling agree to the last bit whatever dtype x computes in.
+    quantiser and the matmul's rescaling agree to the last bit whatever dtype x computes in. On CUDA the same code
+    runs through torch.compile (one fused kernel instead of five passes over x; see `_fused`).
     """
+    return _fused(_quantize_rows, x)(x, fmt)
+
+
+def _quantize_rows(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     work = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
     qmax = FP8_MAX if fmt == "fp8" else INT8_MAX
     amax = torch.linalg.vector_norm(work, ord=float("inf"), dim=1, keepdim=True).float()
@@ -81,6 +87,43 @@ def quantize_weight(weight: torch.Tensor, fmt: str, rows_per_chunk: int = 4096) 
         out[start:start + rows_per_chunk] = q
         scales[start:start + rows_per_chunk] = s.view(-1)
     return out, scales
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def _fused(fn: Callable, x: torch.Tensor) -> Callable:
+    """`fn` compiled by torch.compile for CUDA tensors (dynamic shapes: MoE experts see a new row count every
+    step), `fn` itself elsewhere or with HIDREAM_SCALED_COMPILE=0. A compile that fails (no Triton, an old driver)
+    is logged once and the eager code runs from then on: the maths is the same."""
+    if not x.is_cuda or os.environ.get("HIDREAM_SCALED_COMPILE", "1") == "0":
+        return fn
+    name = fn.__name__
+    if name not in _compiled:
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+
+        def first_call(*args, **kwargs):
+            try:
+                out = compiled(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any compile failure falls back to the same eager maths
+                logger.warning("torch.compile of %s failed (%s: %s); the 8-bit layers quantise eagerly",
+                               name, type(exc).__name__, str(exc)[:200])
+                _compiled[name] = fn
+                return fn(*args, **kwargs)
+            _compiled[name] = compiled
+            return out
+
+        _compiled[name] = first_call
+    return _compiled[name]
+
+
+def _int8_epilogue(acc: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """int32 accumulators (M, N) -> (acc * a_scale * b_scale + bias) in out_dtype."""
+    y = acc.to(torch.float32) * a_scale * b_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -110,10 +153,7 @@ def _mm(aq: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch
     if aq.is_cuda and rows < _INT8_MIN_ROWS_CUDA:
         aq = F.pad(aq, (0, 0, 0, 32 - rows))
     acc = torch._int_mm(aq, b)[:rows]
-    y = acc.to(torch.float32).mul_(a_scale).mul_(b_scale)
-    if bias is not None:
-        y = y.add_(bias.float())
-    return y.to(out_dtype)
+    return _fused(_int8_epilogue, acc)(acc, a_scale, b_scale, bias, out_dtype)
 
 
 _ones: dict[tuple, torch.Tensor] = {}
