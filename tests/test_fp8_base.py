@@ -50,8 +50,10 @@ def _side(transformer, precision, config=EXPERTS_TOO):
 def write_comfyui_scaled_fp8(transformer: nn.Module, path: Path, config_dir: Path) -> dict:
     """The file ComfyUI 0.3.75 writes for a scaled-fp8 diffusion model (comfy/model_base.py state_dict_for_saving
     with comfy/ops.py's scaled_fp8_op): `model.diffusion_model.` keys, every Linear weight as float8_e4m3fn next to
-    its per-tensor float32 `scale_weight` (shape ()) and a `scale_input`, the rest in bf16, and the empty
-    `scaled_fp8` marker tensor whose dtype names the format. Returns the tensors written."""
+    its per-tensor float32 `scale_weight` (shape ()) and a `scale_input`, the Linear biases in float8_e4m3fn too,
+    unscaled (ComfyUI builds the whole Linear in the fp8 dtype), the rest in bf16, and the empty `scaled_fp8` marker
+    tensor whose dtype names the format. Returns the tensors written. (tests/comfyui/test_comfyui_fp8_file.py
+    checks the loader against ComfyUI's own writer.)"""
     prefix = "model.diffusion_model."
     tensors = {prefix + "scaled_fp8": torch.tensor([], dtype=torch.float8_e4m3fn)}
     linears = {name for name, m in transformer.named_modules() if isinstance(m, nn.Linear)}
@@ -62,6 +64,8 @@ def write_comfyui_scaled_fp8(transformer: nn.Module, path: Path, config_dir: Pat
             tensors[prefix + name] = (value.float() / scale).to(torch.float8_e4m3fn)
             tensors[prefix + layer + ".scale_weight"] = scale.reshape(())
             tensors[prefix + layer + ".scale_input"] = torch.ones(())
+        elif layer in linears:  # the bias
+            tensors[prefix + name] = value.to(torch.float8_e4m3fn)
         else:
             tensors[prefix + name] = value.to(torch.bfloat16)
     save_file(tensors, str(path))
@@ -131,6 +135,11 @@ def test_comfyui_scaled_fp8_file_loads_straight_into_fp8(tiny_model_dir, tiny_tr
     for name, value in model.state_dict().items():
         if name.rsplit(".", 1)[0] not in scaled:
             assert value.dtype == torch.float32 and torch.equal(value, float_state[name]), name
+    for name, layer in [*scaled.items(), ("x_embedder.proj", model.x_embedder.proj)]:  # fp8 biases: no scale
+        if layer.bias is None:
+            continue
+        stored = tensors[f"model.diffusion_model.{name}.bias"]
+        assert torch.equal(layer.bias, stored.float()) and torch.equal(float_state[f"{name}.bias"], stored.float())
     model.eval()
     dequantised.eval()
     assert _cosine(cfg_forward(model, seed=1)(), cfg_forward(dequantised, seed=1)()) >= 0.995

@@ -8,6 +8,7 @@ store weights as float8_e4m3fn, either plain (the values are the weights) or in 
     <layer>.weight        float8_e4m3fn (N, K)    the real weight is weight.float() * scale_weight
     <layer>.scale_weight  float32, one value      (shape () or (1,); ComfyUI 0.3.75's comfy/ops.py)
     <layer>.scale_input   float32, one value      a static activation scale (optional; not used here)
+    <layer>.bias          float8_e4m3fn, unscaled  (ComfyUI creates the whole Linear in fp8; it casts the bias as is)
     scaled_fp8            an empty tensor whose dtype names the fp8 format (the marker ComfyUI looks for)
 
 or its newer per-layer form (`_quantization_metadata` in the file's metadata, `<layer>.weight_scale` /
@@ -69,9 +70,10 @@ def read_transformer_file(path: Path) -> dict[str, torch.Tensor]:
     for name, tensor in weights.items():
         if name.endswith(SCALE_SUFFIXES):
             continue
-        if tensor.dtype in FP8_DTYPES:
+        if tensor.dtype in FP8_DTYPES:  # the scale is the weight's; ComfyUI's fp8 biases are stored unscaled
             layer = name.rsplit(".", 1)[0]
-            scale = next((weights[layer + s] for s in WEIGHT_SCALE_SUFFIXES if layer + s in weights), None)
+            scale = next((weights[layer + s] for s in WEIGHT_SCALE_SUFFIXES if layer + s in weights),
+                         None) if name.endswith(".weight") else None
             tensor = _dequantize(tensor, scale.float() if scale is not None else None)
         out[name] = tensor
     return out
@@ -208,8 +210,9 @@ class _FileReader:
 
     def real(self, name: str) -> torch.Tensor:
         tensor = self.raw(name)
-        if tensor.dtype in FP8_DTYPES:
-            return _dequantize(tensor, self.weight_scale(name.rsplit(".", 1)[0])).to(self.dtype)
+        if tensor.dtype in FP8_DTYPES:  # a weight carries its layer's scale; a bias (fp8 too in ComfyUI's files) not
+            scale = self.weight_scale(name.rsplit(".", 1)[0]) if name.endswith(".weight") else None
+            return _dequantize(tensor, scale).to(self.dtype)
         return tensor.to(self.dtype) if tensor.dtype.is_floating_point else tensor
 
 
