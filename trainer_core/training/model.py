@@ -12,7 +12,7 @@ from torch import nn
 
 from ..adapters.interface import Adapter, create_adapter, describe
 from ..adapters.lokr import LycorisConfig
-from ..config.schema import ConfigError, TrainConfig
+from ..config.schema import SCALED_PRECISIONS, ConfigError, TrainConfig
 from ..hidream.flow_matching import LoadBalancingLoss
 from ..hidream.frozen import load_frozen_transformer
 from ..hidream.models import HiDreamModelPaths
@@ -106,6 +106,9 @@ def _log_adapter(config: TrainConfig, ctx: RunContext, trained: TrainingModel) -
     logger.info("adapter: %s", describe(trained.adapter))
     if ctx.sharded:
         logger.info("validation samples run the LoKr unmerged (bypass mode): the base weights are sharded")
+        if config.base_model_precision in SCALED_PRECISIONS:
+            logger.warning("distributed_mode fsdp shards parameters; the %s weights are buffers, so every rank "
+                           "holds all of them (data-parallel ddp costs the same memory)", config.base_model_precision)
     elif not trained.adapter.mergeable:
         logger.warning("the base weights are quantised: a LoKr cannot be merged into them, so validation samples "
                        "run it unmerged (bypass mode)")
