@@ -43,7 +43,8 @@ def test_forward_and_input_gradient_follow_the_float_layer(cls, dtype):
     layer = cls.from_linear(linear)
     assert layer.weight.dtype == cls.storage_dtype and layer.weight_scale.dtype == torch.float32
     assert not any(p.requires_grad for p in layer.parameters())
-    torch.testing.assert_close(layer.dequantize(), linear.weight.float(), rtol=0.07, atol=0.01 * linear.weight.abs().max().item())
+    torch.testing.assert_close(layer.dequantize(), linear.weight.float(), rtol=0.07,
+                               atol=0.01 * linear.weight.abs().max().item())
 
     x = torch.randn(3, 7, 96, dtype=dtype, requires_grad=True)
     grad = torch.randn(3, 7, 48, dtype=dtype)
