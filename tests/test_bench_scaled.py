@@ -1,5 +1,7 @@
-"""The 8-bit bench modes in small CPU mode (`bench --modes fp8_nogc,int8s_gc,fp8_offload_gc,sample_cfg_fp8`): each
-writes its line with the stock reference beside it and passes the issue's accuracy bounds. No timing is asserted."""
+"""The 8-bit bench modes in small CPU mode (`bench --modes fp8_nogc,int8s_gc,sample_cfg_fp8`): each writes its line
+with the stock reference beside it and passes the issue's accuracy bounds. No timing is asserted. (fp8_gc differs
+from fp8_nogc by checkpointing only; fp8_offload_gc, ~20 s more here, runs on the CPU too: `--modes fp8_offload_gc`;
+tests/test_fp8_base.py holds the streaming itself to the resident step.)"""
 from __future__ import annotations
 
 import json
@@ -9,7 +11,7 @@ from trainer_core.cli import main
 
 def test_bench_8bit_modes_on_the_cpu(tmp_path):
     out = tmp_path / "results.jsonl"
-    modes = ["fp8_nogc", "int8s_gc", "fp8_offload_gc", "sample_cfg_fp8"]
+    modes = ["fp8_nogc", "int8s_gc", "sample_cfg_fp8"]
     assert main(["bench", "--size", "small", "--device", "cpu", "--modes", ",".join(modes), "--steps", "1",
                  "--warmup", "0", "--out", str(out)]) == 0
     rows = {r["mode"]: r for r in map(json.loads, out.read_text().splitlines())}
@@ -30,11 +32,6 @@ def test_bench_8bit_modes_on_the_cpu(tmp_path):
     assert int8["base_precision"]["reference"] == "int8-quanto"
     assert int8["base_precision"]["check_against"] == "no_change (stock step)"
     assert int8["check"]["grad_cosine"] >= 0.99
-
-    streamed = rows["fp8_offload_gc"]  # against the resident fp8 step: the same maths, so the tight tolerance
-    assert streamed["check"]["loss_rel_err"] <= 1e-4 and streamed["check"]["grad_rel_err"] <= 1e-3
-    ratio = streamed["project"]["streamed_gib_per_pass"] / streamed["project"]["unquantised_gib_per_pass"]
-    assert 0.2 < ratio < 0.56, ratio  # 1 byte per weight instead of 4 (float32 on the CPU) or 2 (bf16)
 
     sample = rows["sample_cfg_fp8"]
     assert sample["lokr_applied_as"] == "bypass" and sample["lokr_vs_base"] > 0
