@@ -7,10 +7,10 @@ import torch
 import folder_paths
 from comfy_api.latest import io
 
-from ..trainer_core.hidream import load_text_encoders, load_transformer, load_vae, resolve_model_paths, component_identity
+from ..trainer_core.hidream import load_text_encoders, load_vae, resolve_model_paths, component_identity
 from ..trainer_core.data import VaeImageEncoder
 from ..trainer_core.quant import quantize_frozen
-from ..trainer_core.hidream import load_transformer_file
+from ..trainer_core.hidream import default_file_precision, load_frozen_transformer
 from ..trainer_core.hidream import latents_to_images
 from .paths import TINY_MODEL_NAME, diffusers_folder
 from .types import CATEGORY, HiDreamModel, HiDreamModelType
@@ -18,7 +18,9 @@ from .types import CATEGORY, HiDreamModel, HiDreamModelType
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TRANSFORMER_PRECISIONS = ["bf16", "fp32", "int8-quanto", "int4-quanto", "fp8-quanto"]
+TRANSFORMER_PRECISIONS = ["bf16", "fp32", "fp8-scaled", "int8-scaled", "int8-quanto", "int4-quanto", "fp8-quanto"]
+# "default" for a ComfyUI file: an fp8 file stays in 8 bits (fp8-scaled, or int8-scaled below sm89), a 16-bit one bf16.
+FILE_PRECISIONS = ["default", *TRANSFORMER_PRECISIONS]
 TEXT_ENCODER_QUANTIZATION = ["none", "int8-quanto", "int4-quanto"]
 
 
@@ -29,7 +31,8 @@ def comfy_device() -> torch.device:
 
 
 def _base_dtype(precision: str) -> torch.dtype:
-    """quanto precisions quantise a bf16 copy (fp32 on a CPU, where bf16 matmuls are slow and gain nothing)."""
+    """The compute dtype: quanto precisions quantise a bf16 copy, scaled ones compute in bf16 around their 8-bit
+    matmuls (fp32 on a CPU for both, where bf16 matmuls are slow and gain nothing)."""
     if precision in DTYPES:
         return DTYPES[precision]
     return torch.float32 if comfy_device().type == "cpu" else torch.bfloat16
@@ -55,9 +58,11 @@ class LoadHiDreamDiffusers(io.ComfyNode):
                                 tooltip="Optional separate Llama-3.1-8B-Instruct folder (model + tokenizer). Leave "
                                         "empty when the model folder has text_encoder_4/ and tokenizer_4/."),
                 io.Combo.Input("transformer_precision", options=TRANSFORMER_PRECISIONS, default="bf16",
-                               tooltip="Weights of the frozen transformer: bf16/fp32, or quantised with "
-                                       "optimum-quanto (int8 halves the memory of bf16; the LoKr still trains in "
-                                       "float32)."),
+                               tooltip="Weights of the frozen transformer: bf16/fp32; fp8-scaled / int8-scaled "
+                                       "(8-bit weights and 8-bit matmuls: half the memory of bf16 and faster; fp8 "
+                                       "needs an RTX 40xx / H100-class GPU, int8 runs on RTX 30xx / A100); or "
+                                       "optimum-quanto (half the memory, no speed-up). The LoKr still trains in "
+                                       "float32."),
                 io.Combo.Input("text_encoder_precision", options=["bf16", "fp32"], default="bf16",
                                tooltip="dtype of the four text encoders (they only run to fill the text cache)."),
                 io.Combo.Input("t5_quantization", options=TEXT_ENCODER_QUANTIZATION, default="none",
@@ -86,10 +91,9 @@ def load_diffusers_model(model_folder: str, llama_folder: str, transformer_preci
     llama_dir = diffusers_folder(llama_folder) if llama_folder.strip() else None
     paths = resolve_model_paths(model_dir, llama_dir)
     device = comfy_device()
-    transformer = load_transformer(paths, dtype=_base_dtype(transformer_precision), device=device)
-    if transformer_precision not in DTYPES:
-        quantize_frozen(transformer, transformer_precision)
-    transformer.requires_grad_(False)
+    transformer = load_frozen_transformer(
+        paths, transformer_precision if transformer_precision not in DTYPES else "no_change",
+        _base_dtype(transformer_precision), device)
 
     text_encoders = load_text_encoders(paths, dtype=DTYPES[text_encoder_precision], device=device)
     encoders = text_encoders._live_pipeline()
@@ -124,9 +128,11 @@ class LoadHiDreamTransformerFile(io.ComfyNode):
             inputs=[
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
                                tooltip="The HiDream-I1 transformer file (Full, Dev or Fast; fp16 or fp8)."),
-                io.Combo.Input("precision", options=TRANSFORMER_PRECISIONS, default="bf16",
-                               tooltip="Weights in memory: fp8 files are dequantised to bf16/fp32, or quantised "
-                                       "again with optimum-quanto (int8-quanto: ~17 GB for HiDream-I1)."),
+                io.Combo.Input("precision", options=FILE_PRECISIONS, default="default",
+                               tooltip="Weights in memory. default: an fp8 file stays fp8 (fp8-scaled: its "
+                                       "weights feed fp8 matmuls as stored, ~16 GB for HiDream-I1; int8-scaled on "
+                                       "GPUs without fp8 tensor cores), a 16-bit file loads as bf16. bf16/fp32 "
+                                       "dequantise an fp8 file; the quanto choices re-quantise it."),
             ],
             outputs=[HiDreamModelType.Output(display_name="hidream_model",
                                              tooltip="The transformer (encoders come from ComfyUI's CLIP and VAE)")],
@@ -135,8 +141,10 @@ class LoadHiDreamTransformerFile(io.ComfyNode):
     @classmethod
     def execute(cls, unet_name: str, precision: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        device = comfy_device()
+        if precision == "default":
+            precision = default_file_precision(path, device)
         with torch.inference_mode(False):  # see LoadHiDreamDiffusers.execute
-            transformer = load_transformer_file(path, dtype=_base_dtype(precision), device=comfy_device())
-            if precision not in DTYPES:
-                quantize_frozen(transformer, precision)
+            transformer = load_frozen_transformer(None, precision if precision not in DTYPES else "no_change",
+                                                  _base_dtype(precision), device, transformer_file=path)
         return io.NodeOutput(HiDreamModel(transformer=transformer, name=f"{unet_name} ({precision})", source=path))

@@ -7,8 +7,9 @@ import torch
 from comfy_api.latest import io
 
 from ..trainer_core.config import ConfigError, SamplingConfig
-from ..trainer_core.adapters import load_lokr, lokr_applied, remove_lokr
+from ..trainer_core.adapters import is_mergeable, load_lokr, lokr_applied, remove_lokr
 from ..trainer_core.hidream import denoise
+from ..trainer_core.speedups import Speedups, apply_speedups
 from .comfy_adapters import conditioning_to_embeds
 from .convert import pil_to_image, scaled_to_raw_latents
 from .types import CATEGORY, HiDreamModel, HiDreamModelType, LoKrHandle, LoKrType
@@ -79,6 +80,10 @@ class HiDreamLoKrSampler(io.ComfyNode):
         transformer = hidream_model.transformer
         with torch.inference_mode(False):  # the LoKr modules patch normal (non-inference) weights
             network = load_lokr(lokr.path, transformer) if lokr is not None else None
+        if network is not None and not is_mergeable(network):
+            # An 8-bit base runs the LoKr unmerged: through its Kronecker structure (kron_lokr.py), not LyCORIS'
+            # generic bypass. Only the network's modules change; remove_lokr below takes them off again.
+            apply_speedups(transformer, network, Speedups(**{**vars(Speedups.none()), "fast_lokr": True}))
         try:
             if network is not None:
                 with lokr_applied(network, strength):

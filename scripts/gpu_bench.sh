@@ -8,6 +8,8 @@
 # BENCH_BYPASS=1 adds bf16_nogc against LyCORIS' bypass forward (a stricter reference than the stock default).
 # BENCH_BUDGET_S=SECONDS shares a time budget across the runs below (bench --time-budget): past it nothing new
 # starts, and every mode still writes its line. Leave the device lease a minute or two more than this.
+# BENCH_SCALED=only runs just the 8-bit base modes (fp8-scaled / int8-scaled, about 5 minutes on one H100: for a
+# session that measures issue 18 alone); BENCH_SCALED=0 leaves them out. fp8 needs sm89+ (H100/H200, RTX 40xx).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
@@ -26,6 +28,16 @@ bench() {  # the bench command with what is left of BENCH_BUDGET_S, if one was g
     fi
     "$PY" -m trainer_core bench --size full --device cuda "${budget[@]}" "$@"
 }
+# The 8-bit bases first (the least measured): fp8-scaled with and without checkpointing and streamed, the
+# int8-scaled step beside quanto's, and the fp8 CFG sampling step; each against its stock reference, with the
+# issue's accuracy bounds in the row's "check".
+if [ "${BENCH_SCALED:-1}" != "0" ]; then
+    bench --modes fp8_gc,fp8_offload_gc,sample_cfg_fp8,int8s_gc,fp8_nogc --out "$out" "$@"
+fi
+if [ "${BENCH_SCALED:-1}" = "only" ]; then
+    echo "results: $out"
+    exit 0
+fi
 # Every mode; --ablate adds the project step with each speed-up switched off in turn (what each one is worth) and
 # the adapter-free stock step (the floor of adapter-side speed-ups) and off-by-default candidates switched on;
 # --profile writes where each project step's time goes (JSON "profile" field, torch's table beside the results).

@@ -35,6 +35,8 @@ def setup(tiny_model_dir, tmp_path_factory):
     ("base_model_precision", "int8-quanto", True),
     ("base_model_precision", "int4-quanto", True),
     ("base_model_precision", "fp8-quanto", True),
+    ("base_model_precision", "fp8-scaled", True),
+    ("base_model_precision", "int8-scaled", True),
     ("learning_rate", 1e-1, False),  # the first step's loss is before any update
     ("optimizer", "optimi-lion", False),
     ("optimizer", "prodigy", False),

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import ConfigError, SamplingConfig
+from .config import PRECISIONS, ConfigError, SamplingConfig
 
 logger = logging.getLogger("trainer_core")
 
@@ -48,8 +48,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .adapters import load_lokr
-    from .hidream import load_text_encoders, load_transformer, load_vae, resolve_model_paths, sample_image
-    from .quant import quantize_frozen
+    from .hidream import load_frozen_transformer, load_text_encoders, load_vae, resolve_model_paths, sample_image
     from .speedups import apply_speedups
     from .util import resolve_device
 
@@ -60,14 +59,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     settings.validate()
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    paths = resolve_model_paths(Path(args.model), Path(args.llama) if args.llama else None)
+    paths = resolve_model_paths(Path(args.model), Path(args.llama) if args.llama else None,
+                                require_transformer=args.transformer is None)
     encoders = load_text_encoders(paths, dtype=dtype, device=device)
     cond = encoders.encode([settings.prompt])
     uncond = encoders.encode([settings.negative_prompt])
     encoders.free()
     del encoders
-    transformer = load_transformer(paths, dtype=dtype, device=device)
-    quantize_frozen(transformer, args.base_model_precision)
+    transformer = load_frozen_transformer(paths, args.base_model_precision, dtype, device,
+                                          transformer_file=Path(args.transformer) if args.transformer else None)
     network = load_lokr(Path(args.lokr), transformer) if args.lokr else None
     apply_speedups(transformer, network)  # the unmerged (quantised-base) LoKr path
     vae = load_vae(paths, dtype=torch.float32, device=device)
@@ -135,6 +135,9 @@ def _add_sample_command(sub) -> None:
     p = sub.add_parser("sample", help="draw an image, optionally with a LoKr merged in")
     p.add_argument("--model", required=True, help="HiDream model folder (diffusers layout)")
     p.add_argument("--llama", default=None, help="separate Llama-3.1-8B-Instruct folder")
+    p.add_argument("--transformer", default=None,
+                   help="the transformer from one .safetensors file instead (e.g. ComfyUI's "
+                        "hidream_i1_full_fp8.safetensors; with --base-model-precision fp8-scaled it stays fp8)")
     p.add_argument("--lokr", default=None, help="LoKr .safetensors file")
     p.add_argument("--strength", type=float, default=1.0, help="LoKr strength")
     p.add_argument("--prompt", required=True)
@@ -148,8 +151,9 @@ def _add_sample_command(sub) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--scheduler", choices=["unipc", "euler"], default="unipc")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--base-model-precision", default="no_change",
-                   help="no_change, int8-quanto, int4-quanto, fp8-quanto (the LoKr then runs unmerged)")
+    p.add_argument("--base-model-precision", default="no_change", choices=PRECISIONS,
+                   help="no_change, fp8-scaled (8-bit matmuls; sm89+ GPUs or CPU), int8-scaled, int8-quanto, "
+                        "int4-quanto, fp8-quanto (a quantised base runs the LoKr unmerged)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_sample)
 
@@ -167,8 +171,9 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--size", choices=["full", "small"], default="full",
                    help="full: HiDream-I1 at 1024 px (needs a large GPU); small: a reduced config for CPUs")
     p.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--modes", default=None, help="comma-separated: bf16_nogc,bf16_gc,sample_cfg,offload_gc,int8_gc "
-                                                 "(default: all)")
+    p.add_argument("--modes", default=None, help="comma-separated: bf16_nogc,bf16_gc,sample_cfg,offload_gc,int8_gc, "
+                                                 "the 8-bit bases fp8_gc,fp8_nogc,fp8_offload_gc,int8s_gc,"
+                                                 "sample_cfg_fp8 (default: all)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")

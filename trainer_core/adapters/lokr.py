@@ -136,6 +136,15 @@ def resolve_preset(preset: dict, model: nn.Module) -> dict:
         user["target_module"] = [translate(name) for name in user["target_module"]]
     if "module_algo_map" in user:
         user["module_algo_map"] = {translate(k): v for k, v in user["module_algo_map"].items()}
+    # LyCORIS matches target classes by exact name: "Linear" would skip the 8-bit layers an fp8-scaled /
+    # int8-scaled base is made of (nn.Linear subclasses; inside a targeted block they are wrapped like any Linear).
+    scaled = sorted({type(m).__name__ for m in model.modules() if _is_scaled_linear(m)})
+    if scaled and "Linear" in resolved.get("target_module", []) and "target_module" not in user:
+        resolved["target_module"] = [*resolved["target_module"], *scaled]
+    if scaled and "Linear" in user.get("target_module", []):
+        user["target_module"] = [*user["target_module"], *scaled]
+    if scaled and "Linear" in user.get("module_algo_map", {}):
+        user["module_algo_map"] = {**user["module_algo_map"], **{n: user["module_algo_map"]["Linear"] for n in scaled}}
     for name in sorted(translated):
         logger.warning("LoKr target class %r does not exist in diffusers' HiDream transformer; using %r "
                        "(SimpleTuner's own model copy calls it %r)", name, HIDREAM_ATTENTION_CLASS, name)
@@ -183,6 +192,16 @@ def create_lokr_network(transformer: nn.Module, config: LycorisConfig, *, seed: 
     return network
 
 
+def _is_scaled_linear(module: nn.Module) -> bool:
+    """An 8-bit base layer of quant/scaled.py (recognised by its shape, not imported: quant is a sibling wing)."""
+    return isinstance(module, nn.Linear) and hasattr(module, "weight_scale") and hasattr(module, "dequantize")
+
+
+def _float_weight(module: nn.Module) -> torch.Tensor:
+    """The real weight of a base layer: dequantised for an 8-bit one (its stored values carry a scale)."""
+    return module.dequantize(torch.float32) if _is_scaled_linear(module) else module.weight.detach().float()
+
+
 def _no_match_message(transformer: nn.Module, preset: dict) -> str:
     classes = sorted({type(m).__name__ for m in transformer.modules()} - {"ModuleList", "Identity", "Dropout"})
     linear_paths = [n for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
@@ -203,7 +222,7 @@ def init_lokr_perturbed_normal(network, scale: float) -> None:
         if not (getattr(lora, "use_w1", False) and getattr(lora, "use_w2", False)):
             raise ConfigError("init_lokr_norm needs full W1 and W2 matrices: set full_matrix: true "
                               "(or a large linear_dim) in the lycoris config")
-        base = lora.org_module[0].weight.detach().float()
+        base = _float_weight(lora.org_module[0])
         lora.lokr_w1.fill_(1.0)
         noise = torch.randn_like(lora.lokr_w2, dtype=torch.float32)
         noise = (noise - noise.mean()) / noise.std().clamp_min(1e-12)
@@ -218,13 +237,14 @@ def lokr_delta_weight(lora, strength: float = 1.0) -> torch.Tensor:
 
 
 def is_mergeable(network) -> bool:
-    """False when a wrapped module's weight is quantised (optimum-quanto; merging there silently does nothing) or
-    sharded (an FSDP DTensor holds a slice of it): the LoKr then runs through its bypass hooks."""
+    """False when a wrapped module's weight is quantised (optimum-quanto, where merging silently does nothing; the
+    8-bit fp8-scaled / int8-scaled layers, whose stored values carry a scale) or sharded (an FSDP DTensor holds a
+    slice of it): the LoKr then runs through its bypass hooks."""
     for lora in network.loras:
         weight = lora.org_module[0].weight
         if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
             return False
-        if not weight.dtype.is_floating_point:
+        if not weight.dtype.is_floating_point or weight.element_size() < 2 or _is_scaled_linear(lora.org_module[0]):
             return False
     return True
 

@@ -58,8 +58,10 @@ def remove_network(network) -> None:
         lora.restore()
 
 
-def compare(reference: dict, project: dict, loss_ref: float, loss_proj: float, dtype: torch.dtype) -> dict:
-    """Loss relative difference and the relative L2 error of the concatenated LoKr gradient."""
+def compare(reference: dict, project: dict, loss_ref: float, loss_proj: float, dtype: torch.dtype,
+            quantised: bool = False) -> dict:
+    """Loss relative difference and the relative L2 error of the concatenated LoKr gradient. `quantised` (an 8-bit
+    base against the unquantised step): the issue's bounds instead, loss within 2 % and gradient cosine >= 0.99."""
     missing = sorted(set(reference) ^ set(project))
     keys = sorted(set(reference) & set(project))
     ref = torch.cat([reference[k].flatten() for k in keys]) if keys else torch.zeros(1)
@@ -68,8 +70,12 @@ def compare(reference: dict, project: dict, loss_ref: float, loss_proj: float, d
     cosine = torch.nn.functional.cosine_similarity(proj, ref, dim=0).item()
     loss_err = abs(loss_proj - loss_ref) / max(abs(loss_ref), 1e-30)
     tol_loss, tol_grad = (2e-2, 5e-2) if dtype in (torch.bfloat16, torch.float16) else (1e-4, 1e-3)
+    grads_ok = grad_err <= tol_grad
+    tolerance = {"loss": tol_loss, "grad": tol_grad}
+    if quantised:
+        tol_loss, grads_ok, tolerance = 2e-2, cosine >= 0.99, {"loss": 2e-2, "grad_cosine": 0.99}
     return {"loss_reference": loss_ref, "loss_project": loss_proj, "loss_rel_err": loss_err,
             "grad_rel_err": grad_err, "grad_cosine": cosine, "grad_tensors": len(keys),
-            "tolerance": {"loss": tol_loss, "grad": tol_grad},
-            "passed": bool(not missing and keys and loss_err <= tol_loss and grad_err <= tol_grad and
+            "tolerance": tolerance,
+            "passed": bool(not missing and keys and loss_err <= tol_loss and grads_ok and
                            math.isfinite(loss_proj)), **({"mismatched_grads": missing[:5]} if missing else {})}

@@ -49,13 +49,17 @@ class DatasetConfig:
     cache_dir_vae: Optional[Path] = None  # this dataset's latent cache (default: the run's cache dir)
 
 
-Precision = Literal["no_change", "bf16", "fp32", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto"]
+# *-quanto: optimum-quanto weights (dequantised for every matmul); *-scaled: 8-bit weights feeding 8-bit matmuls
+# (trainer_core/quant/scaled.py; fp8-scaled needs an sm89+ GPU, RTX 40xx / H100, or a CPU).
+Precision = Literal["no_change", "bf16", "fp32", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto",
+                    "fp8-scaled", "int8-scaled"]
 MixedPrecision = Literal["no", "bf16"]
 LrScheduler = Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"]
 LoraType = Literal["lycoris", "standard"]
 ModelFlavour = Literal["full", "dev", "fast"]
 ReportTo = Literal["none", "tensorboard"]
 PRECISIONS = typing.get_args(Precision)
+SCALED_PRECISIONS = ("fp8-scaled", "int8-scaled")  # 8-bit weights and matmuls; offload_blocks streams them
 LR_SCHEDULERS = typing.get_args(LrScheduler)  # diffusers' schedule names, as SimpleTuner passes them on
 # Optimizer names as SimpleTuner spells them; trainer_core/training/optimizers.py builds each.
 OPTIMIZERS = ("adamw", "adamw_bf16", "torch-adamw", "optimi-adamw", "optimi-lion", "prodigy", "bnb-adamw8bit",
@@ -125,6 +129,10 @@ class TrainConfig:
     pretrained_model_name_or_path: Path
     datasets: list[DatasetConfig]
     output_dir: Path = Path("output/models-hidream")
+    # The transformer from elsewhere (SimpleTuner's key): one .safetensors file, e.g. ComfyUI's
+    # hidream_i1_full_fp8.safetensors (read straight into 8-bit layers with base_model_precision fp8-scaled), or a
+    # diffusers transformer folder. The VAE, text encoders and scheduler still come from pretrained_model_name_or_path.
+    pretrained_transformer_model_name_or_path: Optional[Path] = None
     pretrained_llama_path: Optional[Path] = None
     cache_dir: Optional[Path] = None  # default: <output_dir>/cache
     text_cache_dir: Optional[Path] = None  # default: <cache_dir>/text (a text_embeds backend's cache_dir)
@@ -211,7 +219,7 @@ class TrainConfig:
     # instead of 24; off until a GPU run measures its small batched GEMMs (kron_lokr.BatchedKroneckerDelta).
     batched_lokr: bool = False
     # Low-memory mode: transformer blocks stay in pinned CPU memory and are streamed to the GPU one block ahead
-    # (block_offload.py). Needs gradient_checkpointing and float base weights; a single process.
+    # (block_offload.py). Needs gradient_checkpointing and float or *-scaled base weights; a single process.
     offload_blocks: bool = False
     # A training step that runs out of GPU memory is retried with gradient checkpointing switched on (when it was
     # off) instead of stopping the run; single process only. Off: the run stops with a checkpoint and a message.
@@ -223,6 +231,12 @@ class TrainConfig:
         if not any(d.dataset_type == "image" for d in self.datasets):
             raise ConfigError("every dataset is dataset_type eval: at least one dataset must be for training")
         check_model_choice(self.model_family, self.model_type, self.model_flavour, self.lora_type)
+        if Path(self.pretrained_model_name_or_path).suffix.lower() in (".safetensors", ".sft"):
+            raise ConfigError(
+                f"pretrained_model_name_or_path {self.pretrained_model_name_or_path} is a single transformer file; "
+                "the VAE, text encoders and scheduler come from a HiDream-I1 diffusers folder. Set "
+                "pretrained_transformer_model_name_or_path to this file and pretrained_model_name_or_path to the "
+                "diffusers folder (base_model_precision fp8-scaled keeps an fp8 file in fp8)")
         if self.optimizer.lower() not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer!r} is not supported; use one of: {', '.join(OPTIMIZERS)}")
         for name in ("train_batch_size", "gradient_accumulation_steps", "vae_batch_size", "lora_rank",
@@ -250,8 +264,9 @@ class TrainConfig:
             clashes = [why for clash, why in (
                 (not self.gradient_checkpointing, "gradient_checkpointing: true (without it every block's weights "
                                                   "stay on the GPU for the backward)"),
-                (self.base_model_precision != "no_change", "base_model_precision: no_change (quantised weights "
-                                                           "are not streamed; int8 alone already fits 24 GB)"),
+                (self.base_model_precision not in ("no_change", "bf16", "fp32", *SCALED_PRECISIONS),
+                 "base_model_precision: no_change, fp8-scaled or int8-scaled (optimum-quanto weights are not "
+                 "streamed)"),
                 (self.compile_blocks, "compile_blocks: false (compiled blocks would trace the streaming hooks)"))
                 if clash]
             if clashes:

@@ -203,7 +203,8 @@ def train_config_from_dict(data: dict, base: Path = Path(".")) -> TrainConfig:
     if "pretrained_model_name_or_path" not in values:
         raise ConfigError("pretrained_model_name_or_path is required: the HiDream-I1 model folder "
                           "(diffusers layout), e.g. the folder `python -m trainer_core make-tiny-model` writes")
-    for key in ("pretrained_model_name_or_path", "pretrained_llama_path", "lycoris_config", "cache_dir",
+    for key in ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+                "pretrained_llama_path", "lycoris_config", "cache_dir",
                 "user_prompt_library", "init_lokr_weights"):
         if values.get(key) is not None:
             values[key] = _resolve(values[key], base)

@@ -74,12 +74,14 @@ class HiDreamModelPaths:
 
 
 def resolve_model_paths(
-    model_dir: PathLike, llama_dir: Optional[PathLike] = None, require_text_encoders: bool = True
+    model_dir: PathLike, llama_dir: Optional[PathLike] = None, require_text_encoders: bool = True,
+    require_transformer: bool = True,
 ) -> HiDreamModelPaths:
     """Check that `model_dir` is a HiDream-I1 diffusers folder and find the Llama; raise ConfigError otherwise.
 
     With `require_text_encoders=False` only the transformer, VAE and scheduler are required (for runs whose text
-    embeddings are already cached), and a missing Llama is not an error.
+    embeddings are already cached), and a missing Llama is not an error. With `require_transformer=False` (the
+    transformer comes from its own file, pretrained_transformer_model_name_or_path) the folder needs no transformer/.
     """
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
@@ -91,6 +93,8 @@ def resolve_model_paths(
     needed = REQUIRED_SUBFOLDERS
     if not require_text_encoders:
         needed = {name: markers for name, markers in needed.items() if name in ("transformer", "vae", "scheduler")}
+    if not require_transformer:
+        needed = {name: markers for name, markers in needed.items() if name != "transformer"}
     missing = [
         f"{name}/{markers[0]}"
         for name, markers in needed.items()

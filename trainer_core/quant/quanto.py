@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..config.schema import ConfigError
+from .scaled import SCALED_PRECISIONS, ScaledLinear, quantize_scaled
 
 logger = logging.getLogger(__name__)
 
@@ -14,16 +15,20 @@ QUANTO_PRECISIONS = ("int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto")
 
 
 def quantize_frozen(model: nn.Module, precision: str) -> nn.Module:
-    """Quantise every Linear weight of `model` in place and freeze it. 'no_change' / 'bf16' / 'fp32' do nothing.
+    """Quantise every Linear weight of `model` in place and freeze it. 'no_change' / 'bf16' / 'fp32' do nothing;
+    'fp8-scaled' / 'int8-scaled' go to scaled.quantize_scaled (8-bit matmuls), the rest to optimum-quanto.
 
     Base weights are frozen after quantisation (quanto leaves requires_grad on, which would make autograd compute
     full weight gradients for nothing). A LoKr created afterwards runs in LyCORIS' bypass mode on these layers.
     """
     if precision in ("no_change", "bf16", "fp32", None):
         return model
+    if precision in SCALED_PRECISIONS:  # 8-bit weights *and* matmuls (scaled.py), not optimum-quanto
+        quantize_scaled(model, precision)
+        return model
     if precision not in QUANTO_PRECISIONS:
         raise ConfigError(f"base_model_precision {precision!r} is not supported; use one of: no_change, "
-                          f"{', '.join(QUANTO_PRECISIONS)}")
+                          f"{', '.join(QUANTO_PRECISIONS + SCALED_PRECISIONS)}")
     from optimum.quanto import freeze, qfloat8, qint2, qint4, qint8, quantize
 
     weights = {"int8-quanto": qint8, "int4-quanto": qint4, "int2-quanto": qint2, "fp8-quanto": qfloat8}[precision]
@@ -55,5 +60,7 @@ def _int8_unsafe_linears(model: nn.Module) -> list[str]:
 
 
 def is_quantized(module: nn.Module) -> bool:
+    if isinstance(module, ScaledLinear):
+        return True
     weight = getattr(module, "weight", None)
     return weight is not None and type(weight) not in (nn.Parameter, torch.Tensor)

@@ -3,7 +3,8 @@
 Only the running block (and the one being prefetched) has its weights on the device; everything outside the blocks
 (embedders, caption projections, final layer) stays there. Each block's parameters and buffers are packed into one
 pinned byte buffer, so bringing a block over is one large host-to-device copy, issued on a side stream while the
-previous block computes.
+previous block computes. An fp8-scaled / int8-scaled base streams its 8-bit weights (buffers) and their float32
+scales: half the bytes of a bf16 base per pass.
 
 Order. In the forward pass block i prefetches block i+1. With gradient checkpointing the backward pass recomputes the
 blocks in *reverse* order; the pre-hook sees that it runs inside autograd's backward and prefetches block i-1
@@ -58,10 +59,12 @@ class _PackedBlock:
 def _pack(block: nn.Module, pin: bool) -> _PackedBlock:
     tensors = [*block.parameters(), *block.buffers()]
     for t in tensors:
-        if t.__class__ not in (torch.Tensor, nn.Parameter) or not t.dtype.is_floating_point:
-            raise ConfigError(f"low-memory block offloading needs plain float weights; {type(block).__name__} holds a "
-                              f"{type(t).__name__} of {t.dtype} (a quantised base?). Use base_model_precision "
-                              f"no_change with offload_blocks, or int8 without it")
+        # Plain tensors only: float weights, or the 8-bit weights and float32 scales of an fp8-scaled /
+        # int8-scaled base (buffers, streamed like the rest). optimum-quanto's tensor subclasses cannot be.
+        if t.__class__ not in (torch.Tensor, nn.Parameter):
+            raise ConfigError(f"low-memory block offloading needs plain weights; {type(block).__name__} holds a "
+                              f"{type(t).__name__} of {t.dtype} (an optimum-quanto base?). Use base_model_precision "
+                              f"no_change, fp8-scaled or int8-scaled with offload_blocks, or int8-quanto without it")
     offsets, size = [], 0
     for t in tensors:
         offsets.append(size)
@@ -73,6 +76,11 @@ def _pack(block: nn.Module, pin: bool) -> _PackedBlock:
             view.copy_(t.detach())
     packed.point_at(host)  # frees the block's device copy
     return packed
+
+
+def packed_bytes(block: nn.Module) -> int:
+    """The bytes one block streams per copy: its parameters and buffers, each padded as `_pack` lays them out."""
+    return sum(-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in [*block.parameters(), *block.buffers()])
 
 
 class BlockStreamer:

@@ -49,7 +49,8 @@ def out_of_memory_message(config: TrainConfig, device: torch.device, step: int, 
     if not checkpointing:
         fixes.append("gradient_checkpointing: true (about half the activation memory)")
     if config.base_model_precision == "no_change":
-        fixes.append("base_model_precision: int8-quanto (half the weight memory)")
+        fixes.append("base_model_precision: fp8-scaled (RTX 40xx / H100-class GPUs), int8-scaled or int8-quanto "
+                     "(half the weight memory)")
         if not config.offload_blocks:
             fixes.append("offload_blocks: true (block weights stay in CPU memory and stream to the GPU; slower)")
     fixes.append(f"a smaller resolution (now {sorted({d.resolution for d in config.datasets})}) or train_batch_size "

@@ -12,10 +12,10 @@ from torch import nn
 
 from ..adapters.interface import Adapter, create_adapter, describe
 from ..adapters.lokr import LycorisConfig
-from ..config.schema import ConfigError, TrainConfig
+from ..config.schema import SCALED_PRECISIONS, ConfigError, TrainConfig
 from ..hidream.flow_matching import LoadBalancingLoss
-from ..hidream.models import HiDreamModelPaths, load_transformer
-from ..quant import quantize_frozen
+from ..hidream.frozen import load_frozen_transformer
+from ..hidream.models import HiDreamModelPaths
 from ..speedups import BlockStreamer, apply_speedups, remove_speedups
 from .context import RunContext
 from .distributed import shard_frozen_base, wrap_data_parallel
@@ -51,9 +51,10 @@ def build_training_model(config: TrainConfig, ctx: RunContext, given: ModelCompo
         transformer, base_name = given.transformer, given.transformer_name
     else:
         # Streamed blocks are packed from CPU memory: never put the whole model on the device first.
-        transformer = load_transformer(paths, dtype=ctx.dtype, device="cpu" if config.offload_blocks else ctx.device)
-        quantize_frozen(transformer, config.base_model_precision)
-        base_name = paths.model_dir.name
+        source = config.pretrained_transformer_model_name_or_path
+        transformer = load_frozen_transformer(paths, config.base_model_precision, ctx.dtype, ctx.device,
+                                              transformer_file=source, stream_blocks=config.offload_blocks)
+        base_name = Path(source).stem if source is not None else paths.model_dir.name
     transformer.requires_grad_(False)
     was_training, was_checkpointing = transformer.training, transformer.is_gradient_checkpointing
     if config.gradient_checkpointing:
@@ -105,6 +106,9 @@ def _log_adapter(config: TrainConfig, ctx: RunContext, trained: TrainingModel) -
     logger.info("adapter: %s", describe(trained.adapter))
     if ctx.sharded:
         logger.info("validation samples run the LoKr unmerged (bypass mode): the base weights are sharded")
+        if config.base_model_precision in SCALED_PRECISIONS:
+            logger.warning("distributed_mode fsdp shards parameters; the %s weights are buffers, so every rank "
+                           "holds all of them (data-parallel ddp costs the same memory)", config.base_model_precision)
     elif not trained.adapter.mergeable:
         logger.warning("the base weights are quantised: a LoKr cannot be merged into them, so validation samples "
                        "run it unmerged (bypass mode)")

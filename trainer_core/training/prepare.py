@@ -114,7 +114,9 @@ def prepare_data(config: TrainConfig, ctx: RunContext, given: ModelComponents) -
     prompts = validation_prompts(config.validation_prompt, config.user_prompt_library)
     needs_files = None in (given.transformer, given.text_encoder, given.image_encoder, given.decode_latents)
     paths = resolve_model_paths(config.pretrained_model_name_or_path, config.pretrained_llama_path,
-                                require_text_encoders=given.text_encoder is None) if needs_files else None
+                                require_text_encoders=given.text_encoder is None,
+                                require_transformer=config.pretrained_transformer_model_name_or_path is None
+                                ) if needs_files else None
 
     ctx.phase("caching text embeddings")
     captions = [s.caption for ds in datasets for s in ds.samples] + [s.caption for s in eval_samples]

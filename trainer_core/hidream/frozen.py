@@ -1,0 +1,86 @@
+"""The frozen base transformer as a run wants it: from a diffusers folder or from one ComfyUI-style file, in the
+base_model_precision asked for, and on the device it computes on.
+
+Order matters for memory. optimum-quanto precisions quantise a model already on the device (as before). The
+8-bit scaled precisions (quant/scaled.py) never put a 16-bit model on the device: a diffusers folder is read into
+CPU memory and quantised one layer at a time *on* the device, each 8-bit layer going back to the CPU, and only then
+is the 8-bit model moved (16 GiB for HiDream-I1 in fp8 instead of 32 in bf16); an fp8 file is read straight into
+fp8 layers (single_file.py). With `stream_blocks` the model stays in CPU memory for block_offload to pack.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config.schema import SCALED_PRECISIONS, ConfigError
+from ..quant import check_precision_supported, quantize_frozen, quantize_scaled
+from .models import HiDreamModelPaths, load_transformer
+from .single_file import FP8_DTYPES, load_transformer_file, stored_weight_dtype
+
+logger = logging.getLogger(__name__)
+
+TRANSFORMER_FILE_SUFFIXES = (".safetensors", ".sft")
+
+
+def is_transformer_file(path) -> bool:
+    return path is not None and Path(path).suffix.lower() in TRANSFORMER_FILE_SUFFIXES
+
+
+def default_file_precision(path: Path, device) -> str:
+    """What a transformer file is best kept as on `device`: an fp8 file as fp8-scaled where fp8 matmuls run (sm89+
+    GPUs, CPUs), else int8-scaled (the same memory, int8 tensor cores); a 16-bit file unchanged ("no_change")."""
+    if stored_weight_dtype(path) not in FP8_DTYPES:
+        return "no_change"
+    try:
+        check_precision_supported("fp8-scaled", device)
+    except ConfigError as why:
+        logger.info("%s: %s. Keeping it in 8 bits as int8-scaled instead", Path(path).name, why)
+        return "int8-scaled"
+    return "fp8-scaled"
+
+
+def load_frozen_transformer(paths: Optional[HiDreamModelPaths], precision: str, dtype: torch.dtype,
+                            device, transformer_file: Optional[Path] = None,
+                            stream_blocks: bool = False) -> nn.Module:
+    """The base transformer, frozen, quantised as `precision` says, on `device` (or in CPU memory with
+    `stream_blocks`). `transformer_file` (a .safetensors file or a diffusers transformer folder) replaces
+    `paths.model_dir / "transformer"`."""
+    device = torch.device(device)
+    check_precision_supported(precision, device)  # before minutes of loading, not after
+    scaled = precision in SCALED_PRECISIONS
+    if transformer_file is not None and Path(transformer_file).is_file():
+        transformer = load_transformer_file(transformer_file, dtype=dtype, device="cpu",
+                                            precision=precision if scaled else "no_change")
+    else:
+        folder = Path(transformer_file) if transformer_file is not None else None
+        if paths is None and folder is None:
+            raise ConfigError("no transformer to load: give a HiDream-I1 diffusers folder or a transformer file")
+        home = "cpu" if (stream_blocks or scaled) else device
+        transformer = (_load_transformer_folder(folder, dtype, home) if folder is not None
+                       else load_transformer(paths, dtype=dtype, device=home))
+        if scaled:
+            quantize_scaled(transformer, precision, work_device=device)
+    if not scaled:
+        if not stream_blocks:
+            transformer.to(device)
+        quantize_frozen(transformer, precision)
+    elif not stream_blocks:
+        transformer.to(device)
+    return transformer.requires_grad_(False)
+
+
+def _load_transformer_folder(folder: Path, dtype: torch.dtype, device) -> nn.Module:
+    from diffusers import HiDreamImageTransformer2DModel
+
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} is neither a transformer .safetensors file nor a diffusers transformer folder "
+                          "(config.json + weights)")
+    try:
+        model = HiDreamImageTransformer2DModel.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the HiDream transformer from {folder}: {err}") from err
+    return model.to(device)
