@@ -5,10 +5,8 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from comfy_api.latest import io
-
 from ..trainer_core.config import ConfigError
-from ..trainer_core.adapters import LycorisConfig
+from .compat import io
 from .types import CATEGORY, LoKrConfigType
 
 FEED_FORWARD_PATTERNS = ("double_stream_blocks.*.block.attn*", "double_stream_blocks.*.block.ff_t*",
@@ -37,7 +35,7 @@ def preset_targets(preset: str, factor: int, custom_json: str) -> dict:
 class LoKrSettings:
     """What the LoKr config node hands to training: the LyCORIS config plus the core's init option."""
 
-    lycoris: LycorisConfig
+    lycoris: "LycorisConfig"  # trainer_core.adapters.LycorisConfig
     init_lokr_norm: Optional[float] = None
 
 
@@ -81,6 +79,8 @@ class LoKrConfigNode(io.ComfyNode):
     @classmethod
     def execute(cls, preset: str, factor: int, linear_dim: int, linear_alpha: float, full_matrix: bool,
                 use_scalar: bool, init_lokr_norm: float, custom_json: str) -> io.NodeOutput:
+        from ..trainer_core.adapters import LycorisConfig
+
         targets = preset_targets(preset, factor, custom_json)
         values = {"algo": "lokr", "multiplier": 1.0, "linear_dim": linear_dim, "linear_alpha": linear_alpha,
                   "factor": factor, "full_matrix": full_matrix, "use_scalar": use_scalar}
