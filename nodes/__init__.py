@@ -17,11 +17,12 @@ def node_list() -> list[type[io.ComfyNode]]:
     from .lokr_config import LoKrConfigNode
     from .lokr_files import LoadLoKr, SaveLoKr
     from .sampling import ApplyLoKrToModel, HiDreamLoKrSampler
+    from .settings_nodes import SETTINGS_NODES
     from .train import TrainHiDreamLoKr
 
     return [LoadHiDreamDiffusers, LoadHiDreamTransformerFile, ImageDataset, CombineDatasets, DatasetFromImages,
-            CacheTextEmbeddings, CacheLatents, LoKrConfigNode, TrainHiDreamLoKr, HiDreamLoKrSampler,
-            ApplyLoKrToModel, SaveLoKr, LoadLoKr]
+            CacheTextEmbeddings, CacheLatents, LoKrConfigNode, TrainHiDreamLoKr, *SETTINGS_NODES,
+            HiDreamLoKrSampler, ApplyLoKrToModel, SaveLoKr, LoadLoKr]
 
 
 class HiDreamLoKrExtension(ComfyExtension):

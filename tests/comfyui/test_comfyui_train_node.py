@@ -46,3 +46,16 @@ def test_output_names_from_node_inputs_cannot_leave_the_output_folder(pack):
         paths.new_run_dir("..")
     output = folder_paths.get_output_directory()
     assert str(paths.new_lora_file("mine/style")).startswith(str(output))
+
+
+def test_the_browser_extension_knows_the_first_train_layout_as_the_nodes_do(pack):
+    """web/hidream_lokr_live.js loads workflows saved with the Train node's first layout by position: its list of
+    that layout's widgets is nodes/train_settings.py's, and every entry is still a setting (or the seed's
+    control_after_generate value)."""
+    import re
+
+    settings = importlib.import_module("hidream_lokr_pack.nodes.train_settings")
+    code = (REPO / "web" / "hidream_lokr_live.js").read_text()
+    block = re.search(r"const LEGACY_WIDGETS = \[(.*?)\];", code, re.S).group(1)
+    assert tuple(re.findall(r'"([a-z0-9_]+)"', block)) == settings.LEGACY_TRAIN_WIDGETS
+    assert set(settings.LEGACY_TRAIN_WIDGETS) - {"control_after_generate"} <= set(settings.ALL_SETTINGS)
