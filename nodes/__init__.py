@@ -16,13 +16,14 @@ def node_list() -> list[type[io.ComfyNode]]:
     from .loaders import LoadHiDreamDiffusers, LoadHiDreamTransformerFile
     from .lokr_config import LoKrConfigNode
     from .lokr_files import LoadLoKr, SaveLoKr
+    from .prompt_hook import MissingModelFiles
     from .sampling import ApplyLoKrToModel, HiDreamLoKrSampler
     from .settings_nodes import SETTINGS_NODES
     from .train import TrainHiDreamLoKr
 
     return [LoadHiDreamDiffusers, LoadHiDreamTransformerFile, ImageDataset, CombineDatasets, DatasetFromImages,
             CacheTextEmbeddings, CacheLatents, LoKrConfigNode, TrainHiDreamLoKr, *SETTINGS_NODES,
-            HiDreamLoKrSampler, ApplyLoKrToModel, SaveLoKr, LoadLoKr]
+            HiDreamLoKrSampler, ApplyLoKrToModel, SaveLoKr, LoadLoKr, MissingModelFiles]
 
 
 class HiDreamLoKrExtension(ComfyExtension):

@@ -6,7 +6,7 @@ NODES = {
     "HiDreamLoKrDatasetFromImages", "HiDreamLoKrCacheTextEmbeddings", "HiDreamLoKrCacheLatents", "HiDreamLoKrConfig",
     "HiDreamLoKrTrain", "HiDreamLoKrSampler", "HiDreamLoKrApplyToModel", "HiDreamLoKrSave", "HiDreamLoKrLoad",
     "HiDreamLoKrOptimizerSettings", "HiDreamLoKrPreviewSettings", "HiDreamLoKrCheckpointSettings",
-    "HiDreamLoKrAdvancedSettings",
+    "HiDreamLoKrAdvancedSettings", "HiDreamLoKrMissingModelFiles",
 }
 # The Train node before the settings nodes had 28 widgets; every one is still a setting, on the node or on one of
 # the settings nodes, with the default it had.
