@@ -112,7 +112,7 @@ LAYOUTS: dict[str, list[Group]] = {
               "- `diffusion_models/` hidream_i1_full_fp8.safetensors (15.9 GB)\n"
               "- `text_encoders/` clip_l_hidream, clip_g_hidream, t5xxl_fp8_e4m3fn_scaled, "
               "llama_3.1_8b_instruct_fp8_scaled\n"
-              "- `vae/` ae.safetensors\n\n" + MODEL_LINKS, [["note"], ["1", "2", "3"]], note_height=420),
+              "- `vae/` ae.safetensors\n\n" + MODEL_LINKS, [["note"], ["1", "2", "3"]], note_height=330),
         Group("2 · Your images",
               "Put your images in `input/my_lokr_dataset/`, each with a same-name `.txt` caption (or change "
               "`caption_strategy`). 1024 px is HiDream's resolution.", [["4"]], below_previous=True),
@@ -132,7 +132,7 @@ LAYOUTS: dict[str, list[Group]] = {
               "- `diffusion_models/` hidream_i1_full_fp8.safetensors\n"
               "- `text_encoders/` clip_l_hidream, clip_g_hidream, t5xxl_fp8_e4m3fn_scaled, "
               "llama_3.1_8b_instruct_fp8_scaled\n"
-              "- `vae/` ae.safetensors\n\n" + MODEL_LINKS, [["note"], ["1", "2", "3"]], note_height=380),
+              "- `vae/` ae.safetensors\n\n" + MODEL_LINKS, [["note"], ["1", "2", "3"]], note_height=310),
         Group("2 · Your LoKr",
               "Pick a LoKr the Train node saved (`output/loras/hidream_lokr/...`); strength 1 is as trained.",
               [["4", "5"]]),
@@ -174,9 +174,9 @@ def _classic_height(info: dict) -> int:
 
 def _note_height(text: str, width: int) -> int:
     """Room for a note's text: rendered Markdown (larger in Vue nodes) at about 7 px a character."""
-    chars_per_line = max(20, (width - 40) // 7)
+    chars_per_line = max(20, int((width - 30) / 6.4))
     lines = sum(max(1, -(-len(line) // chars_per_line)) for line in text.split("\n"))
-    return max(110, 40 + 20 * lines)
+    return max(100, 36 + 18 * lines)
 
 
 def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
