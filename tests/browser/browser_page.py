@@ -88,7 +88,7 @@ class ComfyPage:
                            "'Comfy.VueNodes.Enabled', on); }", enabled)
         self.page.wait_for_timeout(300)
 
-    def load_workflow(self, data: dict, settle_ms: int = 2500) -> None:
+    def load_workflow(self, data: dict, settle_ms: int = 1500) -> None:
         """Open a UI-format workflow as the Browse Templates dialog or a dropped file does (its saved view too)."""
         self.page.evaluate("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf); }", data)
         self.page.wait_for_timeout(settle_ms)
@@ -150,7 +150,7 @@ class ComfyPage:
                  const r = app.canvas.canvas.getBoundingClientRect(); ds.scale = 1;
                  ds.offset[0] = sx - r.left - x; ds.offset[1] = sy - r.top - y; app.canvas.setDirty(true, true); }""",
             [x, y, *screen])
-        self.page.wait_for_timeout(700)
+        self.page.wait_for_timeout(400)
 
     # ------------------------------------------------------------------------------------------ the graph
 
