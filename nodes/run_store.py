@@ -5,7 +5,8 @@ Every training the Train node starts lives in its own folder `output/hidream_lok
 
     status        running | finished | stopped | interrupted | failed
     fingerprint   train_settings.run_fingerprint: model, images and captions, encoders, LoKr shape and every
-                  setting except the run's length, output name and resume choice
+                  setting that shapes what is learned (not the run's length, previews, checkpoints, memory
+                  settings, output name or resume choice)
     session       the ComfyUI process that ran it last: a record still "running" from another session was cut short
                   (ComfyUI closed or killed) and counts as interrupted
     steps_done, total_steps, checkpoint (newest complete checkpoint), lokr, message (what to do next), error,

@@ -217,15 +217,21 @@ def config_as_json(config) -> str:
     return json.dumps(_jsonable(asdict(config)), sort_keys=True)
 
 
-# Settings that do not change what a run trains: where it is written, what it resumes from, and its length (a
-# longer run of the same settings continues the shorter one).
-NOT_IN_FINGERPRINT = ("output_name", RESUME_FIELD, "max_train_steps")
+# Settings that do not change what a run learns, so changing one still continues an unfinished run: where it is
+# written, what it resumes from, its length (a longer run of the same settings continues the shorter one), the
+# previews and checkpoints (neither draws from a training random stream), and the memory settings that compute the
+# same steps (gradient checkpointing, block offload) - the usual fixes after running out of memory.
+NOT_IN_FINGERPRINT = ("output_name", RESUME_FIELD, "max_train_steps", "validation_prompt", "validation_negative_prompt",
+                      "validation_step_interval", "validation_resolution", "validation_num_inference_steps",
+                      "validation_guidance", "checkpoint_step_interval", "checkpoints_total_limit",
+                      "gradient_checkpointing", "offload_blocks")
 
 
 def run_fingerprint(model_name: str, dataset_fingerprint: str, encoders: list[str], lycoris: dict,
                     settings: dict) -> str:
     """Identifies "the same training" across queueings and ComfyUI restarts: the model, the images and captions,
-    the encoders that filled the caches, the LoKr shape and every setting except NOT_IN_FINGERPRINT."""
+    the encoders that filled the caches, the LoKr shape and every setting that shapes what is learned (all but
+    NOT_IN_FINGERPRINT)."""
     relevant = {k: v for k, v in settings.items() if k not in NOT_IN_FINGERPRINT}
     payload = json.dumps([model_name, dataset_fingerprint, encoders, lycoris, _jsonable(relevant)], sort_keys=True,
                          default=str)

@@ -1,6 +1,7 @@
 """Resume by run name through a real ComfyUI server: queueing the same graph again continues an unfinished run,
-exactly, whether it ended with Stop & save, Cancel, or a ComfyUI that was restarted or killed; a finished run is
-returned without training; `start over` and `latest` do what they say.
+exactly, whether it ended with Stop & save, or Cancel and a ComfyUI restart, or a killed ComfyUI; a finished run is
+returned without training, also after a restart; `start over` and `latest` do what they say. (Errors take the
+same path as a cancel: test_comfyui_train_node.py checks the decision for every status on disk.)
 
 This module runs its own server (it restarts and kills it), with the tiny demo graph cut down to dataset -> caches
 -> train -> save: 12 steps, no previews, a checkpoint every 4 steps. "Exactly" is checked against an unbroken run
@@ -154,40 +155,40 @@ def test_stop_and_save_then_the_same_graph_again_continues_exactly(session, refe
     assert not session.progress(third)
 
 
-def test_cancel_restart_comfyui_then_the_same_graph_continues_exactly(session, reference):
-    g = graph("cancel_restart")
-    prompt_id = session.server.submit(g)
+def test_cancel_then_a_killed_comfyui_then_the_same_graphs_continue_exactly(session, reference):
+    """One graph cancelled, another running when ComfyUI is killed; after the restart each, queued again,
+    continues where it was saved (the cancel's checkpoint, the last periodic one) and ends as the unbroken run."""
+    cancel_graph = graph("cancel_restart")
+    prompt_id = session.server.submit(cancel_graph)
     session.wait_step(prompt_id, 5)
     session.server.interrupt()
     entry = session.server.wait(prompt_id)
     assert messages(entry, "execution_interrupted"), entry["status"]
-    (folder,) = session.folders("cancel_restart")
-    cancelled = record(folder)
-    at = cancelled["steps_done"]
-    assert cancelled["status"] == "interrupted" and f"Cancelled at step {at}" in cancelled["message"]
+    (cancelled,) = session.folders("cancel_restart")
+    record_at_cancel = record(cancelled)
+    at = record_at_cancel["steps_done"]
+    assert record_at_cancel["status"] == "interrupted" and f"Cancelled at step {at}" in record_at_cancel["message"]
 
-    session.restart()
-    again, entry = session.run(g)
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    assert session.folders("cancel_restart") == [folder]
-    assert_resumed(session, again, at)
-    assert_same_lokr(folder, reference)
-
-
-def test_killed_comfyui_then_the_same_graph_continues_from_the_last_checkpoint(session, reference):
-    g = graph("killed")
-    prompt_id = session.server.submit(g)
+    killed_graph = graph("killed")
+    prompt_id = session.server.submit(killed_graph)
     session.wait_step(prompt_id, 6)  # checkpoint-4 is written
-    (folder,) = session.folders("killed")
+    (killed,) = session.folders("killed")
     session.restart(kill=True)
-    assert record(folder)["status"] == "running"  # what the killed process left; it counts as interrupted
-    checkpoints = sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")
+    assert record(killed)["status"] == "running"  # what the killed process left; it counts as interrupted
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in killed.glob("checkpoint-*")
                          if (p / "manifest.json").is_file())
-    again, entry = session.run(g)
+
+    again, entry = session.run(cancel_graph)
     assert entry["status"]["status_str"] == "success", entry["status"]
-    assert session.folders("killed") == [folder]
+    assert session.folders("cancel_restart") == [cancelled]
+    assert_resumed(session, again, at)
+    assert_same_lokr(cancelled, reference)
+
+    again, entry = session.run(killed_graph)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert session.folders("killed") == [killed]
     assert_resumed(session, again, checkpoints[-1])
-    assert_same_lokr(folder, reference)
+    assert_same_lokr(killed, reference)
 
 
 def test_a_finished_run_is_returned_without_training_after_a_restart(session, reference):
