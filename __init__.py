@@ -11,8 +11,9 @@ WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():
-    from .nodes import HiDreamLoKrExtension, routes  # noqa: F401  (routes: the live view's HTTP routes)
+    from .nodes import HiDreamLoKrExtension, prompt_hook, routes  # noqa: F401  (routes: the live view's HTTP routes)
 
+    prompt_hook.install()  # checks queued prompts of this pack (every model file named up front)
     return HiDreamLoKrExtension()
 
 

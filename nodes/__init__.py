@@ -1,11 +1,13 @@
 """ComfyUI nodes (V3 schema): thin wrappers that validate inputs, call trainer_core, and convert types.
 
 Nothing in trainer_core imports from here. Every module in this package may import ComfyUI (comfy, comfy_api,
-folder_paths, server): it is only imported inside a running ComfyUI.
+folder_paths, server): it is only imported inside a running ComfyUI. The V3 API itself comes through compat.py.
+Importing the node modules is cheap: trainer_core's heavy parts (diffusers, transformers, LyCORIS) are imported
+inside the nodes' execute(), the first time a node needs them.
 """
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
+from .compat import ComfyExtension, io
 
 
 def node_list() -> list[type[io.ComfyNode]]:
@@ -14,12 +16,14 @@ def node_list() -> list[type[io.ComfyNode]]:
     from .loaders import LoadHiDreamDiffusers, LoadHiDreamTransformerFile
     from .lokr_config import LoKrConfigNode
     from .lokr_files import LoadLoKr, SaveLoKr
+    from .prompt_hook import MissingModelFiles
     from .sampling import ApplyLoKrToModel, HiDreamLoKrSampler
+    from .settings_nodes import SETTINGS_NODES
     from .train import TrainHiDreamLoKr
 
-    return [LoadHiDreamDiffusers, LoadHiDreamTransformerFile, ImageDataset, CombineDatasets, DatasetFromImages, CacheTextEmbeddings,
-            CacheLatents, LoKrConfigNode, TrainHiDreamLoKr, HiDreamLoKrSampler, ApplyLoKrToModel, SaveLoKr,
-            LoadLoKr]
+    return [LoadHiDreamDiffusers, LoadHiDreamTransformerFile, ImageDataset, CombineDatasets, DatasetFromImages,
+            CacheTextEmbeddings, CacheLatents, LoKrConfigNode, TrainHiDreamLoKr, *SETTINGS_NODES,
+            HiDreamLoKrSampler, ApplyLoKrToModel, SaveLoKr, LoadLoKr, MissingModelFiles]
 
 
 class HiDreamLoKrExtension(ComfyExtension):

@@ -7,21 +7,20 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import comfy.utils
-from comfy_api.latest import io
-
-from ..trainer_core.data import LatentCache, TextEmbeddingCache
 from ..trainer_core.config import ConfigError
-from ..trainer_core.data import discover_dataset
+from .compat import io, progress_bar
+from .quiet import quiet_libraries
 from .types import CATEGORY, DatasetType, HiDreamModel, HiDreamModelType, TrainingData
 
 
 def _progress(node_id):
-    bar = comfy.utils.ProgressBar(1, node_id=node_id)
+    bar = progress_bar(1, node_id)
     return lambda done, total: bar.update_absolute(done, total)
 
 
 def _samples(data: TrainingData):
+    from ..trainer_core.data import discover_dataset
+
     return [s for config in data.datasets for s in discover_dataset(config).samples]
 
 
@@ -72,10 +71,13 @@ class CacheTextEmbeddings(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset: TrainingData, hidream_model: HiDreamModel = None, clip=None) -> io.NodeOutput:
+        from ..trainer_core.data import TextEmbeddingCache
+
         encoder = text_encoder_for(hidream_model, clip)
         captions = [s.caption for s in _samples(dataset)]
-        TextEmbeddingCache(dataset.cache_dir / "text", encoder.identity).fill(
-            captions, encoder, progress=_progress(cls.hidden.unique_id))
+        with quiet_libraries(diffusers=False):  # the text encoders' forward passes warn about their attention implementation
+            TextEmbeddingCache(dataset.cache_dir / "text", encoder.identity).fill(
+                captions, encoder, progress=_progress(cls.hidden.unique_id))
         return io.NodeOutput(replace(dataset, text_encoder=encoder, cached=tuple({*dataset.cached, "text"})))
 
 
@@ -103,6 +105,8 @@ class CacheLatents(io.ComfyNode):
     @classmethod
     def execute(cls, dataset: TrainingData, hidream_model: HiDreamModel = None, vae=None,
                 batch_size: int = 1) -> io.NodeOutput:
+        from ..trainer_core.data import LatentCache
+
         encoder = image_encoder_for(hidream_model, vae)
         LatentCache(dataset.cache_dir / "latents", encoder.identity).fill(
             _samples(dataset), encoder, batch_size, progress=_progress(cls.hidden.unique_id))

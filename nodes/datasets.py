@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from comfy_api.latest import io
 from PIL import Image
 
 from ..trainer_core.config import ConfigError, DatasetConfig
-from ..trainer_core.data import discover_dataset
+from .compat import io
 from .paths import DEMO_DATASET_NAME, cache_dir, image_folder, pack_output_dir
 from .types import CATEGORY, DatasetType, TrainingData
 
@@ -33,6 +32,8 @@ def folder_fingerprint(folder: Path) -> str:
 
 
 def _discovered(config: DatasetConfig) -> DatasetConfig:
+    from ..trainer_core.data import discover_dataset
+
     discover_dataset(config)  # raises ConfigError naming the problem (missing folder, no images, no captions)
     return config
 

@@ -5,15 +5,14 @@ import logging
 
 import torch
 import folder_paths
-from comfy_api.latest import io
 
-from ..trainer_core.hidream import load_text_encoders, load_vae, resolve_model_paths, component_identity
-from ..trainer_core.data import VaeImageEncoder
-from ..trainer_core.quant import quantize_frozen
-from ..trainer_core.hidream import default_file_precision, load_frozen_transformer
-from ..trainer_core.hidream import latents_to_images
+from .compat import io
 from .paths import TINY_MODEL_NAME, diffusers_folder
+from .quiet import quiet_libraries
 from .types import CATEGORY, HiDreamModel, HiDreamModelType
+
+# trainer_core's loaders import diffusers, transformers and LyCORIS: they are imported inside execute(), when a
+# node first needs them, not while ComfyUI starts.
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +46,8 @@ class LoadHiDreamDiffusers(io.ComfyNode):
             category=f"{CATEGORY}/loaders",
             description="Loads a HiDream-I1 model saved in the diffusers layout (model_index.json, transformer/, "
                         "vae/, text_encoder*/, tokenizer*/) with its four text encoders and VAE, for training and "
-                        f"for the LoKr sampler. '{TINY_MODEL_NAME}' builds the embedded tiny model (random weights, "
-                        "runs on a CPU) to try the pack.",
+                        f"for the LoKr sampler. '{TINY_MODEL_NAME}' builds the embedded tiny model (it runs "
+                        "on a CPU) to try the pack.",
             inputs=[
                 io.String.Input("model_folder", default=TINY_MODEL_NAME,
                                 tooltip="The HiDream-I1 diffusers folder: an absolute path or a folder name under "
@@ -80,13 +79,18 @@ class LoadHiDreamDiffusers(io.ComfyNode):
                 t5_quantization: str, llama_quantization: str) -> io.NodeOutput:
         # ComfyUI runs nodes under torch.inference_mode(); weights created there are inference tensors, which
         # autograd can never save for a backward pass, so training on them would fail. Load them as normal tensors.
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), quiet_libraries():
             return io.NodeOutput(load_diffusers_model(model_folder, llama_folder, transformer_precision,
                                                       text_encoder_precision, t5_quantization, llama_quantization))
 
 
 def load_diffusers_model(model_folder: str, llama_folder: str, transformer_precision: str,
                          text_encoder_precision: str, t5_quantization: str, llama_quantization: str) -> HiDreamModel:
+    from ..trainer_core.data import VaeImageEncoder
+    from ..trainer_core.hidream import (component_identity, latents_to_images, load_frozen_transformer,
+                                        load_text_encoders, load_vae, resolve_model_paths)
+    from ..trainer_core.quant import quantize_frozen
+
     model_dir = diffusers_folder(model_folder)
     llama_dir = diffusers_folder(llama_folder) if llama_folder.strip() else None
     paths = resolve_model_paths(model_dir, llama_dir)
@@ -122,7 +126,8 @@ class LoadHiDreamTransformerFile(io.ComfyNode):
             display_name="Load HiDream transformer (ComfyUI file)",
             category=f"{CATEGORY}/loaders",
             description="Loads a HiDream-I1 transformer file from models/diffusion_models (e.g. "
-                        "hidream_i1_full_fp16.safetensors or an fp8 variant) for training and the LoKr sampler. Text "
+                        "hidream_i1_full_fp8.safetensors, as ComfyUI's HiDream template uses, or the fp16 file) for "
+                        "training and the LoKr sampler; fp8 weights are dequantised on load. Text "
                         "and images are then encoded by ComfyUI's own CLIP (QuadrupleCLIPLoader) and VAE "
                         "(VAELoader, ae.safetensors): connect them to the cache nodes.",
             inputs=[
@@ -140,11 +145,13 @@ class LoadHiDreamTransformerFile(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name: str, precision: str) -> io.NodeOutput:
+        from ..trainer_core.hidream import default_file_precision, load_frozen_transformer
+
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         device = comfy_device()
         if precision == "default":
             precision = default_file_precision(path, device)
-        with torch.inference_mode(False):  # see LoadHiDreamDiffusers.execute
+        with torch.inference_mode(False), quiet_libraries():  # see LoadHiDreamDiffusers.execute
             transformer = load_frozen_transformer(None, precision if precision not in DTYPES else "no_change",
                                                   _base_dtype(precision), device, transformer_file=path)
         return io.NodeOutput(HiDreamModel(transformer=transformer, name=f"{unet_name} ({precision})", source=path))

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Optional
-
-from comfy_api.latest import io
+from typing import TYPE_CHECKING, Optional
 
 from ..trainer_core.config import ConfigError
-from ..trainer_core.adapters import LycorisConfig
+from .compat import io
 from .types import CATEGORY, LoKrConfigType
+
+if TYPE_CHECKING:  # imported when a node first needs it (LyCORIS is heavy)
+    from ..trainer_core.adapters import LycorisConfig
 
 FEED_FORWARD_PATTERNS = ("double_stream_blocks.*.block.attn*", "double_stream_blocks.*.block.ff_t*",
                          "double_stream_blocks.*.block.ff_i.shared_experts*", "single_stream_blocks.*.block.attn*",
@@ -81,6 +82,8 @@ class LoKrConfigNode(io.ComfyNode):
     @classmethod
     def execute(cls, preset: str, factor: int, linear_dim: int, linear_alpha: float, full_matrix: bool,
                 use_scalar: bool, init_lokr_norm: float, custom_json: str) -> io.NodeOutput:
+        from ..trainer_core.adapters import LycorisConfig
+
         targets = preset_targets(preset, factor, custom_json)
         values = {"algo": "lokr", "multiplier": 1.0, "linear_dim": linear_dim, "linear_alpha": linear_alpha,
                   "factor": factor, "full_matrix": full_matrix, "use_scalar": use_scalar}

@@ -5,12 +5,9 @@ import json
 from pathlib import Path
 
 import folder_paths
-from comfy_api.latest import io
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from ..trainer_core.config import ConfigError
-from ..trainer_core.adapters import LycorisConfig
+from .compat import io
 from .paths import new_lora_file
 from .types import CATEGORY, LoKrHandle, LoKrType
 
@@ -36,6 +33,11 @@ class SaveLoKr(io.ComfyNode):
 
     @classmethod
     def execute(cls, lokr: LoKrHandle, filename_prefix: str) -> io.NodeOutput:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        from ..trainer_core.util import write_with
+
         path = new_lora_file(filename_prefix)
         with safe_open(str(lokr.path), "pt") as f:
             metadata = dict(f.metadata() or {})
@@ -46,12 +48,17 @@ class SaveLoKr(io.ComfyNode):
         workflow = (cls.hidden.extra_pnginfo or {}).get("workflow")
         if workflow is not None:
             metadata["workflow"] = json.dumps(workflow)
-        save_file(load_file(str(lokr.path)), str(path), metadata)
+        tensors = load_file(str(lokr.path))
+        write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata))  # atomic, the user's file mode
         name = path.relative_to(Path(folder_paths.get_output_directory()) / "loras").as_posix()
         return io.NodeOutput(name, ui={"text": [name]})
 
 
 def lokr_handle_from_file(path: Path) -> LoKrHandle:
+    from safetensors import safe_open
+
+    from ..trainer_core.adapters import LycorisConfig
+
     with safe_open(str(path), "pt") as f:
         metadata = dict(f.metadata() or {})
         keys = list(f.keys())

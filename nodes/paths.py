@@ -8,7 +8,7 @@ import folder_paths
 
 from ..trainer_core.config import ConfigError
 
-TINY_MODEL_NAME = "tiny-hidream"  # built on first use: the embedded tiny HiDream (random weights, ~9 MB)
+TINY_MODEL_NAME = "tiny-hidream"  # built on first use: the embedded tiny HiDream (~9 MB)
 DEMO_DATASET_NAME = "hidream_lokr_demo_shapes"  # written on first use: 8 captioned shape images
 
 
@@ -38,8 +38,10 @@ def diffusers_folder(name: str) -> Path:
             return root / name
     if name == TINY_MODEL_NAME and roots:
         from ..trainer_core import build_tiny_model
+        from .quiet import quiet_libraries
 
-        return build_tiny_model(roots[0] / name)
+        with quiet_libraries():  # saving the tiny model prints transformers' shard progress bars
+            return build_tiny_model(roots[0] / name)
     searched = ", ".join(str(r) for r in roots) or "(no models/diffusers folder configured)"
     raise ConfigError(f"model folder {name!r} not found: it is not an absolute path and not a folder under "
                       f"{searched}. Put the HiDream-I1 diffusers download there or give its full path.")
@@ -77,10 +79,15 @@ def checked_output_name(name: str, what: str, subfolders: bool) -> str:
     return name
 
 
+def run_folder_name(output_name: str) -> str:
+    """The folder-safe form of an output_name (its runs are <this>_00001, _00002, ...)."""
+    output_name = checked_output_name(output_name, "output_name", subfolders=False)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", output_name) or "hidream_lokr"
+
+
 def new_run_dir(output_name: str) -> Path:
     """<output>/hidream_lokr/<name>_00001, _00002, ...: a fresh folder per training run, never reused."""
-    output_name = checked_output_name(output_name, "output_name", subfolders=False)
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", output_name) or "hidream_lokr"
+    safe = run_folder_name(output_name)
     root = pack_output_dir()
     root.mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in root.glob(f"{safe}_*") if (m := re.fullmatch(rf"{re.escape(safe)}_(\d+)", p.name))]

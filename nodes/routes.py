@@ -144,13 +144,14 @@ def register(routes: web.RouteTableDef) -> None:
 
 def _register_on_comfy_server() -> None:
     try:
-        from server import PromptServer
+        from .compat import routes
     except ImportError:  # not inside ComfyUI
         return
-    if getattr(PromptServer, "instance", None) is None:
+    table = routes()
+    if table is None:
         logger.warning("HiDream LoKr: ComfyUI's server is not up; the live training view's routes are missing")
         return
-    register(PromptServer.instance.routes)
+    register(table)
 
 
 _register_on_comfy_server()

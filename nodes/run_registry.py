@@ -2,8 +2,13 @@
 
 Each run gets an id; every step appends an event {step, total, loss, lr, load_balancing_loss, it_per_s, eta_s,
 peak_memory_bytes, phase} and validation previews are listed as they are written. Every event is also pushed to
-the browser as the custom websocket message `hidream_lokr.progress`; phase changes and new previews are pushed too
-(messages with `kind` "phase" / "preview"; per-step messages have no `kind`).
+the browser as the custom websocket message `hidream_lokr.progress`; phase changes, new previews, notes for the
+person watching, a resume and the end are pushed too (messages with `kind` "phase" / "preview" / "message" /
+"resumed" / "finished"; per-step messages have no `kind`). A run resumed from a checkpoint starts with the
+checkpoint's loss history as events (marked `"history": true`), so its chart is whole from step 1.
+
+Statuses: running, then finished (every step done), stopped (Stop & save), interrupted (Cancel) or failed; `message`
+says what happened and the one action that continues (run_store.status_message).
 
 The browser's buttons (routes.py) put commands into a run's CommandQueue; the training loop drains it at step
 boundaries through TrainingCallbacks.poll_commands. The queue is the only thing the HTTP side may change in a run.
@@ -23,6 +28,8 @@ from typing import Optional
 from ..trainer_core.training import COMMANDS  # what the browser may ask a running training for
 
 PROGRESS_EVENT = "hidream_lokr.progress"
+STATUSES = ("running", "finished", "stopped", "interrupted", "failed")
+COMMAND_PHASE = "training"  # commands act at step boundaries: the view offers them while the run is training
 RUN_ID_PATTERN = re.compile(r"^[0-9]{1,9}-[0-9a-f]{8}$")  # the shape of the ids RunRegistry.start makes
 
 
@@ -77,18 +84,23 @@ class TrainingRun:
     output_dir: Path
     total_steps: int
     started: float = field(default_factory=time.time)
-    status: str = "running"  # running | finished | interrupted | failed
+    status: str = "running"  # one of STATUSES
     events: list[dict] = field(default_factory=list)
     previews: list[dict] = field(default_factory=list)  # {step, path}
     phase: str = "starting"  # the latest phase the training reported (caching text, training, saving, ...)
+    message: str = ""  # for the person watching: what is happening, or how the run ended and what to do next
+    resumed_from_step: Optional[int] = None  # the checkpoint step this run continued from
     commands: CommandQueue = field(default_factory=CommandQueue, repr=False)
 
     def summary(self) -> dict:
         last = self.events[-1] if self.events else {}
         return {"run_id": self.run_id, "node": self.node_id, "prompt_id": self.prompt_id,
-                "output_dir": str(self.output_dir), "total": self.total_steps, "status": self.status,
-                "started": self.started, "step": last.get("step", 0), "loss": last.get("loss"),
-                "phase": self.phase, "events_total": len(self.events), "previews_total": len(self.previews),
+                "output_dir": str(self.output_dir), "run_folder": self.output_dir.name, "total": self.total_steps,
+                "status": self.status, "started": self.started, "step": last.get("step", 0),
+                "loss": last.get("loss"), "phase": self.phase, "message": self.message,
+                "resumed_from_step": self.resumed_from_step,
+                "accepts_commands": self.status == "running" and self.phase == COMMAND_PHASE,
+                "events_total": len(self.events), "previews_total": len(self.previews),
                 "pending_commands": self.commands.pending()}
 
 
@@ -99,7 +111,6 @@ class RunRegistry:
         self._runs: dict[str, TrainingRun] = {}
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
-        self._interrupted: dict[str, Path] = {}  # run key -> checkpoint a cancelled run left
 
     def start(self, node_id: Optional[str], prompt_id: Optional[str], output_dir: Path,
               total_steps: int) -> TrainingRun:
@@ -109,19 +120,43 @@ class RunRegistry:
             self._runs[run.run_id] = run
         return run
 
+    def _header(self, run: TrainingRun) -> dict:
+        return {"run_id": run.run_id, "node": run.node_id, "prompt_id": run.prompt_id}
+
     def record(self, run: TrainingRun, event: dict) -> dict:
-        message = {"run_id": run.run_id, "node": run.node_id, "prompt_id": run.prompt_id, **event}
+        message = {**self._header(run), **event}
         with self._lock:
             run.events.append(event)
         _send(message)
         return message
 
+    def resumed(self, run: TrainingRun, step: int, losses: list[float], message: str, kind: str = "resumed") -> None:
+        """The run continues from a checkpoint at `step` (kind "resumed"), or is a finished run returned without
+        training (kind "returned"): its loss history up to there becomes the first events (the browser fetches
+        them with the history route when it sees the message)."""
+        history = [{"step": i + 1, "loss": float(loss), "total": run.total_steps, "history": True}
+                   for i, loss in enumerate(losses[:step])]
+        with self._lock:
+            run.events[:0] = history
+            run.resumed_from_step = step if kind == "resumed" else None
+            run.message = message
+        _send({**self._header(run), "kind": kind, "step": step, "total": run.total_steps,
+               "history_points": len(history), "message": message})
+
+    def note(self, run: TrainingRun, message: str) -> None:
+        """A line for the person watching (shown on the node until the next one)."""
+        with self._lock:
+            run.message = message
+            step = run.events[-1]["step"] if run.events else 0
+        _send({**self._header(run), "kind": "message", "message": message, "step": step, "total": run.total_steps,
+               "phase": run.phase})
+
     def add_preview(self, run: TrainingRun, step: int, path: Path) -> None:
         with self._lock:
             run.previews.append({"step": step, "path": str(path)})
             index = len(run.previews) - 1
-        _send({"run_id": run.run_id, "node": run.node_id, "prompt_id": run.prompt_id, "kind": "preview",
-               "preview": {"index": index, "step": step}, "total": run.total_steps})
+        _send({**self._header(run), "kind": "preview", "preview": {"index": index, "step": step},
+               "total": run.total_steps})
 
     def set_phase(self, run: TrainingRun, phase: str) -> None:
         """The training entered `phase`: remember it (a reloaded page shows it) and tell the browser now, since
@@ -129,25 +164,19 @@ class RunRegistry:
         with self._lock:
             run.phase = phase
             step = run.events[-1]["step"] if run.events else 0
-        _send({"run_id": run.run_id, "node": run.node_id, "prompt_id": run.prompt_id, "kind": "phase",
-               "phase": phase, "step": step, "total": run.total_steps})
+        _send({**self._header(run), "kind": "phase", "phase": phase, "step": step, "total": run.total_steps,
+               "accepts_commands": phase == COMMAND_PHASE})
 
-    def finish(self, run: TrainingRun, status: str) -> None:
+    def finish(self, run: TrainingRun, status: str, message: str = "") -> None:
+        if status not in STATUSES[1:]:
+            raise ValueError(f"unknown end status {status!r}")
         with self._lock:
             run.status = status
             run.phase = status
-        _send({"run_id": run.run_id, "node": run.node_id, "prompt_id": run.prompt_id, "phase": status,
-               "step": run.events[-1]["step"] if run.events else 0, "total": run.total_steps,
-               "kind": "finished", "status": status})
-
-    def remember_interrupted(self, key: str, checkpoint: Path) -> None:
-        with self._lock:
-            self._interrupted[key] = Path(checkpoint)
-
-    def interrupted_checkpoint(self, key: str) -> Optional[Path]:
-        with self._lock:
-            path = self._interrupted.get(key)
-        return path if path is not None and path.exists() else None
+            run.message = message or run.message
+        _send({**self._header(run), "phase": status, "step": run.events[-1]["step"] if run.events else 0,
+               "total": run.total_steps, "kind": "finished", "status": status, "message": run.message,
+               "run_folder": run.output_dir.name})
 
     def runs(self) -> list[dict]:
         with self._lock:
@@ -194,11 +223,9 @@ class RunRegistry:
 
 def _send(message: dict) -> None:
     try:
-        from server import PromptServer
-    except ImportError:  # outside a ComfyUI server (unit tests of the core): nobody to tell
+        from .compat import send_event
+    except ImportError:  # outside ComfyUI (the core's unit tests): nobody to tell
         return
-    server = PromptServer.instance
-    server.send_sync(PROGRESS_EVENT, message, server.client_id)
-
+    send_event(PROGRESS_EVENT, message)
 
 REGISTRY = RunRegistry()

@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 
-import comfy.utils
 import torch
-from comfy_api.latest import io
 
 from ..trainer_core.config import ConfigError, SamplingConfig
-from ..trainer_core.adapters import is_mergeable, load_lokr, lokr_applied, remove_lokr
-from ..trainer_core.hidream import denoise
-from ..trainer_core.speedups import Speedups, apply_speedups
-from .comfy_adapters import conditioning_to_embeds
+from .compat import io, progress_bar
 from .convert import pil_to_image, scaled_to_raw_latents
+from .quiet import quiet_libraries
 from .types import CATEGORY, HiDreamModel, HiDreamModelType, LoKrHandle, LoKrType
 
 
@@ -61,6 +57,11 @@ class HiDreamLoKrSampler(io.ComfyNode):
                 height: int, steps: int, cfg: float, shift: float, seed: int, scheduler: str,
                 lokr: LoKrHandle = None, vae=None, positive_conditioning=None,
                 negative_conditioning=None) -> io.NodeOutput:
+        from ..trainer_core.adapters import is_mergeable, load_lokr, lokr_applied, remove_lokr
+        from ..trainer_core.hidream import denoise
+        from ..trainer_core.speedups import Speedups, apply_speedups
+        from .comfy_adapters import conditioning_to_embeds
+
         def embeds(text: str, conditioning, which: str):
             if conditioning is not None:
                 cond, extras = conditioning[0]
@@ -76,9 +77,9 @@ class HiDreamLoKrSampler(io.ComfyNode):
         settings.validate()
         cond = embeds(positive, positive_conditioning, "positive")
         uncond = embeds(negative, negative_conditioning, "negative") if cfg > 1.0 else None
-        bar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id)
+        bar = progress_bar(steps, cls.hidden.unique_id)
         transformer = hidream_model.transformer
-        with torch.inference_mode(False):  # the LoKr modules patch normal (non-inference) weights
+        with torch.inference_mode(False), quiet_libraries():  # the LoKr modules patch normal weights
             network = load_lokr(lokr.path, transformer) if lokr is not None else None
         if network is not None and not is_mergeable(network):
             # An 8-bit base runs the LoKr unmerged: through its Kronecker structure (kron_lokr.py), not LyCORIS'

@@ -1,93 +1,207 @@
-"""Training-node widgets -> TrainConfig: the one place where the node's settings meet the core's config.
+"""Training widgets -> TrainConfig: the one place where the node's settings meet the core's config.
 
 Widget ids ARE TrainConfig field names (SimpleTuner's keys), so the mapping is mechanical: a new core option is
-wired by adding its widget here, and `train_config_from_settings` refuses a widget id that is not a field.
+wired by adding its `Setting` here, and `train_config_from_settings` refuses an id that is not a field.
+
+The Train node carries the essentials (ESSENTIALS); everything else lives on optional settings nodes wired into it
+(GROUPS: optimizer & schedule, previews, checkpoints, advanced). An unconnected settings node means its defaults,
+which are the defaults the single 35-widget Train node had, so a graph without settings nodes trains as before.
+
+LEGACY_TRAIN_WIDGETS is the widget order of that earlier Train node ("layout 1", before the settings nodes): the
+browser extension uses the same list to load workflows saved with it, and the prompt hook (prompt_hook.py) to
+accept API prompts written for it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from comfy_api.latest import io
+from ..trainer_core.config import LR_SCHEDULERS as CORE_LR_SCHEDULERS, OPTIMIZERS as CORE_OPTIMIZERS
+from .compat import io
 
-from ..trainer_core.config import LR_SCHEDULERS, OPTIMIZERS as CORE_OPTIMIZERS, ConfigError, TrainConfig
-from .types import TrainingData
-
-CONFIG_FIELDS = {f.name for f in fields(TrainConfig)}
 INIT_LOKR_FIELD = "init_lokr_weights"  # continue from an existing LoKr
 RESUME_FIELD = "resume_from_checkpoint"
+# The choices of the resume widget besides a checkpoint (run_store.py decides what each means).
+RESUME_AUTO, RESUME_START_OVER, RESUME_LATEST = "auto", "start over", "latest"
+RESUME_CHOICES = [RESUME_AUTO, RESUME_START_OVER, RESUME_LATEST]
+
 OPTIMIZERS = [n for n in CORE_OPTIMIZERS if n not in ("adamw_bf16", "torch-adamw")]  # both are adamw here
+LR_SCHEDULERS = list(CORE_LR_SCHEDULERS)
 
 
-def core_settings() -> list:
-    """The training widgets every graph sets, in node order."""
-    return [
-        io.Int.Input("max_train_steps", default=1000, min=1, max=1_000_000,
-                     tooltip="Optimizer steps to train (each sees train_batch_size x gradient_accumulation_steps "
-                             "images)."),
-        io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-5, round=1e-8,
-                       tooltip="Peak learning rate (the quickstart uses 4e-5 to 1e-4 for LoKr)."),
-        io.Combo.Input("optimizer", options=OPTIMIZERS, default="adamw", tooltip="Optimizer for the LoKr weights."),
-        io.Combo.Input("lr_scheduler", options=list(LR_SCHEDULERS), default="constant_with_warmup",
-                       tooltip="Learning-rate schedule over max_train_steps."),
-        io.Int.Input("lr_warmup_steps", default=100, min=0, max=100_000,
-                     tooltip="Steps over which the learning rate ramps up from 0."),
-        io.Int.Input("train_batch_size", default=1, min=1, max=64, tooltip="Images per forward pass."),
-        io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=1024,
-                     tooltip="Forward passes accumulated into one optimizer step."),
-        io.Boolean.Input("gradient_checkpointing", default=True,
-                         tooltip="Recompute activations in the backward pass: much less memory, ~30% slower."),
-        io.Combo.Input("mixed_precision", options=["bf16", "no"], default="bf16",
-                       tooltip="bf16: compute in bf16 (the LoKr itself stays float32). no: the model's dtype."),
-        io.Float.Input("flow_schedule_shift", default=3.0, min=0.0, max=100.0, step=0.1,
-                       tooltip="Shift of the training sigmas (HiDream-I1-Full samples with 3.0)."),
-        io.Boolean.Input("flow_schedule_auto_shift", default=False,
-                         tooltip="Shift by image resolution instead of the fixed shift."),
-        io.Boolean.Input("hidream_use_load_balancing_loss", default=False,
-                         tooltip="Add the MoE load-balancing loss (with its gradient) to keep experts in use."),
-        io.Float.Input("hidream_load_balancing_loss_weight", default=0.01, min=0.0, max=10.0, step=0.001,
-                       tooltip="Weight of the load-balancing loss."),
-        io.Float.Input("caption_dropout_probability", default=0.0, min=0.0, max=0.99, step=0.01,
-                       tooltip="Chance to train a sample with an empty caption (helps CFG)."),
-        io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=True,
-                     tooltip="Seed of noise, timesteps, dropout and the LoKr init: same seed, same run. Change it "
-                             "to train again with unchanged inputs (ComfyUI reuses a finished run otherwise)."),
-        io.String.Input("output_name", default="hidream_lokr",
-                        tooltip="Run folder name under output/hidream_lokr/ (a number is appended per run)."),
-        io.String.Input("validation_prompt", multiline=True, default="",
-                        tooltip="Prompt of the preview images (sampled with the LoKr merged). Empty: no previews."),
-        io.String.Input("validation_negative_prompt", default="", tooltip="Negative prompt of the previews."),
-        io.Int.Input("validation_step_interval", default=100, min=0, max=100_000,
-                     tooltip="A preview every N steps (0: only at the end)."),
-        io.Int.Input("validation_resolution", default=1024, min=64, max=4096, step=16,
-                     tooltip="Side of the square preview images in pixels."),
-        io.Int.Input("validation_num_inference_steps", default=20, min=1, max=200,
-                     tooltip="Sampling steps per preview."),
-        io.Float.Input("validation_guidance", default=3.0, min=0.0, max=30.0, step=0.1,
-                       tooltip="CFG scale of the previews."),
-    ]
+@dataclass(frozen=True)
+class Setting:
+    """One widget: its id (a TrainConfig field), kind, default and limits, and its tooltip."""
+
+    id: str
+    kind: str  # int | float | bool | str | text | combo
+    default: Any
+    tooltip: str
+    options: tuple = ()
+    min: Optional[float] = None
+    max: Optional[float] = None
+    step: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+    def input(self, optional: bool = False):
+        common = dict(default=self.default, tooltip=self.tooltip, optional=optional)
+        limits = {k: v for k, v in (("min", self.min), ("max", self.max), ("step", self.step)) if v is not None}
+        if self.kind == "int":
+            return io.Int.Input(self.id, **common, **limits, **self.extra)
+        if self.kind == "float":
+            return io.Float.Input(self.id, **common, **limits, **self.extra)
+        if self.kind == "bool":
+            return io.Boolean.Input(self.id, **common)
+        if self.kind in ("str", "text"):
+            return io.String.Input(self.id, multiline=self.kind == "text", **common)
+        if self.kind == "combo":
+            return io.Combo.Input(self.id, options=list(self.options), **common)
+        raise ValueError(f"unknown setting kind {self.kind!r}")
 
 
-def optional_settings() -> list:
-    """Widgets for the options a graph may leave unconnected (checkpoints, EMA, resume)."""
-    return [
-        io.Boolean.Input("use_ema", default=False, optional=True,
-                         tooltip="Keep an exponential moving average of the LoKr weights and save it."),
-        io.Float.Input("ema_decay", default=0.995, min=0.0, max=1.0, step=0.0001, optional=True,
-                       tooltip="EMA decay per step."),
-        io.Int.Input("checkpoint_step_interval", default=500, min=0, max=1_000_000, optional=True,
-                     tooltip="Save a resumable checkpoint every N steps (0: never)."),
-        io.Int.Input("checkpoints_total_limit", default=5, min=0, max=1000, optional=True,
-                     tooltip="Keep at most this many checkpoints (0: all)."),
-        io.String.Input("resume_from_checkpoint", default="", optional=True,
-                        tooltip="A checkpoint folder to resume from ('latest' = the newest of this run name)."),
-        io.Boolean.Input("offload_blocks", default=False, optional=True,
-                         tooltip="Low-memory mode: keep the transformer blocks in CPU memory and stream each to the "
-                                 "GPU just before it runs (needs gradient_checkpointing and a bf16 base; slower)."),
-    ]
+# ------------------------------------------------------------------------------------------------ the widgets
 
+ESSENTIALS = [
+    Setting("max_train_steps", "int", 1000, "Optimizer steps to train (each sees train_batch_size x "
+            "gradient_accumulation_steps images). Raising it on a finished run continues that run.",
+            min=1, max=1_000_000),
+    Setting("learning_rate", "float", 1e-4, "Peak learning rate (the quickstart uses 4e-5 to 1e-4 for LoKr).",
+            min=1e-8, max=1.0, step=1e-5, extra={"round": 1e-8}),
+    Setting("optimizer", "combo", "adamw", "Optimizer for the LoKr weights.", options=tuple(OPTIMIZERS)),
+    Setting("validation_resolution", "int", 1024, "Side of the square preview images in pixels.",
+            min=64, max=4096, step=16),
+    Setting("output_name", "str", "hidream_lokr", "Run folder name under output/hidream_lokr/ (a number is "
+            "appended per run). Runs of one name continue each other (see resume_from_checkpoint)."),
+    Setting("validation_prompt", "text", "", "Prompt of the preview images (sampled with the LoKr merged). "
+            "Empty: no previews."),
+    Setting("validation_step_interval", "int", 100, "A preview every N steps (0: only at the end).",
+            min=0, max=100_000),
+    Setting(RESUME_FIELD, "combo", RESUME_AUTO,
+            "auto: continue this training's unfinished run (stopped, cancelled, failed or ComfyUI closed) from its "
+            "newest checkpoint; a finished run is returned without training again. start over: a new run from "
+            "step 0. latest: the newest complete checkpoint of any run named output_name. Or pick a checkpoint.",
+            options=tuple(RESUME_CHOICES)),
+]
+
+
+@dataclass(frozen=True)
+class SettingsGroup:
+    """One optional settings node: its node id and title, the Train node's socket for it, and its widgets."""
+
+    node_id: str
+    display_name: str
+    socket: str
+    io_type: str
+    description: str
+    settings: tuple[Setting, ...]
+
+    @property
+    def socket_type(self):
+        return io.Custom(self.io_type)
+
+
+GROUPS = [
+    SettingsGroup(
+        "HiDreamLoKrOptimizerSettings", "LoKr training: optimizer & schedule", "optimizer_settings",
+        "HIDREAM_LOKR_OPTIMIZER_SETTINGS",
+        "Learning-rate schedule, batch size, gradient accumulation and EMA for Train HiDream LoKr. Not connected: "
+        "the defaults shown here.",
+        (Setting("lr_scheduler", "combo", "constant_with_warmup", "Learning-rate schedule over max_train_steps.",
+                 options=tuple(LR_SCHEDULERS)),
+         Setting("lr_warmup_steps", "int", 100, "Steps over which the learning rate ramps up from 0.",
+                 min=0, max=100_000),
+         Setting("train_batch_size", "int", 1, "Images per forward pass.", min=1, max=64),
+         Setting("gradient_accumulation_steps", "int", 1, "Forward passes accumulated into one optimizer step.",
+                 min=1, max=1024),
+         Setting("use_ema", "bool", False, "Keep an exponential moving average of the LoKr weights and save it."),
+         Setting("ema_decay", "float", 0.995, "EMA decay per step.", min=0.0, max=1.0, step=0.0001))),
+    SettingsGroup(
+        "HiDreamLoKrPreviewSettings", "LoKr training: previews", "preview_settings",
+        "HIDREAM_LOKR_PREVIEW_SETTINGS",
+        "How the training previews are sampled (their prompt, interval and size are on the Train node). Not "
+        "connected: the defaults shown here.",
+        (Setting("validation_negative_prompt", "str", "", "Negative prompt of the previews."),
+         Setting("validation_num_inference_steps", "int", 20, "Sampling steps per preview.", min=1, max=200),
+         Setting("validation_guidance", "float", 3.0, "CFG scale of the previews.", min=0.0, max=30.0,
+                 step=0.1))),
+    SettingsGroup(
+        "HiDreamLoKrCheckpointSettings", "LoKr training: checkpoints", "checkpoint_settings",
+        "HIDREAM_LOKR_CHECKPOINT_SETTINGS",
+        "How often Train HiDream LoKr writes a resumable checkpoint, and how many it keeps (Stop & save, Cancel "
+        "and errors always write one). Not connected: the defaults shown here.",
+        (Setting("checkpoint_step_interval", "int", 500, "Save a resumable checkpoint every N steps (0: only when "
+                 "stopped, cancelled or failed).", min=0, max=1_000_000),
+         Setting("checkpoints_total_limit", "int", 5, "Keep at most this many checkpoints (0: all).",
+                 min=0, max=1000))),
+    SettingsGroup(
+        "HiDreamLoKrAdvancedSettings", "LoKr training: advanced", "advanced_settings",
+        "HIDREAM_LOKR_ADVANCED_SETTINGS",
+        "Seed, memory and precision, the flow-matching schedule, caption dropout and the MoE load-balancing loss "
+        "for Train HiDream LoKr. Not connected: the defaults shown here.",
+        (Setting("seed", "int", 42, "Seed of noise, timesteps, dropout and the LoKr init: same seed, same run.",
+                 min=0, max=2**31 - 1, extra={"control_after_generate": True}),
+         Setting("gradient_checkpointing", "bool", True, "Recompute activations in the backward pass: much less "
+                 "memory, ~30% slower."),
+         Setting("mixed_precision", "combo", "bf16", "bf16: compute in bf16 (the LoKr itself stays float32). no: "
+                 "the model's dtype.", options=("bf16", "no")),
+         Setting("offload_blocks", "bool", False, "Low-memory mode: keep the transformer blocks in CPU memory and "
+                 "stream each to the GPU just before it runs (needs gradient_checkpointing and a bf16 base; "
+                 "slower)."),
+         Setting("flow_schedule_shift", "float", 3.0, "Shift of the training sigmas (HiDream-I1-Full samples with "
+                 "3.0).", min=0.0, max=100.0, step=0.1),
+         Setting("flow_schedule_auto_shift", "bool", False, "Shift by image resolution instead of the fixed "
+                 "shift."),
+         Setting("caption_dropout_probability", "float", 0.0, "Chance to train a sample with an empty caption "
+                 "(helps CFG).", min=0.0, max=0.99, step=0.01),
+         Setting("hidream_use_load_balancing_loss", "bool", False, "Add the MoE load-balancing loss (with its "
+                 "gradient) to keep experts in use."),
+         Setting("hidream_load_balancing_loss_weight", "float", 0.01, "Weight of the load-balancing loss.",
+                 min=0.0, max=10.0, step=0.001))),
+]
+
+ALL_SETTINGS = {s.id: s for s in ESSENTIALS} | {s.id: s for g in GROUPS for s in g.settings}
+DEFAULTS = {name: s.default for name, s in ALL_SETTINGS.items()}
+
+# The Train node's widgets before the settings nodes (layout 1), in order; "control_after_generate" is the seed
+# widget's companion value in a saved workflow's widgets_values. Its resume widget was a text box ("" = none).
+LEGACY_TRAIN_WIDGETS = (
+    "max_train_steps", "learning_rate", "optimizer", "lr_scheduler", "lr_warmup_steps", "train_batch_size",
+    "gradient_accumulation_steps", "gradient_checkpointing", "mixed_precision", "flow_schedule_shift",
+    "flow_schedule_auto_shift", "hidream_use_load_balancing_loss", "hidream_load_balancing_loss_weight",
+    "caption_dropout_probability", "seed", "control_after_generate", "output_name", "validation_prompt",
+    "validation_negative_prompt", "validation_step_interval", "validation_resolution",
+    "validation_num_inference_steps", "validation_guidance", "use_ema", "ema_decay", "checkpoint_step_interval",
+    "checkpoints_total_limit", "resume_from_checkpoint", "offload_blocks")
+TRAIN_LAYOUT = 2  # properties.hidream_lokr_layout of a Train node saved with ESSENTIALS + settings sockets
+
+
+def group_of(setting_id: str) -> Optional[SettingsGroup]:
+    return next((g for g in GROUPS if any(s.id == setting_id for s in g.settings)), None)
+
+
+@dataclass(frozen=True)
+class SettingsValues:
+    """What a settings node hands to the Train node: its group's widget values."""
+
+    group: str
+    values: dict
+
+
+def merged_settings(essentials: dict, groups: dict[str, Optional[SettingsValues]]) -> dict:
+    """Every training setting: the Train node's widgets, each connected settings node's values, the defaults of
+    the unconnected ones."""
+    settings = dict(DEFAULTS)
+    for socket, given in groups.items():
+        if given is not None:
+            settings.update(given.values)
+    settings.update({k: v for k, v in essentials.items() if k in ALL_SETTINGS})
+    return settings
+
+
+# ------------------------------------------------------------------------------------------------ to TrainConfig
 
 def _jsonable(value):
     if isinstance(value, Path):
@@ -99,28 +213,44 @@ def _jsonable(value):
     return value
 
 
-def config_as_json(config: TrainConfig) -> str:
+def config_as_json(config) -> str:
     return json.dumps(_jsonable(asdict(config)), sort_keys=True)
 
 
-def run_key(model_name: str, dataset_fingerprint: str, lycoris: dict, settings: dict) -> str:
-    """Identifies "the same training" across queueings (everything that shapes the run except where it is written
-    and what it resumes from)."""
-    import hashlib
+# Settings that do not change what a run learns, so changing one still continues an unfinished run: where it is
+# written, what it resumes from, its length (a longer run of the same settings continues the shorter one), the
+# previews and checkpoints (neither draws from a training random stream), and the memory settings that compute the
+# same steps (gradient checkpointing, block offload) - the usual fixes after running out of memory.
+NOT_IN_FINGERPRINT = ("output_name", RESUME_FIELD, "max_train_steps", "validation_prompt", "validation_negative_prompt",
+                      "validation_step_interval", "validation_resolution", "validation_num_inference_steps",
+                      "validation_guidance", "checkpoint_step_interval", "checkpoints_total_limit",
+                      "gradient_checkpointing", "offload_blocks")
 
-    relevant = {k: v for k, v in settings.items() if k not in ("output_name", RESUME_FIELD)}
-    payload = json.dumps([model_name, dataset_fingerprint, lycoris, _jsonable(relevant)], sort_keys=True, default=str)
+
+def run_fingerprint(model_name: str, dataset_fingerprint: str, encoders: list[str], lycoris: dict,
+                    settings: dict) -> str:
+    """Identifies "the same training" across queueings and ComfyUI restarts: the model, the images and captions,
+    the encoders that filled the caches, the LoKr shape and every setting that shapes what is learned (all but
+    NOT_IN_FINGERPRINT)."""
+    relevant = {k: v for k, v in settings.items() if k not in NOT_IN_FINGERPRINT}
+    payload = json.dumps([model_name, dataset_fingerprint, encoders, lycoris, _jsonable(relevant)], sort_keys=True,
+                         default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def train_config_from_settings(settings: dict, data: TrainingData, output_dir: Path, lycoris_config_path: Path,
-                               init_lokr_norm: Optional[float], device: str) -> TrainConfig:
-    """The node's widget values (ids = TrainConfig field names) plus the graph's inputs -> a validated TrainConfig.
+def train_config_from_settings(settings: dict, data, output_dir: Path, lycoris_config_path: Path,
+                               init_lokr_norm: Optional[float], device: str, resume_from: Optional[Path]):
+    """The merged settings (ids = TrainConfig field names) plus the graph's inputs -> a validated TrainConfig.
 
-    Unknown ids are an error here rather than silently dropped: a widget must map onto the core's config.
+    `resume_from` is the checkpoint folder run_store chose (None: from step 0); the resume widget's own value is a
+    choice, not a path. Unknown ids are an error here rather than silently dropped: a widget must map onto the
+    core's config.
     """
-    values = {k: v for k, v in settings.items() if v is not None}
-    unknown = sorted(set(values) - CONFIG_FIELDS)
+    from ..trainer_core.config import ConfigError, TrainConfig
+
+    fields_of_config = set(TrainConfig.__dataclass_fields__)
+    values = {k: v for k, v in settings.items() if v is not None and k not in ("output_name", RESUME_FIELD)}
+    unknown = sorted(set(values) - fields_of_config)
     if unknown:
         raise ConfigError(f"training settings {unknown} are not options of this trainer_core version")
     side = values.pop("validation_resolution", None)
@@ -128,13 +258,12 @@ def train_config_from_settings(settings: dict, data: TrainingData, output_dir: P
         values["validation_resolution"] = (side, side)
     if not (values.get("validation_prompt") or "").strip():
         values["validation_prompt"] = None
-    if values.get("resume_from_checkpoint") == "":
-        values["resume_from_checkpoint"] = None
     if values.get("checkpoints_total_limit") == 0:  # the widget's "keep all"
         values["checkpoints_total_limit"] = None
     config = TrainConfig(
         pretrained_model_name_or_path=Path(output_dir),  # models come from the graph (ModelComponents)
         datasets=list(data.datasets), output_dir=Path(output_dir), cache_dir=data.cache_dir,
-        lycoris_config=lycoris_config_path, init_lokr_norm=init_lokr_norm, device=device, **values)
+        lycoris_config=lycoris_config_path, init_lokr_norm=init_lokr_norm, device=device,
+        resume_from_checkpoint=str(resume_from) if resume_from is not None else None, **values)
     config.validate()
     return config

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from comfy_api.latest import io
+from .compat import io
 
-from ..trainer_core.config import DatasetConfig
-from ..trainer_core.adapters import LycorisConfig
+if TYPE_CHECKING:  # importing LyCORIS costs ComfyUI's start-up; the nodes need it only when they run
+    from ..trainer_core.adapters import LycorisConfig
+    from ..trainer_core.config import DatasetConfig
 
 CATEGORY = "HiDream LoKr"
 
@@ -45,7 +46,7 @@ class TrainingData:
     """One or more image folders to train on, and (once the cache nodes ran) the identities of the encoders that
     filled the on-disk caches in `cache_dir`. `fingerprint` changes when any image or caption file changes."""
 
-    datasets: tuple[DatasetConfig, ...]
+    datasets: tuple["DatasetConfig", ...]
     cache_dir: Path
     fingerprint: str
     text_encoder: Optional[Any] = None
@@ -58,7 +59,7 @@ class LoKrHandle:
     """A trained or loaded LoKr: a LyCORIS safetensors file (key names `lycoris_<module path>`) and what made it."""
 
     path: Path
-    lycoris: LycorisConfig
+    lycoris: "LycorisConfig"
     steps: int = 0
     metadata: dict = field(default_factory=dict)
 

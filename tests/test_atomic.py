@@ -77,3 +77,23 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_file(tmp_path):
     assert survived >= 1  # at least one kill landed after the first publication
     for leftover in tmp_path.glob(".published.bin.*.tmp"):
         leftover.unlink()  # temporaries of killed writers: hidden, never mistaken for the real file
+
+
+def test_published_files_get_the_umask_mode_even_from_private_writers(tmp_path):
+    """safetensors' save_file creates its file 0600; a published file gets what open() would give it under the
+    process' umask, like every other output (ComfyUI users share output folders)."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.umask(0o027)
+        sys.path.insert(0, {str(REPO)!r})
+        import torch
+        from safetensors.torch import save_file
+        from trainer_core.util import write_text, write_with
+        write_with({str(tmp_path / 'lokr.safetensors')!r},
+                   lambda tmp: save_file({{"w": torch.zeros(2)}}, str(tmp)))
+        write_text({str(tmp_path / 'run.json')!r}, "{{}}")
+        open({str(tmp_path / 'plain.txt')!r}, "w").close()
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert modes == {"lokr.safetensors": "0o640", "run.json": "0o640", "plain.txt": "0o640"}, modes

@@ -5,7 +5,6 @@ command draws from the same file."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from helpers import tiny_train_config, write_lycoris_config, write_shapes_dataset
 from test_fp8_base import write_comfyui_scaled_fp8

@@ -1,10 +1,12 @@
-// Live training view on the "Train HiDream LoKr" node: loss chart, telemetry, previews and run controls.
+// Live training view on the "Train HiDream LoKr" node: status, loss chart, telemetry, the newest preview and the
+// run controls; plus the node's size rules and the loading of workflows saved with the node's first layout.
 //
-// Data: the websocket event `hidream_lokr.progress` (one per training step, plus phase / preview / finished
-// messages; nodes/run_registry.py) and the pack's HTTP routes (nodes/routes.py) for a run's whole history (a
-// reloaded page restores the chart from it), its preview images and the Sample / Save / Stop commands.
-// Written against the frontend's public extension API only (app.registerExtension, api.addEventListener,
-// api.fetchApi, node.addDOMWidget); talks to nobody but the ComfyUI server.
+// Data: the websocket event `hidream_lokr.progress` (one per training step, plus phase / preview / message /
+// resumed / returned / finished messages; nodes/run_registry.py) and the pack's HTTP routes (nodes/routes.py) for
+// a run's whole history (a reloaded page, or a resumed run, draws its chart from it), its preview images and the
+// Sample / Save / Stop commands. Written against the frontend's public extension API only (app.registerExtension,
+// api.addEventListener, api.fetchApi, node.addDOMWidget, app.extensionManager.toast); talks to nobody but the
+// ComfyUI server. Works with the classic canvas and with Vue nodes ("Nodes 2.0").
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -14,26 +16,52 @@ import { telemetryFields } from "./lib/format.js";
 const NODE_TYPE = "HiDreamLoKrTrain";
 const EVENT = "hidream_lokr.progress";
 const ROUTES = "/hidream_lokr/runs";
-const WIDGET_HEIGHT = 420;
+const MIN_WIDTH = 480; // chart and preview side by side stay readable
+const HEIGHT = { compact: 76, full: 318 }; // the view before any run / once it shows one
 const POLL_AFTER_SILENCE_MS = 3000; // a running run with no events for this long: ask the server (other tab, lost ws)
+const LAYOUT = 2; // properties.hidream_lokr_layout: essentials on the node, the rest on settings nodes
+// The Train node's widgets in its first layout (every setting on the node); "control_after_generate" is the seed's
+// companion value. Same list as nodes/train_settings.py LEGACY_TRAIN_WIDGETS.
+const LEGACY_WIDGETS = [
+  "max_train_steps", "learning_rate", "optimizer", "lr_scheduler", "lr_warmup_steps", "train_batch_size",
+  "gradient_accumulation_steps", "gradient_checkpointing", "mixed_precision", "flow_schedule_shift",
+  "flow_schedule_auto_shift", "hidream_use_load_balancing_loss", "hidream_load_balancing_loss_weight",
+  "caption_dropout_probability", "seed", "control_after_generate", "output_name", "validation_prompt",
+  "validation_negative_prompt", "validation_step_interval", "validation_resolution",
+  "validation_num_inference_steps", "validation_guidance", "use_ema", "ema_decay", "checkpoint_step_interval",
+  "checkpoints_total_limit", "resume_from_checkpoint", "offload_blocks",
+];
+const STATUS_LABEL = { idle: "idle", running: "running", finished: "finished", stopped: "stopped early",
+                       interrupted: "cancelled", failed: "failed" };
+const TOAST = { finished: ["success", "Training finished"], stopped: ["info", "Training stopped early"],
+                interrupted: ["warning", "Training cancelled"], failed: ["error", "Training failed"] };
 
 const STYLE = `
 .hidream-lokr-live { display:flex; flex-direction:column; gap:4px; font:11px sans-serif; color:#d8d8de;
-  background:#222226; border-radius:6px; padding:6px; box-sizing:border-box; width:100%; height:100%; overflow:hidden; }
-.hidream-lokr-live .hl-row { display:flex; flex-wrap:wrap; gap:4px 10px; align-items:center; }
-.hidream-lokr-live .hl-phase { padding:1px 6px; border-radius:8px; background:#3a3a44; font-weight:bold; }
-.hidream-lokr-live .hl-phase[data-phase="training"] { background:#2d5a34; }
-.hidream-lokr-live .hl-phase[data-phase="finished"] { background:#2b4870; }
-.hidream-lokr-live .hl-phase[data-phase="interrupted"], .hidream-lokr-live .hl-phase[data-phase="failed"] { background:#6a2a2a; }
-.hidream-lokr-live canvas { width:100%; flex:1 1 150px; min-height:110px; border-radius:4px; display:block; }
-.hidream-lokr-live .hl-previews { display:flex; gap:6px; align-items:flex-start; min-height:0; }
-.hidream-lokr-live .hl-preview { width:96px; height:96px; object-fit:contain; background:#111; border-radius:4px; }
-.hidream-lokr-live .hl-thumbs { display:flex; flex-wrap:wrap; gap:3px; align-content:flex-start; max-height:96px; overflow:auto; }
-.hidream-lokr-live .hl-thumbs button { font-size:10px; padding:1px 4px; background:#333; color:#ccc; border:1px solid #555; border-radius:3px; cursor:pointer; }
+  background:#222226; border-radius:6px; padding:6px; box-sizing:border-box; width:100%; overflow:hidden; }
+.hidream-lokr-live .hl-row { display:flex; flex-wrap:wrap; gap:2px 10px; align-items:center; min-height:16px; }
+.hidream-lokr-live .hl-phase { padding:1px 7px; border-radius:8px; background:#3a3a44; font-weight:bold; }
+.hidream-lokr-live .hl-phase[data-status="running"] { background:#2d5a34; }
+.hidream-lokr-live .hl-phase[data-status="finished"] { background:#2b4870; }
+.hidream-lokr-live .hl-phase[data-status="stopped"] { background:#6a5a24; }
+.hidream-lokr-live .hl-phase[data-status="interrupted"], .hidream-lokr-live .hl-phase[data-status="failed"] { background:#6a2a2a; }
+.hidream-lokr-live .hl-resumed { color:#ffb347; }
+.hidream-lokr-live .hl-main { display:flex; gap:6px; height:172px; min-height:0; }
+.hidream-lokr-live canvas { flex:1 1 auto; min-width:0; height:100%; border-radius:4px; display:block; }
+.hidream-lokr-live .hl-preview-box { flex:0 0 172px; height:172px; display:flex; align-items:center; justify-content:center;
+  background:#111; border-radius:4px; color:#777; text-align:center; font-size:10px; }
+.hidream-lokr-live .hl-preview { width:100%; height:100%; object-fit:contain; cursor:zoom-in; }
+.hidream-lokr-live .hl-preview[data-small="1"] { image-rendering:pixelated; }
+.hidream-lokr-live .hl-thumbs { display:flex; gap:3px; overflow-x:auto; overflow-y:hidden; white-space:nowrap; min-height:18px; }
+.hidream-lokr-live .hl-thumbs button { flex:0 0 auto; font-size:10px; padding:1px 4px; background:#333; color:#ccc; border:1px solid #555; border-radius:3px; cursor:pointer; }
 .hidream-lokr-live .hl-thumbs button[aria-pressed="true"] { border-color:#ffb347; color:#fff; }
 .hidream-lokr-live .hl-buttons button { font-size:11px; padding:2px 8px; border-radius:4px; border:1px solid #666; background:#34343c; color:#eee; cursor:pointer; }
 .hidream-lokr-live .hl-buttons button:disabled { opacity:0.4; cursor:default; }
-.hidream-lokr-live .hl-message { color:#aaa; min-height:13px; }
+.hidream-lokr-live .hl-message { color:#b8b8c0; line-height:13px; max-height:40px; overflow:hidden; }
+.hidream-lokr-live[data-size="compact"] .hl-full { display:none; }
+.hidream-lokr-lightbox { position:fixed; inset:0; z-index:10000; background:rgba(0,0,0,0.82); display:flex; flex-direction:column;
+  align-items:center; justify-content:center; gap:8px; cursor:zoom-out; color:#ddd; font:13px sans-serif; }
+.hidream-lokr-lightbox img { max-width:92vw; max-height:86vh; min-width:min(512px, 92vw); object-fit:contain; image-rendering:pixelated; background:#111; }
 `;
 
 function addStyleOnce() {
@@ -51,6 +79,46 @@ function el(tag, className, text) {
   return node;
 }
 
+/** A frontend toast, on whichever toast API this frontend has (1.5x: toast.success(title, {description});
+ *  1.3x: PrimeVue's toast.add({severity, summary, detail})). */
+function showToast(kind, title, description) {
+  const toast = app.extensionManager?.toast;
+  if (!toast) return false;
+  const life = kind === "error" ? 15000 : 8000;
+  try {
+    if (typeof toast.success === "function" && typeof toast[kind] === "function") {
+      toast[kind](title, { description, duration: life });
+    } else if (typeof toast.add === "function") {
+      toast.add({ severity: kind === "warning" ? "warn" : kind, summary: title, detail: description, life });
+    } else {
+      return false;
+    }
+  } catch (error) {
+    console.warn("hidream_lokr: toast failed", error);
+    return false;
+  }
+  return true;
+}
+
+function openLightbox(src, caption) {
+  const box = el("div", "hidream-lokr-lightbox");
+  box.dataset.hidreamLokrLightbox = "1";
+  const img = el("img");
+  img.src = src;
+  img.alt = caption;
+  box.append(img, el("div", null, `${caption} (click or Esc to close)`));
+  const close = () => {
+    box.remove();
+    document.removeEventListener("keydown", onKey, true);
+  };
+  const onKey = (e) => {
+    if (e.key === "Escape") close();
+  };
+  box.addEventListener("click", close);
+  document.addEventListener("keydown", onKey, true);
+  document.body.appendChild(box);
+}
+
 /** The view of one Train node: owns its DOM, chart and the run it shows. */
 class LiveView {
   constructor(node) {
@@ -58,10 +126,13 @@ class LiveView {
     this.runId = null;
     this.status = "idle";
     this.phase = "idle";
+    this.acceptsCommands = false;
     this.lastEvent = null;
     this.previews = []; // {index, step}
     this.selectedPreview = null;
     this.lastMessageAt = 0;
+    this.messageText = "";
+    this.size = "compact";
     this._restoring = null;
     this._pending = []; // live messages that arrived while the history was loading, replayed after it
     this._noHistory = new Set(); // runs the server could not give a history for: follow them live only
@@ -74,6 +145,7 @@ class LiveView {
       d.draws = String(stats.draws);
       d.drawMs = stats.lastDrawMs.toFixed(3);
     };
+    this.message("No run yet: queue the graph to train. The loss chart, the newest preview and Stop & save appear here.");
     this._renderNow();
     this._poller = setInterval(() => this._pollIfSilent(), 1000);
   }
@@ -81,13 +153,15 @@ class LiveView {
   _buildDom() {
     const root = el("div", "hidream-lokr-live");
     root.dataset.hidreamLokrLive = "1";
+    root.dataset.size = this.size;
     const top = el("div", "hl-row");
     this.phaseEl = el("span", "hl-phase", "idle");
     this.stepEl = el("span", "hl-step");
     this.speedEl = el("span", "hl-speed");
     this.etaEl = el("span", "hl-eta");
-    top.append(this.phaseEl, this.stepEl, this.speedEl, this.etaEl);
-    const second = el("div", "hl-row");
+    this.resumedEl = el("span", "hl-resumed");
+    top.append(this.phaseEl, this.stepEl, this.speedEl, this.etaEl, this.resumedEl);
+    const second = el("div", "hl-row hl-full");
     this.lossEl = el("span", "hl-loss");
     this.lrEl = el("span", "hl-lr");
     this.lbEl = el("span", "hl-lb");
@@ -98,36 +172,70 @@ class LiveView {
     this.logToggle.addEventListener("change", () => this.chart.setLogScale(this.logToggle.checked));
     logLabel.append(this.logToggle, document.createTextNode(" log"));
     second.append(this.lossEl, this.lrEl, this.lbEl, this.memEl, logLabel);
+    const main = el("div", "hl-main hl-full");
     this.canvas = el("canvas");
-    const previews = el("div", "hl-previews");
+    const previewBox = el("div", "hl-preview-box");
     this.previewImg = el("img", "hl-preview");
     this.previewImg.alt = "newest preview";
     this.previewImg.hidden = true;
-    this.thumbs = el("div", "hl-thumbs");
-    previews.append(this.previewImg, this.thumbs);
-    const buttons = el("div", "hl-row hl-buttons");
+    this.previewImg.title = "click to enlarge";
+    this.previewImg.addEventListener("load", () => {
+      // small previews (the tiny model's 64 px) are enlarged without blurring
+      this.previewImg.dataset.small = this.previewImg.naturalWidth < 160 ? "1" : "0";
+    });
+    this.previewImg.addEventListener("click", () => {
+      if (!this.previewImg.hidden) openLightbox(this.previewImg.src, this.previewImg.dataset.caption || "preview");
+    });
+    this.previewHint = el("span", "hl-preview-hint", "previews appear here (validation_prompt)");
+    previewBox.append(this.previewImg, this.previewHint);
+    main.append(this.canvas, previewBox);
+    this.thumbs = el("div", "hl-thumbs hl-full");
+    const buttons = el("div", "hl-row hl-buttons hl-full");
     this.buttons = {
       sample: el("button", "hl-sample", "Sample now"),
       save: el("button", "hl-save", "Save now"),
       stop: el("button", "hl-stop", "Stop & save"),
     };
-    this.buttons.sample.title = "Render the validation previews at the next step boundary";
-    this.buttons.save.title = "Write a checkpoint and the LoKr file at the next step boundary; training goes on";
-    this.buttons.stop.title = "End the run cleanly at the next step boundary: checkpoint + LoKr become the outputs (Cancel interrupts instead)";
+    this.buttonTitles = {
+      sample: "Render the validation previews at the next step boundary",
+      save: "Write a checkpoint and the LoKr file at the next step boundary; training goes on",
+      stop: "End the run at the next step boundary with a checkpoint and the LoKr as outputs; queueing again continues it (Cancel interrupts instead)",
+    };
     for (const [command, button] of Object.entries(this.buttons)) {
       button.type = "button";
       button.addEventListener("click", () => this.sendCommand(command));
       buttons.append(button);
     }
     this.messageEl = el("div", "hl-message");
-    root.append(top, second, this.canvas, previews, buttons, this.messageEl);
-    // The canvas must not start a node drag / canvas pan when clicked.
+    root.append(top, second, main, this.thumbs, buttons, this.messageEl);
+    // Clicks inside the view must not start a node drag / canvas pan.
     root.addEventListener("pointerdown", (e) => e.stopPropagation());
     this.root = root;
+    this._applySize();
     if (typeof ResizeObserver !== "undefined") {
       this._resize = new ResizeObserver(() => this.chart && this.chart.requestDraw());
       this._resize.observe(this.canvas);
     }
+  }
+
+  get height() {
+    return HEIGHT[this.size];
+  }
+
+  _applySize() {
+    this.root.dataset.size = this.size;
+    // All three: Vue nodes lay DOM widgets out in a flex column that would otherwise shrink or stretch the view.
+    for (const key of ["height", "minHeight", "maxHeight"]) this.root.style[key] = `${this.height}px`;
+    this.root.style.flex = "0 0 auto";
+  }
+
+  /** From the one-line idle view to the full view (once a run is shown; it stays full afterwards). */
+  _expand() {
+    if (this.size === "full") return;
+    this.size = "full";
+    this._applySize();
+    fitNodeHeight(this.node);
+    this.chart.requestDraw();
   }
 
   dispose() {
@@ -139,11 +247,15 @@ class LiveView {
   _startRun(runId, total) {
     this.runId = runId;
     this.status = "running";
+    this.phase = "starting";
+    this.acceptsCommands = false;
     this.lastEvent = null;
     this.previews = [];
     this.selectedPreview = null;
     this.chart.reset(total || 0);
+    this.resumedEl.textContent = "";
     this.message("");
+    this._expand();
   }
 
   handleMessage(m) {
@@ -154,29 +266,52 @@ class LiveView {
       return;
     }
     if (m.run_id !== this.runId) {
-      if (m.step > 1 && !this._noHistory.has(m.run_id)) {
-        // We joined a run late (page reloaded, second tab): rebuild from the server's history, then this.
+      const joinedLate = m.step > 1 || m.kind === "resumed" || m.kind === "returned" || m.kind === "finished";
+      if (joinedLate && !this._noHistory.has(m.run_id)) {
+        // We joined a run late (page reloaded, second tab, a resumed or returned run): rebuild from the server's
+        // history, then this message.
         this.restore(m.run_id);
-        this._pending.push(m);
+        this._pending.push({ ...m, _replayed: m.kind === "resumed" || m.kind === "returned" });
         return;
       }
       this._startRun(m.run_id, m.total);
     }
     if (m.total) this.chart.totalSteps = m.total;
+    if (m.message) this.message(m.message);
     if (m.kind === "preview") {
       this._addPreview(m.preview);
+    } else if (m.kind === "resumed" || m.kind === "returned") {
+      if (m.kind === "resumed") this._markResumed(m.step);
+      if (!m._replayed && !this._restoring) this.restore(m.run_id); // the history up to the checkpoint
     } else if (m.kind === "finished") {
       this.status = m.status || "finished";
       this.phase = this.status;
-      this.message(`run ${this.status} at step ${m.step}`);
+      this.acceptsCommands = false;
+      this._toastEnd(m);
     } else {
       if (m.phase) this.phase = m.phase;
-      if (m.kind !== "phase" && Number.isFinite(m.loss)) {
+      if (m.kind === "phase") this.acceptsCommands = !!m.accepts_commands;
+      else if (Number.isFinite(m.loss)) {
         this.chart.push(m.step, m.loss);
         this.lastEvent = m;
+        this.acceptsCommands = this.phase === "training";
       }
     }
     this._render();
+  }
+
+  _markResumed(step) {
+    if (!Number.isFinite(step)) return;
+    this.chart.resumedAt = step;
+    this.resumedEl.textContent = `resumed from step ${step}`;
+    this.chart.requestDraw();
+  }
+
+  _toastEnd(m) {
+    const [kind, title] = TOAST[m.status] || ["info", "Training ended"];
+    if (showToast(kind, `${title}: ${m.run_folder || ""}`.replace(/: $/, ""), m.message || "")) {
+      this.root.dataset.lastToast = m.status;
+    }
   }
 
   _addPreview(p) {
@@ -214,18 +349,27 @@ class LiveView {
       this._restoring = null;
       const pending = this._pending;
       this._pending = [];
-      for (const m of pending) this.handleMessage(m);
+      for (const m of pending) this.handleMessage({ ...m, _replayed: true });
     }
   }
 
   _applyHistory(history) {
     this.chart.totalSteps = history.total || this.chart.totalSteps;
     for (const e of history.events || []) {
-      if (Number.isFinite(e.loss) && this.chart.series.push(e.step, e.loss)) this.lastEvent = { ...e, run_id: history.run_id };
+      if (Number.isFinite(e.loss) && this.chart.series.push(e.step, e.loss) && !e.history) {
+        this.lastEvent = { ...e, run_id: history.run_id };
+      }
     }
+    if (!this.lastEvent && history.events && history.events.length) {
+      const e = history.events[history.events.length - 1];
+      this.lastEvent = { step: e.step, total: history.total, loss: e.loss };
+    }
+    if (Number.isFinite(history.resumed_from_step)) this._markResumed(history.resumed_from_step);
     for (const p of history.previews || []) this._addPreview(p);
     this.status = history.status;
     this.phase = history.status === "running" ? history.phase : history.status;
+    this.acceptsCommands = !!history.accepts_commands;
+    if (history.message) this.message(history.message);
     this.chart.requestDraw();
     this._render();
   }
@@ -251,7 +395,7 @@ class LiveView {
   }
 
   async sendCommand(command) {
-    if (!this.runId || this.status !== "running") return;
+    if (!this.runId || this.status !== "running" || !this.acceptsCommands) return;
     const button = this.buttons[command];
     button.disabled = true;
     try {
@@ -267,21 +411,24 @@ class LiveView {
     } catch (error) {
       this.message(`${button.textContent} failed: ${error.message || error}`);
     } finally {
-      button.disabled = this.status !== "running";
+      this._renderNow();
     }
   }
 
-  /** ComfyUI reports the node failed or was cancelled: the run will send nothing more. */
+  /** ComfyUI reports the node failed or was cancelled without the run saying so (e.g. before training began). */
   executionEnded(status, text) {
     if (this.status !== "running") return;
     this.status = status;
     this.phase = status;
+    this.acceptsCommands = false;
     this.message(text);
     this._render();
   }
 
   message(text) {
-    this.messageEl.textContent = text;
+    this.messageText = text || "";
+    this.messageEl.textContent = this.messageText;
+    this.messageEl.title = this.messageText;
   }
 
   /** Telemetry and buttons are refreshed at most once per animation frame, however fast events come. */
@@ -297,27 +444,33 @@ class LiveView {
   _renderNow() {
     const t = telemetryFields(this.lastEvent);
     const running = this.status === "running";
-    this.phaseEl.textContent = this.phase;
-    this.phaseEl.dataset.phase = this.phase;
-    this.stepEl.textContent = this.lastEvent ? `step ${t.step}` : (this.runId ? "step 0" : "no run yet");
-    this.speedEl.textContent = running ? t.speed : "";
-    this.etaEl.textContent = running ? t.eta : "";
+    this.phaseEl.textContent = running ? this.phase : STATUS_LABEL[this.status] || this.status;
+    this.phaseEl.dataset.status = this.status;
+    this.stepEl.textContent = this.lastEvent ? `step ${t.step}` : (this.runId ? "step 0" : "");
+    this.speedEl.textContent = running && this.lastEvent ? t.speed : "";
+    this.etaEl.textContent = running && this.lastEvent ? t.eta : "";
     this.lossEl.textContent = t.loss;
     this.lrEl.textContent = t.lr;
     this.lbEl.textContent = t.lb;
     this.memEl.textContent = t.memory;
-    for (const button of Object.values(this.buttons)) {
-      button.disabled = !running;
+    const canAct = running && this.acceptsCommands;
+    for (const [command, button] of Object.entries(this.buttons)) {
+      button.disabled = !canAct;
+      button.title = canAct ? this.buttonTitles[command]
+        : running ? `${this.buttonTitles[command]} (available between training steps; now: ${this.phase})`
+          : "available while a run is training";
     }
     this._renderPreviews();
     const d = this.root.dataset;
     d.runId = this.runId || "";
     d.status = this.status;
     d.phase = this.phase;
+    d.acceptsCommands = String(canAct);
     d.step = String(this.lastEvent ? this.lastEvent.step : 0);
     d.total = String(this.chart.totalSteps || 0);
     d.points = String(this.chart.series.length);
     d.previews = String(this.previews.length);
+    d.resumedFrom = Number.isFinite(this.chart.resumedAt) ? String(this.chart.resumedAt) : "";
   }
 
   _renderPreviews() {
@@ -334,6 +487,7 @@ class LiveView {
         return b;
       }));
     }
+    this.previewHint.hidden = count > 0;
     if (!count) {
       this.previewImg.hidden = true;
       return;
@@ -346,11 +500,89 @@ class LiveView {
       this.previewImg.dataset.index = String(shown);
       this.previewImg.src = src;
       const p = this.previews.find((q) => q.index === shown);
-      this.previewImg.title = p ? `preview at step ${p.step}` : "";
+      this.previewImg.dataset.caption = p ? `preview at step ${p.step}` : "preview";
     }
     this.previewImg.hidden = false;
   }
 }
+
+// ------------------------------------------------------------------------------------------------ node size
+
+/** The node's height fitted to its content (no stretched prompt box), and at least MIN_WIDTH wide. */
+function fitNodeHeight(node) {
+  if (!node.computeSize || !node.setSize) return;
+  const size = node.computeSize();
+  node.setSize([Math.max(node.size?.[0] || 0, MIN_WIDTH), size[1]]);
+  node.setDirtyCanvas?.(true, true);
+}
+
+// ------------------------------------------------------------------------------------------------ first layout
+
+const settingsDefs = {}; // settings node type -> {socket type, defaults {widget: value}}
+let trainInputs = {}; // the Train node's optional inputs: name -> spec
+let trainDefaults = {}; // the Train node's widgets: name -> default
+
+function rememberSettingsDef(nodeData) {
+  if (!nodeData?.category?.startsWith("HiDream LoKr/training settings")) return;
+  const defaults = {};
+  for (const section of ["required", "optional"]) {
+    for (const [name, spec] of Object.entries(nodeData.input?.[section] || {})) {
+      defaults[name] = Array.isArray(spec) ? spec[1]?.default : undefined;
+    }
+  }
+  settingsDefs[nodeData.name] = { type: nodeData.output?.[0], defaults };
+}
+
+/** widgets_values of the first layout: all 29 values (as the frontend saved them), or the first 23 (the pack's
+ *  own templates left out the optional widgets); values[2] and [3] are the optimizer and lr_scheduler names. */
+function isFirstLayout(values) {
+  return Array.isArray(values) && (values.length === LEGACY_WIDGETS.length || values.length === 23) &&
+    typeof values[2] === "string" && typeof values[3] === "string" && typeof values[0] === "number";
+}
+
+/** A Train node loaded from a workflow saved with its first layout (every setting on the node): put the values of
+ *  the essentials back on the node, and give each group of moved settings that differs from its defaults a
+ *  settings node below the Train node, wired in. Returns how many settings nodes were added. */
+function upgradeFirstLayout(node, values) {
+  const byName = {};
+  LEGACY_WIDGETS.forEach((name, i) => {
+    if (i < values.length) byName[name] = values[i]; // the pack's own templates saved only the first 23
+  });
+  for (const widget of node.widgets || []) {
+    // The frontend filled the widgets by position from the old list: put every one right, by name (a value the
+    // old workflow did not save gets the widget's default).
+    let value = widget.name in byName ? byName[widget.name] : trainDefaults[widget.name];
+    if (widget.name === "resume_from_checkpoint" && (value === "" || value === null)) value = "auto";
+    if (value !== undefined) widget.value = value;
+  }
+  let added = 0;
+  let y = node.pos[1] + node.size[1] + 40;
+  for (const [type, def] of Object.entries(settingsDefs)) {
+    const changed = Object.keys(def.defaults).filter((name) => name in byName && byName[name] !== def.defaults[name]);
+    if (!changed.length) continue;
+    let slot = (node.inputs || []).findIndex((input) => input.type === def.type);
+    const socket = Object.keys(trainInputs).find((name) => trainInputs[name]?.[0] === def.type);
+    if (slot < 0 && socket && node.addInput) {
+      node.addInput(socket, def.type); // a workflow of the first layout saved the node without this socket
+      slot = node.inputs.length - 1;
+    }
+    const settingsNode = globalThis.LiteGraph?.createNode(type);
+    if (slot < 0 || !settingsNode) continue;
+    app.graph.add(settingsNode);
+    settingsNode.pos = [node.pos[0], y];
+    for (const widget of settingsNode.widgets || []) {
+      if (widget.name in byName) widget.value = byName[widget.name];
+      if (widget.name === "control_after_generate" && byName.control_after_generate) widget.value = byName.control_after_generate;
+    }
+    settingsNode.connect(0, node, slot);
+    y += (settingsNode.size?.[1] || 150) + 50;
+    added++;
+  }
+  node.properties = { ...(node.properties || {}), hidream_lokr_layout: LAYOUT };
+  return added;
+}
+
+// ------------------------------------------------------------------------------------------------ wiring
 
 function viewsForMessage(m) {
   const graph = app.graph;
@@ -370,12 +602,13 @@ function attachView(node) {
   const widget = node.addDOMWidget("hidream_lokr_live", "hidream_lokr_live", view.root, {
     serialize: false,
     hideOnZoom: false,
-    getMinHeight: () => WIDGET_HEIGHT,
-    getHeight: () => WIDGET_HEIGHT,
+    getMinHeight: () => view.height,
+    getMaxHeight: () => view.height,
+    getHeight: () => view.height,
   });
   widget.serialize = false; // nothing of the view goes into the workflow or the prompt
   node.hidreamLokrView = view;
-  if (node.size && node.size[0] < 460) node.size[0] = 460;
+  node.properties = { ...(node.properties || {}), hidream_lokr_layout: LAYOUT };
   const onRemoved = node.onRemoved;
   node.onRemoved = function () {
     view.dispose();
@@ -409,19 +642,42 @@ app.registerExtension({
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    rememberSettingsDef(nodeData);
     if (nodeData?.name !== NODE_TYPE) return;
+    trainInputs = nodeData.input?.optional || {};
+    trainDefaults = Object.fromEntries(Object.entries(nodeData.input?.required || {})
+      .map(([name, spec]) => [name, Array.isArray(spec) ? spec[1]?.default : undefined]));
+    const computeSize = nodeType.prototype.computeSize;
+    nodeType.prototype.computeSize = function () {
+      const size = computeSize ? computeSize.apply(this, arguments) : [MIN_WIDTH, 100];
+      size[0] = Math.max(size[0], MIN_WIDTH);
+      return size;
+    };
+    const onResize = nodeType.prototype.onResize;
+    nodeType.prototype.onResize = function (size) {
+      if (size && size[0] < MIN_WIDTH) size[0] = MIN_WIDTH;
+      return onResize?.apply(this, arguments);
+    };
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       attachView(this);
+      fitNodeHeight(this);
       return result;
     };
     const onConfigure = nodeType.prototype.onConfigure;
-    nodeType.prototype.onConfigure = function () {
+    nodeType.prototype.onConfigure = function (info) {
       const result = onConfigure?.apply(this, arguments);
-      // A loaded workflow (also after a page reload) knows its node id now: show its newest run, if any.
       const view = attachView(this);
-      if (!view.runId) setTimeout(() => view.restore(), 0);
+      const values = info?.widgets_values;
+      const firstLayout = !(info?.properties?.hidream_lokr_layout >= LAYOUT) && isFirstLayout(values);
+      // After the whole graph is configured: a loaded workflow knows its node ids now (show this node's newest
+      // run, if any), and settings nodes can be added for a first-layout node.
+      setTimeout(() => {
+        if (firstLayout) this.hidreamLokrUpgraded = upgradeFirstLayout(this, values);
+        fitNodeHeight(this);
+        if (!view.runId) view.restore();
+      }, 0);
       return result;
     };
   },

@@ -82,6 +82,76 @@ class ComfyPage:
     def frontend_version(self) -> str:
         return self.page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || ''")
 
+    def set_vue_nodes(self, enabled: bool) -> None:
+        """Switch between the classic canvas and Vue nodes ("Nodes 2.0"), as the settings dialog does."""
+        self.page.evaluate("async (on) => { await window.comfyAPI.app.app.extensionManager.setting.set("
+                           "'Comfy.VueNodes.Enabled', on); }", enabled)
+        self.page.wait_for_timeout(300)
+
+    def load_workflow(self, data: dict, settle_ms: int = 1500) -> None:
+        """Open a UI-format workflow as the Browse Templates dialog or a dropped file does (its saved view too)."""
+        self.page.evaluate("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf); }", data)
+        self.page.wait_for_timeout(settle_ms)
+
+    def load_template(self, name: str) -> dict:
+        """The pack's template as the server lists it (/api/workflow_templates/<pack>/<name>.json), opened."""
+        data = self.page.evaluate(
+            "async (n) => (await window.comfyAPI.api.api.fetchApi(`/workflow_templates/ComfyUI-HiDream-LoKr/${n}.json`)).json()",
+            name)
+        self.load_workflow(data)
+        return data
+
+    def dialog_texts(self) -> list[str]:
+        """The text of every open dialog (PrimeVue's and the newer frontend's)."""
+        return self.page.evaluate(
+            """() => [...document.querySelectorAll('.p-dialog, [role="dialog"]')]
+                       .filter(d => d.getBoundingClientRect().height > 0).map(d => d.innerText)""")
+
+    def missing_models_text(self) -> str:
+        """What the frontend tells about missing model files when a workflow opens: 1.32.9's Missing Models
+        dialog, or the Missing Models list of 1.5x's workflow overview ("View details" of its issues notice),
+        which is closed again afterwards."""
+        dialogs = [d for d in self.dialog_texts() if "Missing Models" in d]
+        if dialogs:
+            return "\n".join(dialogs)
+        details = self.page.get_by_role("button", name="View details")
+        if not details.count():
+            return ""
+        details.first.click()
+        self.page.wait_for_timeout(800)
+        text = self.page.evaluate(
+            """() => { const found = [...document.querySelectorAll('body *')].filter(e =>
+                         e.textContent.includes('Missing Models') && e.textContent.includes('Download'));
+                       found.sort((a, b) => a.textContent.length - b.textContent.length);
+                       return found.length ? found[0].innerText : ''; }""")
+        panel = self.page.get_by_role("button", name="Toggle properties panel")
+        if panel.count():
+            panel.first.click()
+            self.page.wait_for_timeout(500)
+        return text
+
+    def close_dialogs(self) -> None:
+        for _ in range(3):
+            if not self.dialog_texts():
+                return
+            self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(400)
+
+    def layout(self) -> dict:
+        """Every node's box on screen (title bar included; Vue nodes: their element), the groups' boxes, the saved
+        view, and for each node whether its title is readable: at three points of its title bar the topmost
+        element is the canvas (classic) or the node itself (Vue), not a menu, a panel or another node."""
+        return self.page.evaluate(LAYOUT_JS)
+
+    def pan_to(self, x: float, y: float, screen=(90, 150)) -> None:
+        """Put canvas point (x, y) at `screen` (CSS pixels), at zoom 1."""
+        self.page.evaluate(
+            """([x, y, sx, sy]) => { const app = window.comfyAPI.app.app; const ds = app.canvas.ds;
+                 const r = app.canvas.canvas.getBoundingClientRect(); ds.scale = 1;
+                 ds.offset[0] = sx - r.left - x; ds.offset[1] = sy - r.top - y; app.canvas.setDirty(true, true); }""",
+            [x, y, *screen])
+        self.page.wait_for_timeout(400)
+
     # ------------------------------------------------------------------------------------------ the graph
 
     def load_demo_workflow(self) -> str:
@@ -102,18 +172,21 @@ class ComfyPage:
         return str(source.relative_to(REPO))
 
     def set_train_widgets(self, values: dict) -> None:
+        """Set training settings by widget name: on the Train node, or on the settings node that holds them."""
         missing = self.page.evaluate(
             """(values) => {
-                 const node = window.comfyAPI.app.app.graph._nodes.find(n => n.type === 'HiDreamLoKrTrain');
+                 const nodes = window.comfyAPI.app.app.graph._nodes;
+                 const train = nodes.find(n => n.type === 'HiDreamLoKrTrain');
+                 const candidates = [train, ...nodes.filter(n => n.type.startsWith('HiDreamLoKr') && n.type.endsWith('Settings'))];
                  const missing = [];
                  for (const [name, value] of Object.entries(values)) {
-                   const w = (node.widgets || []).find(w => w.name === name);
+                   const w = candidates.flatMap(n => n.widgets || []).find(w => w.name === name);
                    if (!w) { missing.push(name); continue; }
                    w.value = value;
                  }
                  return missing;
                }""", values)
-        assert not missing, f"Train node has no widgets {missing}"
+        assert not missing, f"no Train or settings node widgets {missing}"
 
     def center_on_train_node(self) -> None:
         """Scroll the canvas so the Train node (and its live view) is on screen, at zoom 1."""
@@ -126,6 +199,25 @@ class ComfyPage:
                  ds.offset[0] = -node.pos[0] + 120;  // clear of the sidebar
                  ds.offset[1] = -node.pos[1] + 110;  // below the tab bar / breadcrumb overlays
                  app.canvas.setDirty(true, true);
+               }""")
+
+    def train_node_box(self) -> dict:
+        """The Train node's drawn size in CSS pixels at zoom 1, title included: node.size (classic) or its element
+        (Vue), and its live view's height."""
+        return self.page.evaluate(
+            """() => { const app = window.comfyAPI.app.app;
+                 const node = app.graph._nodes.find(n => n.type === 'HiDreamLoKrTrain');
+                 const el = document.querySelector(`[data-node-id="${node.id}"]`);
+                 const s = app.canvas.ds.scale;
+                 const view = document.querySelector('[data-hidream-lokr-live]');
+                 if (el && el.getBoundingClientRect().height > 0) {
+                   const r = el.getBoundingClientRect();
+                   return {width: r.width / s, height: r.height / s, vue: true, size: [...node.size],
+                           view: view ? view.getBoundingClientRect().height / s : 0};
+                 }
+                 const title = window.LiteGraph.NODE_TITLE_HEIGHT || 30;
+                 return {width: node.size[0], height: node.size[1] + title, vue: false, size: [...node.size],
+                         view: view ? view.getBoundingClientRect().height / s : 0};
                }""")
 
     def queue(self) -> None:
@@ -142,12 +234,16 @@ class ComfyPage:
                  if (!root) return null;
                  const text = (c) => (root.querySelector(c) || {}).textContent || '';
                  const img = root.querySelector('img.hl-preview');
+                 const stop = root.querySelector('button.hl-stop');
                  return {...root.dataset,
                          telemetry: ['.hl-phase', '.hl-step', '.hl-speed', '.hl-eta', '.hl-loss', '.hl-lr',
                                      '.hl-lb', '.hl-mem'].map(text).join(' | '),
+                         label: text('.hl-phase'), resumedText: text('.hl-resumed'),
                          message: text('.hl-message'),
                          previewShown: !!(img && !img.hidden && img.complete && img.naturalWidth > 0),
+                         previewSize: img ? [img.naturalWidth, img.naturalHeight] : null,
                          previewSrc: img ? img.getAttribute('src') : null,
+                         stopEnabled: !!(stop && !stop.disabled),
                          thumbs: root.querySelectorAll('.hl-thumbs button').length};
                }""", VIEW)
 
@@ -192,3 +288,42 @@ class ComfyPage:
                  if m["type"] == "error" and any(k in m["text"] + m["url"] for k in ours)]
         found += [e for e in self.page_errors if any(k in e for k in ours)]
         return found
+
+
+LAYOUT_JS = r"""
+() => {
+  const app = window.comfyAPI.app.app;
+  const ds = app.canvas.ds;
+  const canvasEl = app.canvas.canvas;
+  const c = canvasEl.getBoundingClientRect();
+  const titleH = window.LiteGraph.NODE_TITLE_HEIGHT || 30;
+  const toScreen = (x, y) => [c.left + (x + ds.offset[0]) * ds.scale, c.top + (y + ds.offset[1]) * ds.scale];
+  const nodes = [];
+  for (const n of app.graph._nodes) {
+    const el = document.querySelector(`[data-node-id="${n.id}"]`);
+    let box;
+    const vue = !!(el && el.getBoundingClientRect().height > 0);
+    if (vue) {
+      const r = el.getBoundingClientRect();
+      box = [r.left, r.top, r.width, r.height];
+    } else {
+      const [x, y] = toScreen(n.pos[0], n.pos[1] - titleH);
+      box = [x, y, n.size[0] * ds.scale, (n.size[1] + titleH) * ds.scale];
+    }
+    const ty = box[1] + Math.min(12, box[3] / 2) ;
+    const points = [box[0] + 14, box[0] + box[2] / 2, box[0] + box[2] - 14].map((x) => [x, ty]);
+    const readable = points.every(([x, y]) => {
+      if (x < 0 || y < 0 || x >= window.innerWidth || y >= window.innerHeight) return false;
+      const hit = document.elementFromPoint(x, y);
+      return vue ? !!(hit && el.contains(hit)) : hit === canvasEl;
+    });
+    nodes.push({id: n.id, type: n.type, title: n.title, box, vue, readable});
+  }
+  const groups = (app.graph._groups || app.graph.groups || []).map((g) => {
+    const b = g._bounding || g.bounding;
+    const [x, y] = toScreen(b[0], b[1]);
+    return {title: g.title, bounding: [...b], box: [x, y, b[2] * ds.scale, b[3] * ds.scale]};
+  });
+  return {scale: ds.scale, offset: [...ds.offset], nodes, groups, viewport: [window.innerWidth, window.innerHeight]};
+}
+"""

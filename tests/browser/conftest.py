@@ -1,7 +1,8 @@
-"""Browser tests of the live training view: a real ComfyUI 0.3.75 server per frontend version, headless Chromium.
+"""Browser tests: a real ComfyUI 0.3.75 server per frontend version, headless Chromium.
 
 They run in ComfyUI's own environment like tests/comfyui/ (scripts/test.sh sets COMFYUI_DIR). One server per
-frontend (module-scoped, parametrized: pytest runs every test for one frontend, stops that server, then the next).
+frontend (session-scoped, parametrized: pytest runs every browser test for one frontend, stops that server, then
+starts the next).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _frontend_versions() -> list[str]:
     return [pinned_version(comfyui_dir()), LATEST]
 
 
-@pytest.fixture(scope="module", params=_frontend_versions())
+@pytest.fixture(scope="session", params=_frontend_versions())
 def comfy_ui(request, tmp_path_factory):
     """(server, frontend version): ComfyUI serving the given frontend, first-run dialogs switched off."""
     version = request.param

@@ -32,6 +32,7 @@ def _open(browser, server, version) -> ComfyPage:
     page = ComfyPage(browser, server.url)
     page.open()
     assert page.frontend_version() == version, "the server is not serving the frontend this test is for"
+    page.set_vue_nodes(False)  # the classic canvas (test_workflow_layout.py covers Vue nodes)
     return page
 
 
@@ -66,8 +67,8 @@ def test_live_view_follows_a_run_and_survives_a_reload(comfy_ui, browser, artifa
         source = page.load_demo_workflow()
         idle = page.view_state()
         assert idle is not None, "the Train node has no live view"
-        assert idle["status"] == "idle" and "no run yet" in idle["telemetry"]
-        assert page.page.locator("[data-hidream-lokr-live] button.hl-stop").is_disabled()
+        assert idle["status"] == "idle" and idle["message"].startswith("No run yet: queue the graph")
+        assert idle["size"] == "compact" and not idle["stopEnabled"]
         page.set_train_widgets(dict(max_train_steps=STEPS, validation_step_interval=PREVIEW_EVERY,
                                     validation_num_inference_steps=4, seed=1234, output_name=f"browser_{version}"))
         page.queue()
@@ -82,6 +83,16 @@ def test_live_view_follows_a_run_and_survives_a_reload(comfy_ui, browser, artifa
         shot = artifacts / f"live_view_{version}_mid_run.png"
         page.screenshot_view(shot)
         assert shot.stat().st_size > 10_000
+        # The preview is validation_prompt's image itself (64 px here), not the labelled grid; it enlarges on a
+        # click. Nothing of ComfyUI's own (image preview, progress text) is drawn under the view.
+        assert mid["previewSize"] == [64, 64], mid["previewSize"]
+        page.center_on_train_node()
+        page.page.wait_for_timeout(300)
+        page.page.locator("[data-hidream-lokr-live] img.hl-preview").click()
+        page.page.wait_for_selector("[data-hidream-lokr-lightbox] img", timeout=5000)
+        page.page.keyboard.press("Escape")
+        page.page.wait_for_selector("[data-hidream-lokr-lightbox]", state="detached", timeout=5000)
+        size_mid_run = page.train_node_box()
 
         # Reload mid-run: the chart comes back from the server's history and keeps following the run.
         before = page.view_state()
@@ -92,6 +103,13 @@ def test_live_view_follows_a_run_and_survives_a_reload(comfy_ui, browser, artifa
 
         done = page.wait_view(lambda s: s["status"] != "running", 300, "the end of the run")
         assert done["status"] == "finished", done
+        assert "Queueing this graph again returns it without training" in done["message"]
+        assert done.get("lastToast") == "finished"  # a frontend toast said so (toast API of this frontend)
+        size_after = page.train_node_box()
+        assert abs(size_after["height"] - size_mid_run["height"]) < 1 and size_after["width"] == size_mid_run["width"]
+        assert not page.page.evaluate(
+            """() => { const n = window.comfyAPI.app.app.graph._nodes.find(n => n.type === 'HiDreamLoKrTrain');
+                       return (n.imgs || []).length; }""")
         done = page.wait_view(lambda s: int(s["pointsDrawn"]) >= int(s["points"]), 10, "the last draw")
         history = _history(server, done["runId"])
         steps_run = len(history["events"])
@@ -123,6 +141,7 @@ def test_live_view_follows_a_run_and_survives_a_reload(comfy_ui, browser, artifa
         again = page.wait_view(lambda s: s["status"] == "finished" and int(s["pointsDrawn"]) >= steps_run, 60,
                                "the finished run's chart after another reload")
         assert again["runId"] == done["runId"]
+        assert abs(page.train_node_box()["height"] - size_mid_run["height"]) < 1  # the same size after reloads
         _assert_clean(page)
         print(f"\n[{version}] workflow {source}; {steps_run} steps; view draw {done['drawMs']} ms; "
               f"screenshot {shot.relative_to(REPO)}")
@@ -130,15 +149,21 @@ def test_live_view_follows_a_run_and_survives_a_reload(comfy_ui, browser, artifa
         page.close(artifacts / f"end_live_view_{version}.png")
 
 
-def test_buttons_sample_save_and_stop(comfy_ui, browser, artifacts):
-    """Sample now, Save now and Stop & save reach the running training at its next step boundary."""
+def test_buttons_sample_save_and_stop_then_queue_again_resumes(comfy_ui, browser, artifacts):
+    """The buttons act only between training steps (not during the step-0 previews); Sample now, Save now and
+    Stop & save reach the running training at its next step boundary; after Stop & save the view says so and how
+    to continue, and queueing again continues the run from its checkpoint with the whole loss history drawn."""
     server, version = comfy_ui
     page = _open(browser, server, version)
     try:
+        # 60 sampling steps make the step-0 previews last long enough to look at the buttons meanwhile.
         _queue_demo(page, max_train_steps=COMMAND_RUN_STEPS, validation_step_interval=0,
-                    validation_num_inference_steps=4, seed=4321, output_name=f"buttons_{version}")
+                    validation_num_inference_steps=60, seed=4321, output_name=f"buttons_{version}")
+        validating = page.wait_view(lambda s: s["phase"] == "validating", 240, "the step-0 previews")
+        assert not validating["stopEnabled"] and validating["acceptsCommands"] == "false"
         state = page.wait_view(lambda s: s["status"] == "running" and int(s["step"]) >= 2, 240,
                                "a running training")
+        assert page.wait_view(lambda s: s["stopEnabled"], 10, "the buttons enabled while training")
         run = _history(server, state["runId"])
         output_dir = Path(run["output_dir"])
 
@@ -161,13 +186,17 @@ def test_buttons_sample_save_and_stop(comfy_ui, browser, artifacts):
         page.wait_view(lambda s: int(s["step"]) >= saved_at + 3 and s["status"] == "running", 120,
                        "training going on after Save now")
 
-        # Stop & save: the run ends cleanly, with outputs, long before its planned steps.
+        # Stop & save: the run ends cleanly, with outputs, long before its planned steps; the view says it
+        # stopped early and what continues it.
         page.click_button("Stop & save")
         done = page.wait_view(lambda s: s["status"] != "running", 180, "the run to end after Stop & save")
-        assert done["status"] == "finished", done
+        assert done["status"] == "stopped" and done["label"] == "stopped early", done
         history = _history(server, state["runId"])
         assert len(history["events"]) < COMMAND_RUN_STEPS
         last_step = history["events"][-1]["step"]
+        assert f"Stopped early at step {last_step} of {COMMAND_RUN_STEPS}" in done["message"]
+        assert f"Queue again to continue from step {last_step}" in done["message"]
+        assert done.get("lastToast") == "stopped" and not done["stopEnabled"]
         assert (output_dir / f"checkpoint-{last_step}").is_dir()
         assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
         prompt_id = history["prompt_id"]
@@ -175,6 +204,21 @@ def test_buttons_sample_save_and_stop(comfy_ui, browser, artifacts):
             entry = server.wait(prompt_id, timeout=300)
             assert entry["status"]["status_str"] == "success"
         assert sampled["previewShown"] or int(sampled["previews"]) > 0
+
+        # Queue again, unchanged: the run continues from its checkpoint, its chart whole from step 1.
+        page.queue()
+        resumed = page.wait_view(lambda s: s["runId"] != state["runId"] and s["resumedFrom"] == str(last_step)
+                                 and int(s["step"]) > last_step, 240, "the resumed run")
+        assert resumed["resumedText"] == f"resumed from step {last_step}"
+        assert int(resumed["points"]) >= last_step + 1
+        resumed_history = _history(server, resumed["runId"])
+        assert resumed_history["output_dir"] == str(output_dir)
+        assert [e["step"] for e in resumed_history["events"][:last_step]] == list(range(1, last_step + 1))
+        server.interrupt()  # Cancel: ComfyUI's interrupt
+        cancelled = page.wait_view(lambda s: s["status"] != "running", 180, "the end after Cancel")
+        assert cancelled["status"] == "interrupted" and cancelled["label"] == "cancelled"
+        assert "Queue again to continue from step" in cancelled["message"]
+        assert cancelled.get("lastToast") == "interrupted"
         _assert_clean(page)
     finally:
         page.close(artifacts / f"end_buttons_{version}.png")

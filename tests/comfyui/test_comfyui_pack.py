@@ -5,6 +5,20 @@ NODES = {
     "HiDreamLoKrLoadDiffusers", "HiDreamLoKrLoadTransformerFile", "HiDreamLoKrImageDataset", "HiDreamLoKrCombineDatasets",
     "HiDreamLoKrDatasetFromImages", "HiDreamLoKrCacheTextEmbeddings", "HiDreamLoKrCacheLatents", "HiDreamLoKrConfig",
     "HiDreamLoKrTrain", "HiDreamLoKrSampler", "HiDreamLoKrApplyToModel", "HiDreamLoKrSave", "HiDreamLoKrLoad",
+    "HiDreamLoKrOptimizerSettings", "HiDreamLoKrPreviewSettings", "HiDreamLoKrCheckpointSettings",
+    "HiDreamLoKrAdvancedSettings", "HiDreamLoKrMissingModelFiles",
+}
+# The Train node before the settings nodes had 28 widgets; every one is still a setting, on the node or on one of
+# the settings nodes, with the default it had.
+FIRST_LAYOUT_DEFAULTS = {
+    "max_train_steps": 1000, "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "constant_with_warmup",
+    "lr_warmup_steps": 100, "train_batch_size": 1, "gradient_accumulation_steps": 1, "gradient_checkpointing": True,
+    "mixed_precision": "bf16", "flow_schedule_shift": 3.0, "flow_schedule_auto_shift": False,
+    "hidream_use_load_balancing_loss": False, "hidream_load_balancing_loss_weight": 0.01,
+    "caption_dropout_probability": 0.0, "seed": 42, "output_name": "hidream_lokr", "validation_prompt": "",
+    "validation_negative_prompt": "", "validation_step_interval": 100, "validation_resolution": 1024,
+    "validation_num_inference_steps": 20, "validation_guidance": 3.0, "use_ema": False, "ema_decay": 0.995,
+    "checkpoint_step_interval": 500, "checkpoints_total_limit": 5, "offload_blocks": False,
 }
 
 
@@ -30,6 +44,8 @@ def test_every_node_is_registered_with_description_and_tooltips(comfy):
                 assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
     train = info["HiDreamLoKrTrain"]["input"]["required"]
     assert train["hidream_model"][0] == "HIDREAM_MODEL" and train["lokr_config"][0] == "HIDREAM_LOKR_CONFIG"
+    widgets = [n for n, spec in train.items() if not spec[0].startswith("HIDREAM")]
+    assert len(widgets) <= 8, widgets  # the essentials; the rest is on the settings nodes
     assert info["HiDreamLoKrTrain"]["output"] == ["HIDREAM_LOKR", "IMAGE", "IMAGE"]
     assert info["HiDreamLoKrSampler"]["output"] == ["LATENT", "IMAGE"]
     assert info["HiDreamLoKrApplyToModel"]["output"] == ["MODEL"]
@@ -39,3 +55,35 @@ def test_example_workflows_are_listed_as_templates(comfy):
     templates = comfy.get("/api/workflow_templates")
     assert set(templates["ComfyUI-HiDream-LoKr"]) == {"hidream_lokr_tiny_demo", "hidream_lokr_train",
                                                       "hidream_lokr_sample_native"}
+
+
+def test_every_setting_of_the_first_train_layout_keeps_its_default(comfy):
+    """Essentials on the Train node, the rest on the four settings nodes wired into its optional sockets."""
+    info = comfy.get("/object_info")
+    found = {}
+    train = info["HiDreamLoKrTrain"]["input"]
+    for name, spec in {**train["required"], **train.get("optional", {})}.items():
+        if len(spec) > 1 and "default" in spec[1]:
+            found[name] = spec[1]["default"]
+    sockets = {spec[0]: name for name, spec in train.get("optional", {}).items() if spec[0].endswith("_SETTINGS")}
+    assert set(sockets.values()) == {"optimizer_settings", "preview_settings", "checkpoint_settings",
+                                     "advanced_settings"}
+    for node in ("HiDreamLoKrOptimizerSettings", "HiDreamLoKrPreviewSettings", "HiDreamLoKrCheckpointSettings",
+                 "HiDreamLoKrAdvancedSettings"):
+        assert info[node]["output"][0] in sockets  # each plugs into its own socket
+        for name, spec in info[node]["input"]["required"].items():
+            assert name not in found, f"{name} is on two nodes"
+            found[name] = spec[1]["default"]
+    assert {k: found.get(k) for k in FIRST_LAYOUT_DEFAULTS} == FIRST_LAYOUT_DEFAULTS
+    assert found["resume_from_checkpoint"] == "auto"
+    assert train["required"]["resume_from_checkpoint"][1]["options"][:3] == ["auto", "start over", "latest"]
+
+
+def test_pack_start_up_is_light(comfy):
+    """ComfyUI times every pack's import; this one imports no diffusers, transformers or LyCORIS until a node runs."""
+    import re
+
+    (line,) = [l for l in comfy.log().splitlines() if re.search(r"seconds.*ComfyUI-HiDream-LoKr", l)]
+    seconds = float(line.split("seconds")[0].split()[-1])
+    print(f"\npack import time as ComfyUI reports it: {seconds:.1f} s")
+    assert seconds < 0.5, line

@@ -4,11 +4,23 @@ from __future__ import annotations
 import importlib
 import sys
 
+import pytest
 import torch
 
 from comfy_server import REPO
 
 sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture()
+def output_dir(pack, tmp_path):
+    """ComfyUI's output folder moved to a temporary one for the test (never the ComfyUI install's own)."""
+    import folder_paths
+
+    before = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    yield tmp_path
+    folder_paths.set_output_directory(before)
 
 
 def test_a_failed_runs_lokr_hooks_are_removed_from_the_cached_transformer(pack, tmp_path):
@@ -31,9 +43,8 @@ def test_a_failed_runs_lokr_hooks_are_removed_from_the_cached_transformer(pack, 
     assert train_node.remove_leftover_lokr(transformer) == 0
 
 
-def test_output_names_from_node_inputs_cannot_leave_the_output_folder(pack):
+def test_output_names_from_node_inputs_cannot_leave_the_output_folder(output_dir):
     import folder_paths
-    import pytest
 
     paths = importlib.import_module("hidream_lokr_pack.nodes.paths")
     config_error = importlib.import_module("hidream_lokr_pack.trainer_core.config").ConfigError
@@ -46,3 +57,93 @@ def test_output_names_from_node_inputs_cannot_leave_the_output_folder(pack):
         paths.new_run_dir("..")
     output = folder_paths.get_output_directory()
     assert str(paths.new_lora_file("mine/style")).startswith(str(output))
+
+
+def test_the_browser_extension_knows_the_first_train_layout_as_the_nodes_do(pack):
+    """web/hidream_lokr_live.js loads workflows saved with the Train node's first layout by position: its list of
+    that layout's widgets is nodes/train_settings.py's, and every entry is still a setting (or the seed's
+    control_after_generate value)."""
+    import re
+
+    settings = importlib.import_module("hidream_lokr_pack.nodes.train_settings")
+    code = (REPO / "web" / "hidream_lokr_live.js").read_text()
+    block = re.search(r"const LEGACY_WIDGETS = \[(.*?)\];", code, re.S).group(1)
+    assert tuple(re.findall(r'"([a-z0-9_]+)"', block)) == settings.LEGACY_TRAIN_WIDGETS
+    assert set(settings.LEGACY_TRAIN_WIDGETS) - {"control_after_generate"} <= set(settings.ALL_SETTINGS)
+
+
+def _run_folder(paths, output_name: str, number: int, checkpoints=(), **record):
+    """A run folder as the Train node leaves it: run.json and complete checkpoints (a manifest over a state file)."""
+    import json as _json
+
+    from trainer_core.training import checkpoint as ckpt
+
+    folder = paths.pack_output_dir() / f"{paths.run_folder_name(output_name)}_{number:05d}"
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(_json.dumps(record))
+    for step in checkpoints:
+        ckpt.save_checkpoint(folder, step, lambda tmp: (tmp / ckpt.STATE_FILE).write_bytes(b"state"))
+    return folder
+
+
+def test_what_a_queued_training_does_with_the_run_folders_of_its_name(output_dir):
+    """run_store.plan's decision table, on folders written the way the Train node writes them."""
+    import uuid
+
+    paths = importlib.import_module("hidream_lokr_pack.nodes.paths")
+    store = importlib.import_module("hidream_lokr_pack.nodes.run_store")
+    name = f"plan_{uuid.uuid4().hex[:6]}"
+    same, other = "f" * 64, "0" * 64
+
+    assert store.plan(name, same, "auto", 12).action == "new"  # nothing yet
+    failed = _run_folder(paths, name, 1, (4, 8), status="failed", fingerprint=same, steps_done=9,
+                         session=store.SESSION)
+    p = store.plan(name, same, "auto", 12)
+    assert (p.action, p.folder, p.checkpoint.name) == ("continue", failed, "checkpoint-8")
+    assert store.plan(name, other, "auto", 12).action == "new"  # other settings: never someone else's run
+    assert store.plan(name, same, "start over", 12).action == "new"
+    assert store.plan(name, same, "", 12).action == "continue"  # the old text box's empty value is auto
+    # A record still "running" from another ComfyUI process was cut short: continue it.
+    killed = _run_folder(paths, name, 2, (4,), status="running", fingerprint=same, steps_done=6, session="gone")
+    p = store.plan(name, same, "auto", 12)
+    assert (p.action, p.folder, p.checkpoint.name) == ("continue", killed, "checkpoint-4")
+    # Finished with exactly these steps: returned; with more steps asked: continued; fewer: a new run.
+    done = _run_folder(paths, name, 3, (12,), status="finished", fingerprint=same, steps_done=12,
+                       session=store.SESSION, cache_token="token-of-its-start")
+    (done / "pytorch_lora_weights.safetensors").write_bytes(b"lokr")
+    assert store.plan(name, same, "auto", 12).action == "return"
+    assert store.plan(name, same, "auto", 20).checkpoint == done / "checkpoint-12"
+    assert store.plan(name, same, "auto", 6).action == "new"
+    assert store.cache_token(name) == "token-of-its-start"  # a finished run: ComfyUI's cache may answer
+    # latest: the newest complete checkpoint of any run of the name, whatever its settings.
+    p = store.plan(name, other, "latest", 12)
+    assert (p.action, p.checkpoint) == ("new", done / "checkpoint-12")
+    p = store.plan(name, same, "latest", 20)
+    assert (p.action, p.folder) == ("continue", done)
+    # An explicit checkpoint, and one that is not complete.
+    p = store.plan(name, same, f"{failed.name}/checkpoint-4", 12)
+    assert (p.action, p.folder, p.checkpoint.name) == ("continue", failed, "checkpoint-4")
+    (failed / "checkpoint-8" / "manifest.json").unlink()
+    assert store.plan(name, same, "auto", 12).action == "return"  # the finished run is the newest of these
+    config_error = importlib.import_module("hidream_lokr_pack.trainer_core.config").ConfigError
+    with pytest.raises(config_error, match="not a complete checkpoint"):
+        store.plan(name, same, f"{failed.name}/checkpoint-8", 12)
+    # An unfinished newest run changes the cache token: ComfyUI runs the node again instead of its cache.
+    _run_folder(paths, name, 4, (), status="stopped", fingerprint=same, steps_done=3, session=store.SESSION)
+    assert store.cache_token(name).startswith("stopped:")
+
+
+def test_settings_that_do_not_change_what_trains_leave_the_fingerprint_alone(pack):
+    """Previews, checkpoints and memory settings (gradient checkpointing, block offload) change nothing the run
+    learns: changing one and queueing again continues the unfinished run (the fix for most errors)."""
+    settings = importlib.import_module("hidream_lokr_pack.nodes.train_settings")
+    base = dict(settings.DEFAULTS)
+    key = settings.run_fingerprint("m", "d", ["t", "i"], {"factor": 16}, base)
+    for name, value in (("validation_prompt", "other"), ("validation_step_interval", 7),
+                        ("validation_num_inference_steps", 3), ("checkpoint_step_interval", 9),
+                        ("gradient_checkpointing", False), ("offload_blocks", True), ("max_train_steps", 5),
+                        ("output_name", "x"), ("resume_from_checkpoint", "latest")):
+        assert settings.run_fingerprint("m", "d", ["t", "i"], {"factor": 16}, {**base, name: value}) == key, name
+    for name, value in (("learning_rate", 1e-3), ("seed", 1), ("lr_scheduler", "constant"),
+                        ("mixed_precision", "no"), ("train_batch_size", 2)):
+        assert settings.run_fingerprint("m", "d", ["t", "i"], {"factor": 16}, {**base, name: value}) != key, name

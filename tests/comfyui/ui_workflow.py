@@ -4,16 +4,142 @@ The examples are written once as API prompts (tests/comfyui/workflows/*_api.json
 files in workflows/ are generated from them with the node definitions of a live server (`/object_info` gives the
 widget order), so the two can never drift apart: test_comfyui_workflows.py checks that they describe the same graph.
 
-    .cache/comfyui/venv/bin/python tests/comfyui/ui_workflow.py     # regenerate workflows/*.json and thumbnails
+The UI files are arranged for people (LAYOUTS): titled groups in the order of the work, a Markdown note per group
+saying what to do, nodes sized to their content, `properties.models` (name, url, folder; taken from ComfyUI's own
+HiDream-I1 template) on every loader, and a saved view at 100% that opens on the first group. Node heights for the
+placement are the largest each node type has in the frontends this pack is tested on (1.32.9 and 1.58.1, classic
+and Vue nodes; NODE_HEIGHTS); tests/browser/test_workflow_layout.py checks in a real browser that no two nodes
+overlap and every title is readable.
+
+    .cache/comfyui/venv/bin/python tests/comfyui/ui_workflow.py     # regenerate workflows/*.json
+    .cache/comfyui/venv/bin/python scripts/capture_screenshots.py   # then their thumbnails and the screenshots
 """
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-COLUMN_WIDTH, ROW_HEIGHT = 380, 420
+NOTE_TYPE = "MarkdownNote"  # the frontend's own note node (not a server node; ComfyUI's templates use it)
+TRAIN_LAYOUT = 2  # nodes/train_settings.py TRAIN_LAYOUT
+TITLE_HEIGHT = 30  # a node's title bar sits above its pos
+GROUP_TITLE = 50  # room for a group's title above its first node title
+GAP = 36  # between two nodes of a column, title bar included
+COLUMN_GAP = 60
+GROUP_GAP = 70
+PAD = 20
+VIEW_ANCHOR = (90, 150)  # where the first group's top-left corner lands on screen (clear of the menus) at 100 %
+
+# Content height (below the title) per node type: the largest of classic and Vue nodes on both frontends, with
+# room for what a node shows after a run (the Train node's full live view, an image preview).
+NODE_HEIGHTS = {
+    "HiDreamLoKrLoadTransformerFile": 116, "QuadrupleCLIPLoader": 184, "VAELoader": 82,
+    "HiDreamLoKrLoadDiffusers": 252, "HiDreamLoKrImageDataset": 388, "HiDreamLoKrCacheTextEmbeddings": 98,
+    "HiDreamLoKrCacheLatents": 130, "HiDreamLoKrConfig": 342, "HiDreamLoKrTrain": 832,
+    "HiDreamLoKrOptimizerSettings": 252, "HiDreamLoKrPreviewSettings": 150, "HiDreamLoKrCheckpointSettings": 116,
+    "HiDreamLoKrAdvancedSettings": 354, "HiDreamLoKrSave": 94, "HiDreamLoKrSampler": 528, "PreviewImage": 300,
+    "SaveImage": 300, "CLIPTextEncode": 120, "UNETLoader": 116, "LoraLoaderModelOnly": 116, "ModelSamplingSD3": 82,
+    "EmptySD3LatentImage": 150, "KSampler": 324, "VAEDecode": 72,
+}
+# The size saved in the workflow (classic mode draws it; Vue nodes grow to their content).
+NODE_WIDTHS = {"HiDreamLoKrTrain": 480, "HiDreamLoKrSampler": 340, "HiDreamLoKrImageDataset": 340,
+               "HiDreamLoKrAdvancedSettings": 330, "PreviewImage": 300, "SaveImage": 300, "KSampler": 320}
+DEFAULT_WIDTH = 320
+
+HF = "https://huggingface.co/Comfy-Org/HiDream-I1_ComfyUI/resolve/main/split_files"
+# properties.models of each loader, as ComfyUI's template hidream_i1_full.json declares them.
+MODELS = {
+    "hidream_i1_full_fp8.safetensors": (f"{HF}/diffusion_models/hidream_i1_full_fp8.safetensors?download=true",
+                                        "diffusion_models"),
+    "clip_l_hidream.safetensors": (f"{HF}/text_encoders/clip_l_hidream.safetensors", "text_encoders"),
+    "clip_g_hidream.safetensors": (f"{HF}/text_encoders/clip_g_hidream.safetensors", "text_encoders"),
+    "t5xxl_fp8_e4m3fn_scaled.safetensors": (f"{HF}/text_encoders/t5xxl_fp8_e4m3fn_scaled.safetensors",
+                                            "text_encoders"),
+    "llama_3.1_8b_instruct_fp8_scaled.safetensors": (
+        f"{HF}/text_encoders/llama_3.1_8b_instruct_fp8_scaled.safetensors", "text_encoders"),
+    "ae.safetensors": (f"{HF}/vae/ae.safetensors?download=true", "vae"),
+}
+MODEL_INPUTS = {"unet_name", "clip_name1", "clip_name2", "clip_name3", "clip_name4", "vae_name"}
+
+
+@dataclass
+class Group:
+    title: str
+    note: str
+    columns: list[list[str]]  # node ids, top to bottom, one list per column
+    note_height: int = 0  # 0: estimated from the text
+    note_title: str = "What to do"
+    color: str = "#3f789e"
+    below_previous: bool = False  # stack under the group before it instead of starting a new column of groups
+    widths: dict = field(default_factory=dict)  # node id -> width
+
+
+MODEL_LINKS = ("[HiDream-I1 for ComfyUI on Hugging Face](https://huggingface.co/Comfy-Org/HiDream-I1_ComfyUI) "
+               "(or [ModelScope](https://modelscope.cn/models/Comfy-Org/HiDream-I1_ComfyUI))")
+
+TRAIN_NOTE = ("Press **Queue**. The Train node shows the loss, the newest preview (click it to enlarge) and "
+              "**Sample now · Save now · Stop & save**.\n\nStopped, cancelled, failed or ComfyUI closed? **Queue "
+              "again**: it continues from the last checkpoint. Set `resume_from_checkpoint` to `start over` for a new "
+              "run.")
+SETTINGS_NOTE = ("Optional. Each settings node holds a part of the training's settings; left out, its defaults "
+                 "apply (the values shown on a new node). Wire one into the matching socket of the Train node.")
+
+LAYOUTS: dict[str, list[Group]] = {
+    "hidream_lokr_tiny_demo": [
+        Group("1 · Load the model",
+              "**A tiny HiDream, for a first run.** `tiny-hidream` is built into `models/diffusers/` the first "
+              "time this runs (no download) and trains on a CPU in seconds: the whole workflow, in miniature.\n\n"
+              "For HiDream-I1 itself open the **hidream_lokr_train** template.", [["1"]]),
+        Group("2 · Your images",
+              "`hidream_lokr_demo_shapes` (8 captioned shapes) is written into `input/` on first use.\n\n"
+              "Your own: a folder under `input/` (or an absolute path) with an image and a same-name `.txt` "
+              "caption each.", [["2"]], below_previous=True),
+        Group("3 · Cache text and latents",
+              "Every caption and image is encoded **once** and kept in `output/hidream_lokr/cache/`; the next "
+              "runs reuse it.", [["3", "4"]]),
+        Group("4 · Train", TRAIN_NOTE, [["5"], ["6"]]),
+        Group("4b · Training settings (optional)", SETTINGS_NOTE, [["10"], ["11", "12"], ["13"]],
+              below_previous=True, color="#4a5f70"),
+        Group("5 · Save and try the LoKr",
+              "The LoKr goes to `output/loras/hidream_lokr/` (ComfyUI's LoRA loaders list it) and is sampled "
+              "here with the same prompt.", [["7", "8"], ["9"]]),
+    ],
+    "hidream_lokr_train": [
+        Group("1 · Load the models",
+              "**Put these files in ComfyUI's model folders** (queueing names every one that is missing):\n\n"
+              "- `diffusion_models/` hidream_i1_full_fp8.safetensors (15.9 GB)\n"
+              "- `text_encoders/` clip_l_hidream, clip_g_hidream, t5xxl_fp8_e4m3fn_scaled, "
+              "llama_3.1_8b_instruct_fp8_scaled\n"
+              "- `vae/` ae.safetensors\n\n" + MODEL_LINKS, [["note"], ["1", "2", "3"]], note_height=330),
+        Group("2 · Your images",
+              "Put your images in `input/my_lokr_dataset/`, each with a same-name `.txt` caption (or change "
+              "`caption_strategy`). 1024 px is HiDream's resolution.", [["4"]], below_previous=True),
+        Group("3 · Cache text and latents",
+              "ComfyUI's CLIP and VAE encode every caption and image **once** into `output/hidream_lokr/cache/`; "
+              "the encoders can then be unloaded for training.", [["5", "6"]]),
+        Group("4 · Train", TRAIN_NOTE, [["7"], ["8"]]),
+        Group("4b · Training settings (optional)", SETTINGS_NOTE, [["14"], ["15", "16"], ["17"]],
+              below_previous=True, color="#4a5f70"),
+        Group("5 · Save and try the LoKr",
+              "The LoKr goes to `output/loras/hidream_lokr/`; here it samples HiDream-I1 Full's way (shift 3.0, "
+              "50 steps, CFG 5).", [["10", "11"], ["12"], ["9", "13"]]),
+    ],
+    "hidream_lokr_sample_native": [
+        Group("1 · Load the models",
+              "HiDream-I1 Full in ComfyUI's own loaders, as in ComfyUI's HiDream template:\n\n"
+              "- `diffusion_models/` hidream_i1_full_fp8.safetensors\n"
+              "- `text_encoders/` clip_l_hidream, clip_g_hidream, t5xxl_fp8_e4m3fn_scaled, "
+              "llama_3.1_8b_instruct_fp8_scaled\n"
+              "- `vae/` ae.safetensors\n\n" + MODEL_LINKS, [["note"], ["1", "2", "3"]], note_height=310),
+        Group("2 · Your LoKr",
+              "Pick a LoKr the Train node saved (`output/loras/hidream_lokr/...`); strength 1 is as trained.",
+              [["4", "5"]]),
+        Group("3 · Prompt and image size", "The same text goes to all four text encoders.", [["6", "7", "8"]]),
+        Group("4 · Sample", "HiDream-I1 Full: uni_pc, simple, 50 steps, CFG 5.", [["9"], ["10", "11"]]),
+    ],
+}
 
 
 def _is_widget(spec: list) -> bool:
@@ -31,72 +157,136 @@ def _inputs_in_order(info: dict) -> list[tuple[str, list]]:
     return out
 
 
-def _columns(api: dict) -> dict[str, int]:
-    """Column of each node = length of its longest chain of inputs (a left-to-right layout)."""
-    depth: dict[str, int] = {}
+def _classic_height(info: dict) -> int:
+    """What LiteGraph's computeSize gives for a node of this definition (classic mode draws exactly this when the
+    saved size is smaller): its socket rows, then its widgets."""
+    specs = _inputs_in_order(info)
+    sockets = sum(1 for _, spec in specs if not _is_widget(spec))
+    rows = max(sockets, len(info["output"]), 1)
+    multiline = widgets = 0
+    for _, spec in specs:
+        if _is_widget(spec):
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            multiline += bool(options.get("multiline"))
+            widgets += 1 + bool(options.get("control_after_generate"))
+    return 14 + 20 * rows + 24 * (widgets - multiline) + 54 * multiline
 
-    def visit(node_id: str) -> int:
-        if node_id not in depth:
-            sources = [v[0] for v in api[node_id]["inputs"].values() if isinstance(v, list)]
-            depth[node_id] = 1 + max((visit(s) for s in sources), default=-1)
-        return depth[node_id]
 
-    for node_id in api:
-        visit(node_id)
-    return depth
+def _note_height(text: str, width: int) -> int:
+    """Room for a note's text: rendered Markdown (larger in Vue nodes) at about 7 px a character."""
+    chars_per_line = max(20, int((width - 30) / 6.4))
+    lines = sum(max(1, -(-len(line) // chars_per_line)) for line in text.split("\n"))
+    return max(100, 36 + 18 * lines)
 
 
-def api_to_ui(api: dict, object_info: dict) -> dict:
-    columns = _columns(api)
-    rows: dict[int, int] = {}
+def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
     nodes, links = [], []
     socket_inputs: dict[str, list[str]] = {}
     for node_id, node in api.items():
         info = object_info[node["class_type"]]
-        socket_inputs[node_id] = [name for name, spec in _inputs_in_order(info)
-                                  if not _is_widget(spec) and name in node["inputs"]]
-    for order, (node_id, node) in enumerate(sorted(api.items(), key=lambda kv: (columns[kv[0]], int(kv[0])))):
+        socket_inputs[node_id] = [n for n, spec in _inputs_in_order(info)
+                                  if not _is_widget(spec) and n in node["inputs"]]
+    for order, (node_id, node) in enumerate(api.items()):
         info = object_info[node["class_type"]]
         widgets = []
-        for name, spec in _inputs_in_order(info):
-            if _is_widget(spec) and name in node["inputs"] and not isinstance(node["inputs"][name], list):
-                widgets.append(node["inputs"][name])
+        for input_name, spec in _inputs_in_order(info):
+            if _is_widget(spec) and input_name in node["inputs"] and not isinstance(node["inputs"][input_name], list):
+                widgets.append(node["inputs"][input_name])
                 if len(spec) > 1 and spec[1].get("control_after_generate"):
                     widgets.append("fixed")
         inputs = []
-        for slot, name in enumerate(socket_inputs[node_id]):
-            source, source_slot = node["inputs"][name]
+        for slot, input_name in enumerate(socket_inputs[node_id]):
+            source, source_slot = node["inputs"][input_name]
             link_id = len(links) + 1
             links.append([link_id, int(source), source_slot, int(node_id), slot,
                           object_info[api[source]["class_type"]]["output"][source_slot]])
-            spec = dict(_inputs_in_order(info))[name]
-            inputs.append({"name": name, "type": spec[0], "link": link_id})
-        column = columns[node_id]
-        row = rows.get(column, 0)
-        rows[column] = row + 1
+            spec = dict(_inputs_in_order(info))[input_name]
+            inputs.append({"name": input_name, "type": spec[0], "link": link_id})
+        properties = {"Node name for S&R": node["class_type"]}
+        models = [{"name": v, "url": MODELS[v][0], "directory": MODELS[v][1]}
+                  for k, v in node["inputs"].items() if k in MODEL_INPUTS and v in MODELS]
+        if models:
+            properties["models"] = models
+        if node["class_type"] == "HiDreamLoKrTrain":
+            properties["hidream_lokr_layout"] = TRAIN_LAYOUT
+        width = NODE_WIDTHS.get(node["class_type"], DEFAULT_WIDTH)
         nodes.append({
-            "id": int(node_id), "type": node["class_type"], "pos": [40 + column * COLUMN_WIDTH, 40 + row * ROW_HEIGHT],
-            "size": [340, 120 + 26 * len(widgets)], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
-            "outputs": [{"name": name, "type": kind, "links": [], "slot_index": i}
-                        for i, (name, kind) in enumerate(zip(info["output_name"], info["output"]))],
+            "id": int(node_id), "type": node["class_type"], "pos": [0, 0],
+            "size": [width, _classic_height(info) + (76 if node["class_type"] == "HiDreamLoKrTrain" else 0)],
+            "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+            "outputs": [{"name": n, "type": kind, "links": [], "slot_index": i}
+                        for i, (n, kind) in enumerate(zip(info["output_name"], info["output"]))],
             "title": node.get("_meta", {}).get("title", info["display_name"]),
-            "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
+            "properties": properties, "widgets_values": widgets})
     by_id = {n["id"]: n for n in nodes}
     for link_id, source, slot, _, _, _ in links:
         by_id[source]["outputs"][slot]["links"].append(link_id)
     for node in nodes:
         for output in node["outputs"]:
             output["links"] = output["links"] or None
+    groups = arrange(nodes, LAYOUTS.get(name, []))
+    first = groups[0]["bounding"] if groups else [0, 0, 0, 0]
+    view = {"scale": 1, "offset": [VIEW_ANCHOR[0] - first[0], VIEW_ANCHOR[1] - first[1]]}
     return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0,
-            "last_node_id": max(by_id), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
-            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+            "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes,
+            "links": links, "groups": groups, "config": {}, "extra": {"ds": view}, "version": 0.4}
+
+
+def arrange(nodes: list[dict], layout: list[Group]) -> list[dict]:
+    """Place the nodes group by group (left to right; a group `below_previous` under the one before it) and the
+    group's Markdown note where its columns say "note" (default: on top of the first column); returns the groups.
+    Nodes a layout does not name stay put."""
+    by_id = {str(n["id"]): n for n in nodes}
+    next_id = max(n["id"] for n in nodes) + 1
+    groups = []
+    column_right = 0
+    for index, group in enumerate(layout):
+        if group.below_previous and groups:
+            previous = groups[-1]["bounding"]
+            gx, gy = previous[0], previous[1] + previous[3] + GROUP_GAP
+        else:
+            gx, gy = (column_right + GROUP_GAP if groups else 0), 0
+        columns = [list(c) for c in group.columns]
+        if not any("note" in c for c in columns):
+            columns[0].insert(0, "note")
+        widths = [max([NODE_WIDTHS.get(by_id[i]["type"], DEFAULT_WIDTH) for i in column if i != "note"] or
+                      [DEFAULT_WIDTH]) for column in columns]
+        top = gy + GROUP_TITLE + TITLE_HEIGHT
+        bottom, cx = top, gx + PAD
+        for column, width in zip(columns, widths):
+            cy = top
+            for item in column:
+                if item == "note":
+                    height = group.note_height or _note_height(group.note, width)
+                    nodes.append({"id": next_id, "type": NOTE_TYPE, "pos": [cx, cy], "size": [width, height],
+                                  "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                                  "title": group.note_title, "properties": {}, "widgets_values": [group.note],
+                                  "color": "#222", "bgcolor": "#000"})
+                    next_id += 1
+                else:
+                    node = by_id[item]
+                    node["pos"] = [cx, cy]
+                    height = NODE_HEIGHTS.get(node["type"], node["size"][1] + 80)
+                cy += height + GAP + TITLE_HEIGHT
+                bottom = max(bottom, cy - GAP - TITLE_HEIGHT)
+            cx += width + COLUMN_GAP
+        inner_width = sum(widths) + COLUMN_GAP * (len(widths) - 1)
+        bounding = [gx, gy, inner_width + 2 * PAD, bottom - gy + PAD]
+        groups.append({"id": index + 1, "title": group.title, "bounding": bounding, "color": group.color,
+                       "font_size": 24, "flags": {}})
+        right = bounding[0] + bounding[2]
+        column_right = max(column_right, right) if group.below_previous else right
+    return groups
 
 
 def ui_to_api(ui: dict, object_info: dict) -> dict:
-    """The inverse, for the consistency test: UI workflow -> {id: {class_type, inputs}}."""
+    """The inverse, for the consistency test: UI workflow -> {id: {class_type, inputs}} (notes are not nodes of
+    the server: they are left out, as the frontend leaves them out of the prompt)."""
     links = {l[0]: l for l in ui["links"]}
     api = {}
     for node in ui["nodes"]:
+        if node["type"] == NOTE_TYPE:
+            continue
         info = object_info[node["type"]]
         values = list(node["widgets_values"])
         inputs = {}
@@ -113,46 +303,6 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     return api
 
 
-def graph_thumbnail(ui: dict, size=(640, 400)):
-    """A schematic picture of the workflow (boxes and wires), for workflows whose outputs need real weights."""
-    from PIL import Image, ImageDraw
-
-    xs = [n["pos"][0] for n in ui["nodes"]]
-    ys = [n["pos"][1] for n in ui["nodes"]]
-    span_x, span_y = max(xs) - min(xs) + 360, max(ys) - min(ys) + 200
-    scale = min((size[0] - 20) / span_x, (size[1] - 20) / span_y)
-    image = Image.new("RGB", size, (32, 34, 40))
-    draw = ImageDraw.Draw(image)
-    box = {}
-    for n in ui["nodes"]:
-        x0 = 10 + (n["pos"][0] - min(xs)) * scale
-        y0 = 10 + (n["pos"][1] - min(ys)) * scale
-        box[n["id"]] = (x0, y0, x0 + 320 * scale, y0 + 150 * scale)
-    for _, source, _, target, _, _ in ui["links"]:
-        a, b = box[source], box[target]
-        draw.line([(a[2], (a[1] + a[3]) / 2), (b[0], (b[1] + b[3]) / 2)], fill=(140, 170, 220), width=2)
-    for n in ui["nodes"]:
-        ours = n["type"].startswith("HiDreamLoKr")
-        draw.rectangle(box[n["id"]], fill=(70, 60, 110) if ours else (60, 64, 72), outline=(200, 200, 210))
-        draw.text((box[n["id"]][0] + 4, box[n["id"]][1] + 4), n["title"][:26], fill=(235, 235, 240))
-    return image
-
-
-def demo_thumbnail(run_dir: Path, size=(640, 400)):
-    """The tiny demo's real outputs: its previews (step 0, middle, end) above its loss curve."""
-    from PIL import Image
-
-    image = Image.new("RGB", size, (32, 34, 40))
-    previews = sorted((run_dir / "validation").glob("step_*/grid.png"))
-    side = min(150, (size[0] - 20) // max(1, len(previews)) - 10)
-    for i, path in enumerate(previews):
-        image.paste(Image.open(path).convert("RGB").resize((side, side), Image.NEAREST), (10 + i * (side + 10), 10))
-    curve = Image.open(run_dir / "loss_curve.png").convert("RGB")
-    curve.thumbnail((size[0] - 20, size[1] - side - 30))
-    image.paste(curve, (10, side + 20))
-    return image
-
-
 def main() -> None:
     from comfy_server import REPO, ComfyServer, comfyui_dir
     import tempfile
@@ -163,15 +313,8 @@ def main() -> None:
             info = server.get("/object_info")
             for api_file in sorted((Path(__file__).parent / "workflows").glob("*_api.json")):
                 name = api_file.name.removesuffix("_api.json")
-                ui = api_to_ui(json.loads(api_file.read_text()), info)
+                ui = api_to_ui(json.loads(api_file.read_text()), info, name)
                 (REPO / "workflows" / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
-                thumbnail = REPO / "workflows" / f"{name}.jpg"
-                if name == "hidream_lokr_tiny_demo":
-                    server.wait(server.submit(json.loads(api_file.read_text())))
-                    (run_dir,) = (server.output_dir() / "hidream_lokr").glob("tiny_demo_*")
-                    demo_thumbnail(run_dir).save(thumbnail, quality=88)
-                else:
-                    graph_thumbnail(ui).save(thumbnail, quality=88)
                 print("wrote", name)
         finally:
             server.stop()

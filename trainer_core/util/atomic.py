@@ -4,6 +4,10 @@ A reader (or a resumed run) therefore sees either the previous complete file or 
 torn one, whatever moment the process is killed at. The temporary name carries the process id and a random part,
 so two processes publishing the same file at once (two runs sharing a cache folder) never write into each other's
 temporary file; the last rename wins and both wrote identical bytes.
+
+A published file gets the mode a plain `open(path, "w")` would give it (0666 less the umask): some writers create
+their output privately (safetensors' save_file writes 0600), which would make LoKr files unreadable to anyone but
+their owner while every other output is readable.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import hashlib
 import os
 import secrets
 import shutil
+import stat
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
@@ -46,6 +52,21 @@ def fsync_directory(folder: Path) -> None:
             os.close(fd)
 
 
+_umask_lock = threading.Lock()
+_file_mode: list[int] = []
+
+
+def default_file_mode() -> int:
+    """0666 less the process' umask: the mode `open(path, "w")` creates files with. Read once (reading the umask
+    means setting it for a moment) and kept: processes set their umask when they start."""
+    with _umask_lock:
+        if not _file_mode:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            _file_mode.append(0o666 & ~umask)
+    return _file_mode[0]
+
+
 def _free_bytes(folder: Path) -> int | None:
     try:
         return shutil.disk_usage(folder).free
@@ -67,6 +88,8 @@ def published(path: PathLike, suffix: str = "", size_hint: int | None = None) ->
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if hasattr(os, "chmod") and stat.S_IMODE(tmp.stat().st_mode) != default_file_mode():
+            os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except OSError as exc:
         written = tmp.stat().st_size if tmp.exists() else None

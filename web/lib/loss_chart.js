@@ -83,6 +83,7 @@ export class LossChart {
     this.series = new LossSeries(window);
     this.logScale = logScale;
     this.totalSteps = 0; // x axis runs to the planned total when known
+    this.resumedAt = null; // a resumed run: the checkpoint step, drawn as a dashed line ("resumed")
     this.stats = { draws: 0, lastDrawMs: 0, pointsDrawn: 0, columns: 0 };
     this._frame = null;
   }
@@ -96,6 +97,7 @@ export class LossChart {
   reset(totalSteps = 0) {
     this.series.clear();
     this.totalSteps = totalSteps;
+    this.resumedAt = null;
     this.requestDraw();
   }
 
@@ -229,6 +231,21 @@ export class LossChart {
       } else ctx.lineTo(x, y);
     }
     ctx.stroke();
+
+    // where a resumed run picked up: steps left of it come from the checkpoint's history
+    if (Number.isFinite(this.resumedAt) && this.resumedAt > x0 && this.resumedAt < x1) {
+      const x = pad.left + ((this.resumedAt - x0) / (x1 - x0)) * plotW;
+      ctx.save();
+      ctx.strokeStyle = COLORS.axis;
+      ctx.setLineDash([3, 3]);
+      ctx.beginPath();
+      ctx.moveTo(x, pad.top);
+      ctx.lineTo(x, pad.top + plotH);
+      ctx.stroke();
+      ctx.restore();
+      ctx.fillStyle = COLORS.axis;
+      ctx.fillText(`resumed ${this.resumedAt}`, Math.min(x + 3, pad.left + plotW - 70), pad.top + plotH - 4);
+    }
 
     // legend
     ctx.fillStyle = COLORS.raw;
