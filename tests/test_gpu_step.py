@@ -1,0 +1,180 @@
+"""The graph-capturable training step, on the CPU: no host read in the step (counted by dispatch), the non-finite
+skip decided on the device and exact, the load-balancing loss' gradient attached in the graph, whole compiled
+blocks (no graph break, one graph per block kind and input signature) computing the eager step, and no more saved
+activations than the eager lean backward."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from trainer_core.adapters import LycorisConfig, create_lokr_network
+from trainer_core.config.schema import StepSettings
+from trainer_core.hidream import LoadBalancingLoss
+from trainer_core.speedups import Speedups, apply_speedups
+from trainer_core.training.guarded_update import GuardedUpdate, update_mode
+from trainer_core.training.optimizers import optimizer_by_name
+from trainer_core.training.step import MicroBatch, TrainStep
+from trainer_core.util import HostSyncCounter
+
+from conftest import random_conditioning
+from test_speedups import _set_factors
+
+ATTENTION_ONLY = LycorisConfig(factor=4)  # the default preset: the routed experts stay plain, so the MoE is grouped
+
+
+class FixedNoise:
+    """A NoiseSource with a fixed draw per step (set `step`)."""
+
+    def __init__(self):
+        self.step = 0
+
+    def draw(self, latents):
+        g = torch.Generator().manual_seed(100 + self.step)
+        return torch.randn(latents.shape, generator=g), torch.tensor([0.3, 0.8][: latents.shape[0]])
+
+    def get_state(self):
+        return self.step
+
+    def set_state(self, state):
+        self.step = state
+
+
+def _params_and_loss(seed=0):
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(7))]
+    return params, lambda: sum((p * p).sum() for p in params)
+
+
+def _snapshot(optimizer, params, ema):
+    return ([p.detach().clone() for p in params],
+            {i: {k: v.clone() for k, v in optimizer.state[p].items() if isinstance(v, torch.Tensor)}
+             for i, p in enumerate(params)},
+            {k: v.clone() for k, v in ema.shadow.items()})
+
+
+@pytest.mark.parametrize("name, mode", [("adamw", "found_inf"), ("optimi-lion", "snapshot"),
+                                        ("optimi-adamw", "host")])
+def test_a_non_finite_update_is_undone_exactly_on_the_device(name, mode):
+    from trainer_core.adapters.ema import AdapterEMA
+
+    params, loss_fn = _params_and_loss()
+    holder = torch.nn.Module()
+    holder.a, holder.b = params
+    ema = AdapterEMA(holder, 0.9)
+    optimizer = optimizer_by_name(name, params, 1e-2, 0.01)
+    update = GuardedUpdate(optimizer, params, ema)
+    assert update_mode(optimizer)[0] == mode == update.mode
+    assert not update.on_device  # no state yet: the first update's skip is decided on the host
+
+    def clip():
+        torch.nn.utils.clip_grads_with_norm_(params, 1.0, torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+    loss_fn().backward()
+    update.step_on_host(True, clip)
+    assert update.on_device == (mode != "host")
+    if not update.on_device:
+        return
+    before = _snapshot(optimizer, params, ema)
+    for p in params:
+        p.grad = torch.full_like(p, math.nan)  # what a NaN step leaves
+    with HostSyncCounter() as syncs:
+        update.step(torch.tensor(False), clip)
+    assert syncs.total == 0, syncs.by_op
+    after = _snapshot(optimizer, params, ema)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert all(torch.equal(before[1][i][k], after[1][i][k]) for i in before[1] for k in before[1][i])
+    assert all(torch.equal(before[2][k], after[2][k]) for k in before[2])
+    optimizer.zero_grad()
+    loss_fn().backward()
+    update.step(torch.tensor(True), clip)  # and a finite one updates weights, state and EMA as the host path does
+    reference_params, _ = _params_and_loss()
+    ref_opt = optimizer_by_name(name, reference_params, 1e-2, 0.01)
+    for _ in range(2):
+        ref_opt.zero_grad()
+        sum((p * p).sum() for p in reference_params).backward()
+        torch.nn.utils.clip_grads_with_norm_(reference_params, 1.0,
+                                             torch.nn.utils.get_total_norm([p.grad for p in reference_params]))
+        ref_opt.step()
+    for p, r in zip(params, reference_params):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=0, atol=0)
+
+
+def _train_step(transformer, network, noise, settings=StepSettings(use_load_balancing_loss=True)):
+    params = [p for p in network.parameters() if p.requires_grad]
+    optimizer = optimizer_by_name("adamw", params, 1e-3, 0.01)
+    lb = LoadBalancingLoss(transformer, 0.01)
+    return TrainStep(transformer, params, optimizer, lb, settings, noise)
+
+
+def _tiny_setup(tiny_transformer, speedups=Speedups(), checkpointing=False):
+    transformer = copy.deepcopy(tiny_transformer).train()
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    network = create_lokr_network(transformer, ATTENTION_ONLY)
+    _set_factors(network)
+    report = apply_speedups(transformer, network, speedups)
+    embeds = random_conditioning(transformer, batch=2, seed=3)
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    return transformer, network, report, [lambda: MicroBatch(latents, embeds)]
+
+
+def test_the_train_step_reads_nothing_on_the_host_and_its_result_once(tiny_transformer):
+    """After the optimizer's first update, `launch` (forward, loss, backward, clip, update, EMA-free) dispatches no
+    device-to-host read; the pending step's `result()` makes exactly one."""
+    transformer, network, report, batches = _tiny_setup(tiny_transformer)
+    assert report["grouped_moe_layers"] > 0 and report["sorted_moe_layers"] == 0
+    noise = FixedNoise()
+    step = _train_step(transformer, network, noise)
+    first = step.run(batches, 0)
+    assert first.updated and first.load_balancing_loss > 0
+    noise.step = 1
+    with HostSyncCounter() as syncs:
+        pending = step.launch(batches, 1)
+    assert syncs.total == 0, syncs.by_op
+    with HostSyncCounter() as syncs:
+        outcome = pending.result()
+    assert syncs.total == 1 and outcome.updated and math.isfinite(outcome.grad_norm)
+    assert pending.result() is outcome
+
+
+def test_attached_load_balancing_gradient_equals_the_kept_loss(tiny_transformer):
+    """The trainer's step gives the aux loss its gradient inside the MoE's backward; the stock way keeps the loss
+    with its graph and adds it. Same loss and LoKr gradients, with and without checkpointing."""
+    from test_speedups import _loss_and_grads
+
+    for checkpointing in (False, True):
+        transformer, network, _, batches = _tiny_setup(tiny_transformer, Speedups.none(), checkpointing)
+        flow0, aux0, grads0 = _loss_and_grads(transformer, network, checkpointing)  # kept (stock)
+        transformer, network, _, batches = _tiny_setup(tiny_transformer, Speedups(), checkpointing)
+        lb = LoadBalancingLoss(transformer, 0.01)
+        lb.attach_gradient(1.0)
+        flow1, aux1, grads1 = _loss_and_grads_with(transformer, network, lb)
+        assert flow1 == pytest.approx(flow0, rel=1e-5) and aux1 == pytest.approx(aux0, rel=1e-5)
+        for name, g0 in grads0.items():
+            torch.testing.assert_close(grads1[name], g0, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _loss_and_grads_with(transformer, network, lb):
+    """test_speedups._loss_and_grads with a given (attached) LoadBalancingLoss: only the flow loss is
+    backpropagated, the aux gradient rides in the graph."""
+    from trainer_core.hidream import flow_matching_loss, flow_matching_target, noisy_latents, patch_tokens_to_image
+
+    embeds = random_conditioning(transformer, batch=2, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(2, 16, 8, 8, generator=g)
+    noise = torch.randn(2, 16, 8, 8, generator=g)
+    sigmas = torch.tensor([0.3, 0.8])
+    lb.clear()
+    out = transformer(hidden_states=noisy_latents(x0, noise, sigmas), timesteps=sigmas * 1000,
+                      encoder_hidden_states_t5=embeds.t5, encoder_hidden_states_llama3=embeds.llama,
+                      pooled_embeds=embeds.pooled, return_dict=False)[0]
+    flow = flow_matching_loss(-patch_tokens_to_image(out, 8, 8), flow_matching_target(x0, noise))
+    aux = lb.take()
+    assert not aux.requires_grad
+    flow.backward()
+    lb.remove()
+    grads = {f"{l.lora_name}.{n}": p.grad.clone() for l in network.loras for n, p in l.named_parameters()}
+    return flow.item(), aux.item(), grads
