@@ -68,6 +68,12 @@ def _signature(args, kwargs) -> tuple:
             torch.is_grad_enabled())
 
 
+def _shapes(signature: tuple) -> list:
+    """The tensor shapes of a signature, for the log."""
+    args, kwargs, _ = signature
+    return [list(v[0]) for v in (*args, *(v for _, v in kwargs)) if isinstance(v, tuple)]
+
+
 def _graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -96,7 +102,7 @@ class CompiledBlock:
             reason = str(exc).strip().splitlines()[0][:300]
             _FAILED[key] = reason
             logger.warning("block kind %s, inputs %s: could not be compiled as one graph (%s); it runs eagerly",
-                           self.kind, key[2][0][:1], reason)
+                           self.kind, _shapes(key[2]), reason)
             return self.eager(*args, **kwargs)
         _STATS["calls"] += 1
         new = _graphs() - before
@@ -107,8 +113,7 @@ class CompiledBlock:
             _STATS["new_signatures"] += 1
             if new:
                 logger.info("compiled block kind %s for inputs %s (%d graph%s, %.1f s)", self.kind,
-                            [s[0] for s in key[2][0] if s], new, "" if new == 1 else "s",
-                            time.perf_counter() - started)
+                            _shapes(key[2]), new, "" if new == 1 else "s", time.perf_counter() - started)
         elif new:
             _STATS["recompiles"] += new
             logger.warning("block kind %s recompiled on inputs it had seen (a guard failed); TORCH_LOGS=recompiles "
@@ -188,7 +193,7 @@ def compile_stats() -> dict:
 
     return {"graphs": _graphs(), "graph_breaks": int(sum(counters["graph_break"].values())) + len(_FAILED),
             "recompiles": _STATS["recompiles"], "signatures": _STATS["new_signatures"],
-            "failed": {f"{k[0]} {k[2][0][:1]}": why for k, why in _FAILED.items()},
+            "failed": {f"{k[0]} {_shapes(k[2])}": why for k, why in _FAILED.items()},
             "compile_s": round(_STATS["compile_s"], 2)}
 
 
