@@ -276,3 +276,81 @@ def test_compiled_blocks_on_an_int8_base(tiny_transformer):
     for name, g0 in grads0.items():
         torch.testing.assert_close(grads[name], g0, rtol=1e-4, atol=1e-7, msg=name)
     reset_compile_state()
+
+
+class ReplayByRerun:
+    """A CPU stand-in for torch.cuda.graph: capture runs the body once with the step's state put back afterwards
+    (a real capture records without executing), replay runs it again and writes into the captured outputs. It
+    checks that the captured step depends only on its static buffers and persistent state (noise, inputs)."""
+
+    def __init__(self, state):
+        self.state = state  # the tensors a step updates, to put back after the capture's run
+
+    def capture(self, body, static, device):
+        saved = [t.detach().clone() for t in self.state()]
+        outputs = body(static)
+        with torch.no_grad():
+            for t, s in zip(self.state(), saved):
+                t.copy_(s)
+
+        def replay():
+            fresh = body(static)
+            with torch.no_grad():
+                outputs.copy_(fresh)
+        return replay, outputs
+
+    def reserved(self, device):
+        return 0
+
+    def release(self, device):
+        pass
+
+
+def test_graphed_step_replays_the_plain_step(tiny_transformer):
+    """The CUDA-graph path's plumbing on the CPU: noise drawn outside into static buffers, warm-up, one capture,
+    replays, the learning rate as a tensor the schedule fills (logged as a host number), a NaN step skipped: the
+    same losses, weights and optimizer state as the plain step, step for step."""
+    from diffusers.optimization import get_scheduler
+
+    from trainer_core.config.schema import NoiseSchedule
+    from trainer_core.training.graphed_step import GraphedTrainStep
+    from trainer_core.training.step import NoiseSampler
+    from trainer_core.util.cuda_graphs import SignatureGraphs
+
+    runs = []
+    for graphed in (False, True):
+        transformer, network, _, batches = _tiny_setup(tiny_transformer)
+        params = [p for p in network.parameters() if p.requires_grad]
+        optimizer = optimizer_by_name("adamw", params, 1e-3, 0.01)
+        schedule = get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=10)
+        noise = NoiseSampler(torch.Generator().manual_seed(7), NoiseSchedule())
+        step = TrainStep(transformer, params, optimizer, LoadBalancingLoss(transformer, 0.01),
+                         StepSettings(use_load_balancing_loss=True), noise, lr_schedule=schedule)
+        if graphed:
+            def state(step=step, params=params):
+                return [*params, *(v for p in params for v in step.optimizer.state[p].values())]
+            graphs = SignatureGraphs("training step", warmup=2, backend=ReplayByRerun(state))
+            step = GraphedTrainStep(step, transformer, graphs=graphs, force=True)
+        poisoned = {5}
+        outcomes, lrs = [], []
+        for i in range(7):
+            if i in poisoned:  # a NaN latent: the step must leave everything as it was
+                latents = batches[0]().latents
+                bad = [lambda: MicroBatch(latents * float("nan"), batches[0]().embeds)]
+                outcomes.append(step.launch(bad, i).result())
+            else:
+                outcomes.append(step.launch(batches, i).result())
+            lrs.append(schedule.get_last_lr()[0])
+        runs.append((outcomes, [p.detach().clone() for p in params], lrs,
+                     {k: v.clone() for p in params for k, v in optimizer.state[p].items()}))
+        if graphed:
+            assert graphs.captures == 1 and graphs.replays == 4, (graphs.captures, graphs.replays)  # steps 3-6
+            assert all(isinstance(lr, float) for lr in lrs)
+    (plain, w0, lr0, s0), (graphed, w1, lr1, s1) = runs
+    assert [o.updated for o in plain] == [o.updated for o in graphed] == [True] * 5 + [False, True]
+    for a, b in zip(plain, graphed):
+        assert a.loss == pytest.approx(b.loss, rel=1e-6) or (math.isnan(a.loss) and math.isnan(b.loss))
+    assert lr0 == pytest.approx(lr1)
+    for a, b in zip(w0, w1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
+

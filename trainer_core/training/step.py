@@ -208,6 +208,30 @@ class TrainStep:
         optimizer and the EMA. A step whose loss or gradient is not finite changes no weight, no optimizer state
         and no EMA; the lr schedule advances either way. Where the skip is decided on the device nothing here
         reads a device value: the returned step's `result()` does, once."""
+        if self.update.on_device:
+            values = self.device_step(micro_batches, step)
+            pending = PendingStep(self, values)
+        else:
+            values = self._gradients(micro_batches, step)
+            loss, flow, lb, grad_norm = values[:4].tolist()  # the host decides the skip: one read, before the update
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            self.update.step_on_host(finite, lambda: self._clip(values[3].to(torch.float32)))
+            pending = PendingStep(self, None, self._finish(loss, flow, lb, grad_norm, finite))
+        if self.lr_schedule is not None:
+            self.lr_schedule.step()
+        return pending
+
+    def device_step(self, micro_batches: Sequence[Callable[[], MicroBatch]], step: int = 0) -> torch.Tensor:
+        """Everything of a step that runs on the device, with the skip decided there (`update.on_device`):
+        returns [loss, flow, lb, grad norm, finite] (float64) on the device. No host read, no host-side state
+        but the Python objects it calls: what a CUDA graph captures (graphed_step.py)."""
+        values = self._gradients(micro_batches, step)
+        finite = torch.isfinite(values[0::3]).all()  # the loss and the gradient norm
+        self.update.step(finite, lambda: self._clip(values[3].to(torch.float32)))
+        return torch.cat([values, finite.to(values.dtype).reshape(1)])
+
+    def _gradients(self, micro_batches: Sequence[Callable[[], MicroBatch]], step: int) -> torch.Tensor:
+        """Forward and backward of every micro-batch, gradients averaged; [loss, flow, lb, grad norm]."""
         self.optimizer.zero_grad(set_to_none=True)
         losses = self.backward_retrying(micro_batches, step)
         if self.sharded:
@@ -215,19 +239,7 @@ class TrainStep:
         losses = self.ranks.mean_tensor(losses)  # what rank 0 logs is the global mean
         grads = [p.grad for p in self.params if p.grad is not None]
         total_norm = torch.nn.utils.get_total_norm(grads)
-        values = torch.cat([losses, total_norm.to(losses).reshape(1)])  # loss, flow, lb, grad norm
-        if self.update.on_device:
-            finite = torch.isfinite(values[0::3]).all()  # the loss and the gradient norm
-            self.update.step(finite, lambda: self._clip(total_norm))
-            pending = PendingStep(self, torch.cat([values, finite.to(values.dtype).reshape(1)]))
-        else:
-            loss, flow, lb, grad_norm = values.tolist()  # the host decides the skip: one read, before the update
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
-            self.update.step_on_host(finite, lambda: self._clip(total_norm))
-            pending = PendingStep(self, None, self._finish(loss, flow, lb, grad_norm, finite))
-        if self.lr_schedule is not None:
-            self.lr_schedule.step()
-        return pending
+        return torch.cat([losses, total_norm.to(losses).reshape(1)])  # loss, flow, lb, grad norm
 
     def _clip(self, total_norm: torch.Tensor) -> None:
         if self.settings.grad_clip_method == "value":
