@@ -354,3 +354,44 @@ def test_graphed_step_replays_the_plain_step(tiny_transformer):
     for a, b in zip(w0, w1):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
 
+
+def test_deferred_step_reads_train_exactly_as_immediate_ones(tiny_paths, tiny_model_dir, tmp_path, monkeypatch):
+    """The loop reading step N's numbers after step N+1 is queued (the GPU default) trains what reading them at
+    once does: same losses, same LoKr file, a NaN step still skipped, checkpoints at their steps."""
+    from safetensors.torch import load_file
+
+    from helpers import tiny_train_config, write_shapes_dataset
+    from test_faults import components_with, poison_forward_calls
+    from trainer_core.training import train
+
+    shapes = write_shapes_dataset(tmp_path / "shapes", [("circle", "red", "blue"), ("square", "green", "yellow")])
+    results = {}
+    for defer in ("0", "1"):
+        monkeypatch.setenv("HIDREAM_DEFER_STEP_READS", defer)
+        out = tmp_path / f"defer{defer}"
+        results[defer] = train(tiny_train_config(tiny_model_dir, shapes, out, max_train_steps=5,
+                                                 checkpoint_step_interval=2),
+                               components=components_with(tiny_paths, poison_forward_calls({3})))
+        assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
+    now, later = results["0"], results["1"]
+    assert now.nonfinite_steps == later.nonfinite_steps == 1
+    assert now.losses[:2] == later.losses[:2] and math.isnan(later.losses[2]) and now.losses[3:] == later.losses[3:]
+    a, b = load_file(str(now.lokr_path)), load_file(str(later.lokr_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deferred_reads_still_stop_on_a_command(tiny_model_dir, tmp_path, monkeypatch):
+    """A "stop" sent on seeing step 3 stops the run at the next step that can stop (the reads are one step
+    behind, so step 4 is already queued): a checkpoint of that step, resumable."""
+    from helpers import tiny_train_config, write_shapes_dataset
+    from trainer_core.training import TrainingCallbacks, train
+
+    monkeypatch.setenv("HIDREAM_DEFER_STEP_READS", "1")
+    shapes = write_shapes_dataset(tmp_path / "shapes", [("circle", "red", "blue"), ("square", "green", "yellow")])
+    seen = {"step": 0}
+    callbacks = TrainingCallbacks(on_step=lambda m: seen.update(step=m.step),
+                                  poll_commands=lambda: ["stop"] if seen["step"] == 3 else [])
+    result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=8),
+                   callbacks=callbacks)
+    assert result.stopped and result.steps_done == 4 and len(result.losses) == 4
+    assert result.checkpoint_path == tmp_path / "out" / "checkpoint-4"
