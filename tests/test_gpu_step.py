@@ -395,3 +395,30 @@ def test_deferred_reads_still_stop_on_a_command(tiny_model_dir, tmp_path, monkey
                    callbacks=callbacks)
     assert result.stopped and result.steps_done == 4 and len(result.losses) == 4
     assert result.checkpoint_path == tmp_path / "out" / "checkpoint-4"
+
+
+def test_sampling_forward_reads_nothing_on_the_host_and_equals_the_eval_output(tiny_transformer):
+    """predict_flow in eval mode (the sampler's CFG batch of 2), grouped MoE: no host read (diffusers' eval crop
+    read the sizes back per sample), the same prediction as diffusers' own eval output; GraphedPredict on a CPU
+    is the plain call."""
+    from trainer_core.hidream import predict_flow
+    from trainer_core.hidream.forward import GraphedPredict
+    from trainer_core.hidream.flow_matching import patch_tokens_to_image
+
+    transformer, network, _, _ = _tiny_setup(tiny_transformer)
+    transformer.eval()
+    embeds = random_conditioning(transformer, batch=2, seed=5)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        with HostSyncCounter() as syncs:
+            ours = predict_flow(transformer, x, t, embeds)
+        assert syncs.total == 0, syncs.by_op
+        assert not transformer.training
+        stock = -transformer(hidden_states=x, timesteps=t, encoder_hidden_states_t5=embeds.t5,
+                             encoder_hidden_states_llama3=embeds.llama, pooled_embeds=embeds.pooled,
+                             return_dict=False)[0]
+        torch.testing.assert_close(ours, patch_tokens_to_image(stock, 8, 8), rtol=0, atol=0)
+        graphed = GraphedPredict(transformer)
+        assert not graphed.graphs.enabled
+        torch.testing.assert_close(graphed(x, t, embeds), ours, rtol=0, atol=0)

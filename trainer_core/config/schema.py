@@ -77,6 +77,7 @@ class SamplingConfig:
     seed: int = 42
     scheduler: Literal["unipc", "euler"] = "unipc"
     lokr_strength: float = 1.0
+    cuda_graphs: bool = False  # replay the transformer call from a CUDA graph (CUDA only; TrainConfig.cuda_graphs)
 
     def validate(self) -> None:
         for side, value in (("width", self.width), ("height", self.height)):
@@ -300,7 +301,8 @@ class TrainConfig:
                               width=width, height=height, num_inference_steps=self.validation_num_inference_steps,
                               guidance=self.validation_guidance, guidance_rescale=self.validation_guidance_rescale,
                               shift=self.flow_schedule_shift, seed=self.validation_seed,
-                              scheduler=self.validation_noise_scheduler, lokr_strength=self.validation_lycoris_strength)
+                              scheduler=self.validation_noise_scheduler, lokr_strength=self.validation_lycoris_strength,
+                              cuda_graphs=self.cuda_graphs)
 
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(shift=self.flow_schedule_shift, auto_shift=self.flow_schedule_auto_shift,
