@@ -87,7 +87,11 @@ class CompiledBlock:
     def __init__(self, block: nn.Module, kind: str, fullgraph: bool):
         self.kind, self.fullgraph = kind, fullgraph
         self.eager = block._call_impl
-        self.compiled = torch.compile(self.eager, fullgraph=fullgraph, dynamic=False)
+        # HIDREAM_COMPILE_BACKEND: another torch.compile backend (the CPU bench test uses aot_eager: dynamo's graph
+        # and AOT autograd, whose graph breaks and host reads are what it checks, without inductor's code
+        # generation, which the tiny-model tests cover).
+        backend = os.environ.get("HIDREAM_COMPILE_BACKEND", "inductor")
+        self.compiled = torch.compile(self.eager, fullgraph=fullgraph, dynamic=False, backend=backend)
 
     def __call__(self, *args, **kwargs):
         key = (self.kind, self.fullgraph, _signature(args, kwargs))
@@ -116,8 +120,8 @@ class CompiledBlock:
                             _shapes(key[2]), new, "" if new == 1 else "s", time.perf_counter() - started)
         elif new:
             _STATS["recompiles"] += new
-            logger.warning("block kind %s recompiled on inputs it had seen (a guard failed); TORCH_LOGS=recompiles "
-                           "says which", self.kind)
+            logger.warning("block kind %s recompiled on inputs it had seen (a guard failed: another model in the "
+                           "same process, or a changed module; TORCH_LOGS=recompiles says which)", self.kind)
         return out
 
 
@@ -199,7 +203,10 @@ def compile_stats() -> dict:
 
 def reset_compile_state() -> None:
     """Forget compiled graphs and the bookkeeping above (tests, and the benchmark between configurations)."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     _FAILED.clear()
     _SEEN.clear()
     _STATS.update(calls=0, new_signatures=0, recompiles=0, compile_s=0.0)

@@ -141,6 +141,22 @@ def _grouped_linear_backward(ctx, grad):
 
 grouped_linear.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup)
 
+
+def _grouped_linear_flops(x_shape, weight_shape, ends_shape, *args, out_shape=None, **kwargs) -> int:
+    """Multiply-adds x 2 of the rows' GEMMs: each of the M rows meets one expert's (N, K) weight."""
+    return 2 * x_shape[0] * x_shape[1] * weight_shape[-2]
+
+
+def _register_flops() -> None:
+    # torch's FlopCounterMode counts only ops it has a formula for; without one the benchmark's FLOPs (and
+    # TFLOP/s) would leave out every routed-expert GEMM.
+    from torch.utils.flop_counter import register_flop_formula
+
+    register_flop_formula(torch.ops.hidream_lokr.grouped_linear)(_grouped_linear_flops)
+
+
+_register_flops()
+
 _GROUPED_MM_WORKS: dict = {}
 
 

@@ -75,8 +75,8 @@ class GuardedUpdate:
             for key, tensor in tensors.items():
                 saved = self._saved.get(key)
                 if saved is None or saved.shape != tensor.shape or saved.dtype != tensor.dtype:
-                    saved = self._saved[key] = torch.empty_like(tensor)
-                saved.copy_(tensor)
+                    self._saved[key] = torch.empty_like(tensor)
+            torch._foreach_copy_([self._saved[key] for key in tensors], list(tensors.values()))  # one launch
             self.optimizer.step()
             for key, tensor in self._tensors().items():
                 torch.where(finite, tensor, self._saved[key], out=tensor)
