@@ -422,3 +422,61 @@ def test_sampling_forward_reads_nothing_on_the_host_and_equals_the_eval_output(t
         graphed = GraphedPredict(transformer)
         assert not graphed.graphs.enabled
         torch.testing.assert_close(graphed(x, t, embeds), ours, rtol=0, atol=0)
+
+
+def test_the_run_logs_what_compile_and_graphs_cost_and_save(caplog):
+    """The payback line: compile cost, per-step saving and steps to pay back from the first steps' times, and a
+    plain "switch it off" when there is no saving."""
+    import logging
+
+    from trainer_core.training.payback import SpeedupPayback
+
+    class Done:
+        def result(self):
+            return None
+
+    payback = SpeedupPayback(True, True, torch.device("cpu"), first_step=1, total_steps=100)
+    assert [payback.measuring(s) for s in (1, 6, 7)] == [True, True, False]
+    fake = {1: 5.0, 2: 1.0, 3: 31.0, 4: 0.5, 5: 2.5, 6: 0.25}  # eager, eager, compiling, compiled, capture, replay
+    import time as _time
+    with caplog.at_level(logging.INFO, logger="trainer_core.training.payback"):
+        for step, seconds in fake.items():
+            payback.record(step, _time.perf_counter() - seconds, Done())
+    line = caplog.records[-1].getMessage()
+    assert "compile_blocks: compile 30.5 s, per-step saving 0.500 s" in line and "paid back after 61 steps" in line
+    assert "cuda_graphs: capture 2.2 s, per-step saving 0.250 s" in line and "94 steps left" in line
+    slow = SpeedupPayback(True, False, torch.device("cpu"), first_step=1, total_steps=10)
+    with caplog.at_level(logging.INFO, logger="trainer_core.training.payback"):
+        for step, seconds in {1: 1.0, 2: 1.0, 3: 9.0, 4: 2.0}.items():
+            slow.record(step, _time.perf_counter() - seconds, Done())
+    assert "no saving here, switch it off (compile_blocks: false)" in caplog.records[-1].getMessage()
+
+
+def test_a_run_with_compile_and_graphs_switched_on_says_what_they_did(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """compile_blocks + cuda_graphs in a real (tiny, CPU) run: blocks compiled (aot_eager keeps it cheap), the
+    compile cache in the run's cache folder, CUDA graphs refused with the reason, the payback line logged, and the
+    losses those of the same run without them."""
+    import logging
+
+    from helpers import tiny_train_config, write_shapes_dataset
+    from trainer_core.speedups.compile_blocks import reset_compile_state
+    from trainer_core.training import train
+
+    monkeypatch.setenv("HIDREAM_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    reset_compile_state()
+    shapes = write_shapes_dataset(tmp_path / "shapes", [("circle", "red", "blue"), ("square", "green", "yellow")])
+    runs = {}
+    with caplog.at_level(logging.INFO):
+        for on in (False, True):
+            runs[on] = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / f"out{on}", max_train_steps=5,
+                                               compile_blocks=on, cuda_graphs=on))
+    log = caplog.text
+    assert "runs without CUDA graphs: CUDA graphs need a CUDA device" in log
+    assert "speed-up payback (first steps of the run): compile_blocks: compile" in log
+    payback = next(line for line in log.splitlines() if "speed-up payback" in line)
+    assert "cuda_graphs" not in payback  # refused here: nothing to measure
+    assert "recompiled on inputs it had seen" not in log  # the eager payback steps compile nothing
+    assert (tmp_path / "outTrue" / "cache" / "torch-compile").is_dir()
+    assert runs[True].losses == pytest.approx(runs[False].losses, rel=1e-4)
+    reset_compile_state()

@@ -74,6 +74,14 @@ def _shapes(signature: tuple) -> list:
     return [list(v[0]) for v in (*args, *(v for _, v in kwargs)) if isinstance(v, tuple)]
 
 
+def _forced_eager() -> bool:
+    """torch.compiler.set_stance("force_eager") is on (counting, the payback's eager steps): run the block eagerly
+    and keep no bookkeeping for the call."""
+    from torch._dynamo import eval_frame
+
+    return getattr(getattr(eval_frame, "_stance", None), "stance", "default") == "force_eager"
+
+
 def _graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -95,7 +103,7 @@ class CompiledBlock:
 
     def __call__(self, *args, **kwargs):
         key = (self.kind, self.fullgraph, _signature(args, kwargs))
-        if key in _FAILED:
+        if key in _FAILED or _forced_eager():
             return self.eager(*args, **kwargs)
         first = key not in _SEEN
         before = _graphs()

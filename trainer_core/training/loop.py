@@ -16,6 +16,7 @@ from ..util.faults import crash_point
 from .boundary import Checkpoints, StepBoundary
 from .context import RunContext
 from .interface import StepMetrics, TrainingCallbacks, TrainingStopped
+from .payback import payback_for
 from .model import TrainingModel
 from .prepare import TrainingData
 from .state import TrainState
@@ -114,6 +115,7 @@ def train_steps(config: TrainConfig, ctx: RunContext, data: TrainingData, traine
     batch_iter = iter(data.batches)
     reporter = StepReporter(state, run_log, callbacks, ctx)
     defer = defer_step_reads(ctx.device)
+    payback = payback_for(config, ctx.device, state.step + 1, state.total_steps, step_fn)  # compile/graphs: worth it?
     stopped = False
     deferred = None  # (step, pending, started) of a step queued whose numbers are not read yet
 
@@ -156,8 +158,9 @@ def train_steps(config: TrainConfig, ctx: RunContext, data: TrainingData, traine
             streams = state.streams()
             micro_batches = draw_micro_batches(batch_iter, state, data, ctx, settings.gradient_accumulation_steps,
                                                settings.caption_dropout_probability)
+            launch = payback.launcher(step, step_fn) if payback is not None else step_fn.launch
             try:
-                pending = step_fn.launch(micro_batches, step)
+                pending = launch(micro_batches, step)
             except torch.OutOfMemoryError as exc:  # nothing left to lower: keep the last complete step
                 if deferred is not None:
                     finish(deferred, [])
@@ -171,8 +174,11 @@ def train_steps(config: TrainConfig, ctx: RunContext, data: TrainingData, traine
                 item, deferred = deferred, None
                 finish(item, [], ended=started)  # nothing was due after it and the commands were polled above
                 carried = poll()  # what the front end says on seeing it acts after this step, the next possible
+            measured = payback is not None and payback.measuring(step)
+            if measured:  # one of the first steps that say whether compile/graphs pay back: timed on its own
+                payback.record(step, started, pending)
             current = (step, pending, started)
-            if not carried and defer and step < state.total_steps and not boundary.due(step) and \
+            if not carried and not measured and defer and step < state.total_steps and not boundary.due(step) and \
                     step_fn.nonfinite_in_a_row + 1 < config.max_consecutive_nonfinite_steps:
                 deferred = current
             elif finish(current, carried or None):
