@@ -109,13 +109,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         lean_int8_backward=not args.no_lean_int8_backward, compile_blocks=args.compile_blocks,
                         lean_rope=not args.no_lean_rope, batched_lokr=args.batched_lokr,
                         grouped_moe_dispatch=not args.no_grouped_moe_dispatch, cuda_graphs=args.cuda_graphs)
+    variant_names = {n for v in (args.variants or "").split(",") for n in v.strip().split("+") if n}
+    unknown = sorted(variant_names - set(Speedups.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown speed-up(s) in --variants: {unknown}; choose from "
+                          f"{', '.join(Speedups.__dataclass_fields__)}")
     compile_cache = Path(args.compile_cache or os.environ.get("HIDREAM_COMPILE_CACHE") or ".cache/torch-compile")
     opts = BenchOptions(size=SIZES[args.size], device=device, dtype=dtype, steps=args.steps, warmup=args.warmup,
                         reference_lokr=args.reference_lokr, speedups=speedups,
                         sequential=True if args.sequential else None, ablate=args.ablate,
                         profile=Path(args.profile) if args.profile else None, optimizer=args.optimizer,
                         deadline=time.monotonic() + args.time_budget if args.time_budget else None,
-                        compile_cache=compile_cache)
+                        compile_cache=compile_cache,
+                        variants=tuple(v.strip() for v in (args.variants or "").split(",") if v.strip()))
     run_bench(modes, opts, Path(args.out) if args.out else None, emit=lambda line: print(line, flush=True))
     return 0
 
@@ -191,6 +197,10 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="inductor's cache of compiled code, kept between runs (default $HIDREAM_COMPILE_CACHE or "
                         ".cache/torch-compile)")
+    p.add_argument("--variants", default=None, metavar="A[+B],...",
+                   help="also time project variants with these speed-ups switched on, e.g. "
+                        "compile_blocks,cuda_graphs,compile_blocks+cuda_graphs (each with its check, and its step "
+                        "losses compared with the project's)")
     p.add_argument("--no-grouped-moe-dispatch", action="store_true",
                    help="project step with the sorted MoE dispatch (one host sync per layer)")
     p.add_argument("--optimizer", default="adamw",

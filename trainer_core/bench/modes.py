@@ -80,6 +80,9 @@ class BenchOptions:
     speedups: Speedups = field(default_factory=Speedups)
     learning_rate: float = 1e-4
     ablate: bool = False  # also time each speed-up switched off in turn, and the adapter-free stock model
+    # Project variants timed beside the project (`--variants`): "a+b" switches speed-ups a and b on, e.g.
+    # "compile_blocks+cuda_graphs"; each is a `with_...` configuration with its own check.
+    variants: tuple = ()
     sequential: Optional[bool] = None  # None: sequential on CUDA (per-configuration peak memory), interleaved on CPU
     profile: Optional[Path] = None  # append a torch.profiler table of each mode's project step to this file
     deadline: Optional[float] = None  # time.monotonic() past which nothing new starts (`--time-budget`)
@@ -133,6 +136,8 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
     inputs = make_inputs(opts.size, device, opts.dtype)
     load_balancing = LoadBalancingLoss(model, LOAD_BALANCING_WEIGHT)
     speedups = _speedups_for(label, opts.speedups)
+    if mode == "offload_gc":  # streamed weights: the stacked experts, compiled code and graphs would not follow
+        speedups = replace(speedups, grouped_moe_dispatch=False, compile_blocks=False, cuda_graphs=False)
     if label == "reference":
         network, report = reference_lokr(model, device, opts.reference_lokr), None
     else:
@@ -171,17 +176,21 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
              "pending": None}
     del model
 
+    losses: dict = {}
+
     def settle() -> None:
         """Read the last project step's numbers (the trainer's loop reads them after queuing the next step)."""
         if state.get("pending") is not None:
-            state["pending"].result()
+            loss = state["pending"].result().loss
+            if state.get("pending_step") is not None:  # not the counters' extra step
+                losses[state["pending_step"]] = loss
             state["pending"] = None
 
-    def run_step(i: int, step_fn) -> object:
+    def run_step(i: int, step_fn, record: bool = True) -> object:
         noise.step = i
         if step_fn is not None:
             settle()
-            state["pending"] = step_fn.launch(micro_batches, i)
+            state["pending"], state["pending_step"] = step_fn.launch(micro_batches, i), (i if record else None)
             return state["pending"]
         loss = stock_loss(state["model"], inputs.latents, noise, inputs, load_balancing)
         loss.backward()
@@ -192,7 +201,9 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
     def late_info() -> dict:
         if trainer_step is None:
             return {"compiled": False, "graph_breaks": 0}
-        return _compile_and_graph_info(report, state.get("step_fn"))
+        settle()
+        return {**_compile_and_graph_info(report, state.get("step_fn")),
+                "step_losses": [losses[i] for i in sorted(losses)]}
 
     def close() -> None:
         settle()
@@ -207,7 +218,8 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
                  {"lokr_params": sum(p.numel() for p in params), **info},
                  count_flops=mode != "offload_gc", max_steps=3 if slow_reference else None,
                  max_warmup=1 if slow_reference else None,
-                 count_step=lambda i: run_step(i, state["trainer_step"]), settle=settle, late_info=late_info)
+                 count_step=lambda i: run_step(i, state["trainer_step"], record=False), settle=settle,
+                 late_info=late_info)
 
 
 def _compile_and_graph_info(report: Optional[dict], step_fn) -> dict:
@@ -280,10 +292,11 @@ def _profiler(mode: str, opts: BenchOptions, into: dict) -> Optional[Callable[[s
 
 
 def _speedups_for(label: str, speedups: Speedups) -> Speedups:
-    """`project`: the given speed-ups; `without_<name>` / `with_<name>`: the same with that one switched off / on."""
+    """`project`: the given speed-ups; `without_<a>[+<b>...]` / `with_<a>[+<b>...]`: the same with those switched
+    off / on."""
     for prefix, value in (("without_", False), ("with_", True)):
         if label.startswith(prefix):
-            return replace(speedups, **{label[len(prefix):]: value})
+            return replace(speedups, **{name: value for name in label[len(prefix):].split("+")})
     return speedups
 
 
@@ -308,7 +321,8 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
 
         reset_compile_state()
     # The project first: on a GPU a slow reference (offloading) cut short by a time limit still leaves its figures.
-    labels = ["project", "reference", *(_ablation_labels(mode, opts.speedups) if opts.ablate else [])]
+    labels = ["project", "reference", *(_ablation_labels(mode, opts.speedups) if opts.ablate else []),
+              *(f"with_{v}" for v in opts.variants if mode != "offload_gc")]
     configs = {label: (lambda label=label: _train_config(mode, label, opts, extra, checks)) for label in labels}
     if opts.ablate and mode != "offload_gc":
         configs["base_model"] = lambda: _base_model_config(mode, opts)
@@ -337,7 +351,11 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
                                    "kernels_per_step": results[label]["kernels_per_step"],
                                    "host_syncs_per_step": results[label]["host_syncs_per_step"],
                                    "slowdown_vs_project": results[label]["step_s"] / results["project"]["step_s"],
-                                   "check_passed": (check(label) or {}).get("passed")}
+                                   "check_passed": (check(label) or {}).get("passed"),
+                                   **{key: results[label].get(key) for key in (
+                                       "compiled", "graph_breaks", "cuda_graphs", "first_call_s", "first_step_s",
+                                       "recompiles", "whole_blocks")},
+                                   "step_losses_rel_err": _losses_rel_err(results["project"], results[label])}
                            for label in labels[2:] if label in results}
     if "base_model" in results and "reference" in results:
         base = results["base_model"]
@@ -347,6 +365,14 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
                              "adapter_side_bound": results["reference"]["step_s"] / base["step_s"],
                              "project_vs_base": results["project"]["step_s"] / base["step_s"]}
     return row
+
+
+def _losses_rel_err(project: dict, other: dict) -> Optional[float]:
+    """The largest relative difference between two configurations' losses at the same steps (same start, same
+    noise per step, same optimizer: a compiled or graphed step must train what the project's step trains)."""
+    a, b = project.get("step_losses") or [], other.get("step_losses") or []
+    pairs = [(x, y) for x, y in zip(a, b) if x == x and y == y]
+    return max((abs(x - y) / max(abs(x), 1e-30) for x, y in pairs), default=None)
 
 
 def _require(results: dict, labels: tuple[str, ...]) -> None:
