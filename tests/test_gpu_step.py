@@ -33,7 +33,8 @@ class FixedNoise:
 
     def draw(self, latents):
         g = torch.Generator().manual_seed(100 + self.step)
-        return torch.randn(latents.shape, generator=g), torch.tensor([0.3, 0.8][: latents.shape[0]])
+        noise, sigmas = torch.randn(latents.shape, generator=g), torch.tensor([0.3, 0.8][: latents.shape[0]])
+        return noise.to(latents.device), sigmas.to(latents.device)
 
     def get_state(self):
         return self.step
@@ -480,3 +481,58 @@ def test_a_run_with_compile_and_graphs_switched_on_says_what_they_did(tiny_model
     assert (tmp_path / "outTrue" / "cache" / "torch-compile").is_dir()
     assert runs[True].losses == pytest.approx(runs[False].losses, rel=1e-4)
     reset_compile_state()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_bench.sh runs it)")
+
+
+@cuda
+def test_cuda_graphed_training_step_on_the_gpu(tiny_transformer):
+    """On a GPU: the tiny transformer in bf16 (the grouped GEMM's CUDA dtype), the step captured once and replayed;
+    losses follow the plain step's, with and without compiled blocks."""
+    from trainer_core.training.graphed_step import GraphedTrainStep
+
+    device = torch.device("cuda")
+    for speedups in (Speedups(), Speedups(compile_blocks=True)):
+        runs = []
+        for graphed in (False, True):
+            base = copy.deepcopy(tiny_transformer).to(device, torch.bfloat16)
+            transformer, network, report, _ = _tiny_setup(base, speedups, checkpointing=True)
+            assert report["grouped_moe_layers"] > 0, report
+            network.to(device)
+            embeds = random_conditioning(transformer, batch=2, seed=3).to(device=device, dtype=torch.bfloat16)
+            latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(4)).to(device)
+            batches = [lambda: MicroBatch(latents, embeds)]
+            noise = FixedNoise()
+            step = _train_step(transformer, network, noise)
+            if graphed:
+                step = GraphedTrainStep(step, transformer)
+                assert step.why_not is None, step.why_not
+            losses = []
+            for i in range(6):
+                noise.step = i
+                losses.append(step.launch(batches, i).result().loss)
+            if graphed:
+                assert step.graphs.captures == 1 and step.graphs.replays == 3, vars(step.graphs)
+            runs.append(losses)
+        assert runs[1] == pytest.approx(runs[0], rel=2e-2), (speedups, runs)
+
+
+@cuda
+def test_cuda_graphed_sampling_call_on_the_gpu(tiny_transformer):
+    from trainer_core.hidream import predict_flow
+    from trainer_core.hidream.forward import GraphedPredict
+
+    device = torch.device("cuda")
+    base = copy.deepcopy(tiny_transformer).to(device, torch.bfloat16)
+    transformer, _, _, _ = _tiny_setup(base)
+    transformer.eval()
+    embeds = random_conditioning(transformer, batch=2, seed=5).to(device=device, dtype=torch.bfloat16)
+    graphed = GraphedPredict(transformer)
+    with torch.no_grad():
+        for i in range(5):
+            x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(i)).to(device)
+            t = torch.full((2,), 100.0 * (i + 1), device=device)
+            torch.testing.assert_close(graphed(x, t, embeds), predict_flow(transformer, x, t, embeds),
+                                       rtol=2e-2, atol=2e-2)
+    assert graphed.graphs.captures == 1 and graphed.graphs.replays == 3
