@@ -222,6 +222,17 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
                  late_info=late_info)
 
 
+_COMPILE_BASELINE: dict = {}
+
+
+def _mark_compile_baseline() -> None:
+    """Compile counters are process-wide: a mode reports what happened since it started."""
+    from ..speedups.compile_blocks import compile_stats
+
+    _COMPILE_BASELINE.clear()
+    _COMPILE_BASELINE.update(compile_stats())
+
+
 def _compile_and_graph_info(report: Optional[dict], step_fn) -> dict:
     """`compiled` (the step ran compiled blocks), `graph_breaks` (dynamo's count, blocks that could not compile
     whole included), compile counts, and what the CUDA-graph path did (captures, replays, or why not)."""
@@ -232,8 +243,10 @@ def _compile_and_graph_info(report: Optional[dict], step_fn) -> dict:
                  not report.get("compiled_blocks") else None}
     if report.get("compiled_blocks"):
         stats = compile_stats()
-        out.update(graph_breaks=stats["graph_breaks"], compile_graphs=stats["graphs"],
-                   recompiles=stats["recompiles"], compile_failed=stats["failed"] or None,
+        base = _COMPILE_BASELINE or {"graphs": 0, "graph_breaks": 0, "recompiles": 0}
+        out.update(graph_breaks=stats["graph_breaks"] - base["graph_breaks"],
+                   compile_graphs=stats["graphs"] - base["graphs"],
+                   recompiles=stats["recompiles"] - base["recompiles"], compile_failed=stats["failed"] or None,
                    whole_blocks=report.get("whole_blocks"), regional_blocks=report.get("regional_blocks"))
         out["compiled"] = not stats["failed"]
     graphs = getattr(step_fn, "graphs", None)
@@ -316,10 +329,7 @@ def _ablation_labels(mode: str, speedups: Speedups) -> list[str]:
 def run_train_mode(mode: str, opts: BenchOptions) -> dict:
     extra: dict = {}
     checks: dict = {}
-    if opts.speedups.compile_blocks:  # compile figures per mode: graphs, breaks and recompiles of this mode only
-        from ..speedups.compile_blocks import reset_compile_state
-
-        reset_compile_state()
+    _mark_compile_baseline()  # compile figures per mode (compiled graphs are kept: later modes reuse them)
     # The project first: on a GPU a slow reference (offloading) cut short by a time limit still leaves its figures.
     labels = ["project", "reference", *(_ablation_labels(mode, opts.speedups) if opts.ablate else []),
               *(f"with_{v}" for v in opts.variants if mode != "offload_gc")]
@@ -450,10 +460,7 @@ def _sample_config(label: str, opts: BenchOptions, outputs: dict) -> Timed:
 def run_sample_mode(opts: BenchOptions) -> dict:
     outputs: dict = {}
     profiles: dict = {}
-    if opts.speedups.compile_blocks:
-        from ..speedups.compile_blocks import reset_compile_state
-
-        reset_compile_state()
+    _mark_compile_baseline()
     labels = ("base", "reference", "project", "project_base")
     results = time_configs({label: (lambda label=label: _sample_config(label, opts, outputs)) for label in labels},
                            opts.device, opts.steps, opts.warmup, opts.interleave,

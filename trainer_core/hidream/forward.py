@@ -54,8 +54,8 @@ class GraphedPredict:
 
         self.transformer = transformer
         self.device = next(transformer.parameters()).device
-        why = cuda_graphs_unavailable(self.device)
-        self.graphs = graphs or SignatureGraphs("sampling step", warmup=warmup, enabled=why is None)
+        self.why_not = cuda_graphs_unavailable(self.device)
+        self.graphs = graphs or SignatureGraphs("sampling step", warmup=warmup, enabled=self.why_not is None)
 
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: PromptEmbeds) -> torch.Tensor:
         def plain() -> torch.Tensor:
