@@ -330,3 +330,18 @@ def install_moe_dispatch(transformer: nn.Module, grouped: bool = True) -> dict:
         logger.info("MoE dispatch: %d layers grouped, %d sorted (%s)", report["grouped_moe_layers"],
                     report["sorted_moe_layers"], "; ".join(f"{n}: {why}" for why, n in report["sorted_moe_why"].items()))
     return report
+
+
+def ungroup_moe_dispatch(module: nn.Module) -> int:
+    """Put every grouped MoE layer under `module` back on the sorted dispatch (experts with their own weights
+    again, diffusers' gate). For code that moves or swaps weights under the module (block streaming), which the
+    stacks would not follow. Returns how many layers it changed."""
+    changed = 0
+    for moe in module.modules():
+        if _GROUPED in moe.__dict__:
+            _unstack_experts(moe)
+            moe.gate.__dict__.pop(_ORIGINAL_GATE, None)
+            moe.gate.__dict__.pop("forward", None)
+            moe.forward = types.MethodType(sorted_moe_forward, moe)
+            changed += 1
+    return changed
