@@ -536,3 +536,30 @@ def test_cuda_graphed_sampling_call_on_the_gpu(tiny_transformer):
             torch.testing.assert_close(graphed(x, t, embeds), predict_flow(transformer, x, t, embeds),
                                        rtol=2e-2, atol=2e-2)
     assert graphed.graphs.captures == 1 and graphed.graphs.replays == 3
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (8, 12)])
+@pytest.mark.parametrize("training", [True, False])
+def test_predict_flow_with_cached_bucket_inputs_equals_diffusers_own_patchify(tiny_transformer, shape, training):
+    """predict_flow hands diffusers pre-patchified tokens with per-bucket ids, sizes and masks made once (diffusers
+    makes img_sizes with a host-to-device copy at every call, which no CUDA graph can hold): bit for bit diffusers'
+    own call, square and padded non-square, train and eval (the stock MoE here: its own host reads are the
+    grouped dispatch's business)."""
+    from trainer_core.hidream import predict_flow
+
+    transformer = tiny_transformer.train(training)
+    h, w = shape
+    embeds = random_conditioning(transformer, batch=2, seed=5)
+    x = torch.randn(2, 16, h, w, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        ours = predict_flow(transformer, x, t, embeds)
+        again = predict_flow(transformer, x, t, embeds)  # the bucket's cached inputs
+        out = transformer(hidden_states=x, timesteps=t, encoder_hidden_states_t5=embeds.t5,
+                          encoder_hidden_states_llama3=embeds.llama, pooled_embeds=embeds.pooled,
+                          return_dict=False)[0]
+    from trainer_core.hidream.flow_matching import patch_tokens_to_image
+
+    torch.testing.assert_close(ours, -patch_tokens_to_image(out, h, w), rtol=0, atol=0)
+    torch.testing.assert_close(again, ours, rtol=0, atol=0)
+    assert len(transformer.__dict__["_hidream_bucket_inputs"]) == 1

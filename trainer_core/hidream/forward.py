@@ -34,14 +34,58 @@ def predict_flow(transformer: torch.nn.Module, latents: torch.Tensor, timesteps:
     layout_only = not transformer.training
     if layout_only:
         transformer.training = True
+    tokens, masks, img_ids, img_sizes = patchify_cached(transformer, latents.to(dtype))
     try:
-        output = transformer(hidden_states=latents.to(dtype), timesteps=timesteps,
-                             encoder_hidden_states_t5=embeds.t5, encoder_hidden_states_llama3=embeds.llama,
-                             pooled_embeds=embeds.pooled, return_dict=False)[0]
+        output = transformer(hidden_states=tokens, timesteps=timesteps, img_ids=img_ids, img_sizes=img_sizes,
+                             hidden_states_masks=masks, encoder_hidden_states_t5=embeds.t5,
+                             encoder_hidden_states_llama3=embeds.llama, pooled_embeds=embeds.pooled,
+                             return_dict=False)[0]
     finally:
         if layout_only:
             transformer.training = False
     return -patch_tokens_to_image(output, h, w)  # raw output is x0 - noise
+
+
+def patchify_cached(transformer: torch.nn.Module, latents: torch.Tensor):
+    """diffusers' `patchify` (0.42.1) with the position ids, sizes and masks of each bucket made once and kept.
+
+    diffusers builds them at every call, `img_sizes` with `torch.tensor([...], device=...)`: a host-to-device copy
+    from pageable memory, which no CUDA graph can hold. Passed in, they take diffusers' pre-patchified path; a
+    square bucket gets a mask of ones (diffusers' own is None there: its only use, keys * mask, is then exact).
+    Returns (tokens (B, S, p*p*C), masks (B, S), img_ids (B, S, 3), img_sizes (B, 2)); S = max_seq if not square.
+    """
+    b, c, h, w = latents.shape
+    p = transformer.config.patch_size
+    ph, pw = h // p, w // p
+    square = h == w
+    seq = ph * pw if square else transformer.max_seq
+    key = (b, h, w, latents.device, latents.dtype)
+    cache = transformer.__dict__.setdefault("_hidream_bucket_inputs", {})
+    if key not in cache:
+        device = latents.device
+        masks = torch.ones((b, seq), dtype=latents.dtype, device=device)
+        if not square:
+            masks[:, ph * pw:] = 0.0
+        ids = torch.zeros(ph, pw, 3, device=device)
+        ids[..., 1] = ids[..., 1] + torch.arange(ph, device=device)[:, None]
+        ids[..., 2] = ids[..., 2] + torch.arange(pw, device=device)[None, :]
+        ids = ids.reshape(ph * pw, 3)
+        if not square:
+            padded = torch.zeros(seq, 3, device=device)
+            padded[: ph * pw] = ids
+            ids = padded
+        sizes = torch.empty((b, 2), dtype=torch.int64, device=device)
+        sizes[:, 0], sizes[:, 1] = ph, pw
+        cache[key] = (masks, ids.unsqueeze(0).repeat(b, 1, 1), sizes)
+    masks, img_ids, img_sizes = cache[key]
+    x = latents.reshape(b, c, ph, p, pw, p)
+    if square:
+        tokens = x.permute(0, 2, 4, 3, 5, 1).reshape(b, ph * pw, p * p * c)
+    else:
+        out = torch.zeros((b, c, seq, p * p), dtype=latents.dtype, device=latents.device)
+        out[:, :, : ph * pw] = x.permute(0, 1, 2, 4, 3, 5).reshape(b, c, ph * pw, p * p)
+        tokens = out.permute(0, 2, 3, 1).reshape(b, seq, p * p * c)
+    return tokens, masks, img_ids, img_sizes
 
 
 class GraphedPredict:
