@@ -116,3 +116,111 @@ def test_eval_mode_keeps_diffusers_inference_path_and_uninstall_restores():
     fast.train()
     stock.train()
     torch.testing.assert_close(fast(x), stock(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- grouped dispatch
+
+def _grouped_pair(seed: int = 0, dim: int = 48):
+    from trainer_core.speedups.moe_dispatch import install_moe_dispatch
+
+    stock = _moe(dim=dim, seed=seed)
+    stock.gate.weight.requires_grad_(True)  # so the test sees the gate's own gradient path (via the aux loss)
+    fast = copy.deepcopy(stock)
+    report = install_moe_dispatch(fast)
+    assert report["grouped_moe_layers"] == 1 and report["sorted_moe_layers"] == 0, report
+    return stock, fast
+
+
+def _run_with_gate_grad(moe, x, lb, upstream=None):
+    xi = x.clone().requires_grad_(True)
+    inputs = upstream(xi) if upstream is not None else xi
+    lb.clear()
+    y = moe(inputs)
+    aux = lb.take()
+    (y.square().mean() + aux).backward()
+    return {"y": y.detach(), "aux": aux.detach(), "x_grad": xi.grad, "gate_grad": moe.gate.weight.grad.clone(),
+            **({"upstream_grad": upstream.weight.grad.clone()} if upstream is not None else {})}
+
+
+def test_grouped_dispatch_equals_diffusers_outputs_and_every_gradient():
+    """Outputs, the load-balancing loss, the input's gradient, the gate weight's gradient (through the aux loss and
+    the top-k weights) and an upstream trainable layer's gradient: float32, to rounding."""
+    from trainer_core.util.host_sync import HostSyncCounter
+
+    stock, fast = _grouped_pair()
+    torch.manual_seed(1)
+    upstream = torch.nn.Linear(48, 48)
+    ups = [upstream, copy.deepcopy(upstream)]
+    x = torch.randn(2, 37, 48)
+    results = []
+    for moe, up in zip((stock, fast), ups):
+        with HostSyncCounter() as syncs:
+            results.append(_run_with_gate_grad(moe, x, LoadBalancingLoss(moe, 0.3), up))
+        results[-1]["syncs"] = syncs.total
+    ref, got = results
+    assert ref["syncs"] > 0 and got["syncs"] == 0  # diffusers' boolean masks read the host; the grouped path never
+    for key in ("y", "aux", "x_grad", "gate_grad", "upstream_grad"):
+        assert ref[key].abs().max() > 0, key
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_grouped_dispatch_uses_the_stacked_weights_the_experts_hold():
+    """The experts' weights are views into the stacks (no second copy): a change to one expert's weight is what
+    the grouped GEMM computes with, and remove restores independent weights with the same values."""
+    from trainer_core.speedups.moe_dispatch import stacks_intact, uninstall_sorted_moe
+
+    stock, fast = _grouped_pair(seed=4)
+    assert stacks_intact(fast)
+    weights = sum(p.numel() for p in fast.parameters())
+    assert weights == sum(p.numel() for p in stock.parameters())
+    x = torch.randn(1, 23, 48)
+    with torch.no_grad():
+        for moe in (stock, fast):
+            moe.experts[2].w3.weight.mul_(3.0)  # through the expert: the stack sees it (it is the same memory)
+        torch.testing.assert_close(fast(x), stock(x), rtol=1e-5, atol=1e-6)
+    state = {k: v.clone() for k, v in fast.state_dict().items()}
+    uninstall_sorted_moe(fast)
+    assert not stacks_intact(fast) and "forward" not in fast.__dict__ and "forward" not in fast.gate.__dict__
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in state.items())
+    assert fast.experts[0].w1.weight.untyped_storage().data_ptr() != \
+        fast.experts[0].w3.weight.untyped_storage().data_ptr()
+
+
+def test_grouped_dispatch_with_an_idle_expert_and_in_eval_mode():
+    stock, fast = _grouped_pair(seed=1)
+    with torch.no_grad():
+        for moe in (stock, fast):
+            moe.gate.weight.abs_()
+            moe.gate.weight[3].neg_()
+    x = torch.randn(1, 29, 48).abs()
+    assert not (stock.gate(x)[0] == 3).any()  # expert 3 gets no row: an empty group
+    ref = _run_with_gate_grad(stock, x, LoadBalancingLoss(stock, 0.01))
+    got = _run_with_gate_grad(fast, x, LoadBalancingLoss(fast, 0.01))
+    for key in ("y", "aux", "x_grad", "gate_grad"):
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-7, msg=key)
+    stock.eval(), fast.eval()
+    with torch.no_grad():  # diffusers' moe_infer (sorted, scatter-add) vs the same grouped path
+        torch.testing.assert_close(fast(x), stock(x), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_dispatch_keeps_the_sorted_one_for_hooked_or_quantised_experts():
+    from lycoris import LycorisNetwork, create_lycoris
+    from optimum.quanto import freeze, qint8, quantize
+
+    from trainer_core.speedups.moe_dispatch import install_moe_dispatch
+
+    hooked = _moe(seed=2)
+    LycorisNetwork.apply_preset({"target_module": [], "module_algo_map": {}, "target_name": [],
+                                 "name_algo_map": {"experts.*": {"factor": 4}}, "use_fnmatch": True,
+                                 "exclude_name": []})
+    create_lycoris(hooked, 1.0, linear_dim=16384, linear_alpha=1, algo="lokr", factor=4, full_matrix=True,
+                   bypass_mode=True).apply_to()
+    report = install_moe_dispatch(hooked)
+    assert report["grouped_moe_layers"] == 0 and report["sorted_moe_layers"] == 1
+    assert any("hooked" in why for why in report["sorted_moe_why"]), report
+
+    quantised = _moe(seed=3)
+    quantize(quantised, weights=qint8)
+    freeze(quantised)
+    report = install_moe_dispatch(quantised)
+    assert report["grouped_moe_layers"] == 0 and any("QLinear" in w for w in report["sorted_moe_why"]), report

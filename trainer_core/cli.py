@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -106,12 +107,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                                                           else "fp32")]
     speedups = Speedups(fast_lokr=not args.no_fast_lokr, fast_moe_dispatch=not args.no_fast_moe_dispatch,
                         lean_int8_backward=not args.no_lean_int8_backward, compile_blocks=args.compile_blocks,
-                        lean_rope=not args.no_lean_rope, batched_lokr=args.batched_lokr)
+                        lean_rope=not args.no_lean_rope, batched_lokr=args.batched_lokr,
+                        grouped_moe_dispatch=not args.no_grouped_moe_dispatch, cuda_graphs=args.cuda_graphs)
+    variant_names = {n for v in (args.variants or "").split(",") for n in v.strip().split("+") if n}
+    unknown = sorted(variant_names - set(Speedups.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown speed-up(s) in --variants: {unknown}; choose from "
+                          f"{', '.join(Speedups.__dataclass_fields__)}")
+    compile_cache = Path(args.compile_cache or os.environ.get("HIDREAM_COMPILE_CACHE") or ".cache/torch-compile")
     opts = BenchOptions(size=SIZES[args.size], device=device, dtype=dtype, steps=args.steps, warmup=args.warmup,
                         reference_lokr=args.reference_lokr, speedups=speedups,
                         sequential=True if args.sequential else None, ablate=args.ablate,
                         profile=Path(args.profile) if args.profile else None, optimizer=args.optimizer,
-                        deadline=time.monotonic() + args.time_budget if args.time_budget else None)
+                        deadline=time.monotonic() + args.time_budget if args.time_budget else None,
+                        compile_cache=compile_cache,
+                        variants=tuple(v.strip() for v in (args.variants or "").split(",") if v.strip()))
     run_bench(modes, opts, Path(args.out) if args.out else None, emit=lambda line: print(line, flush=True))
     return 0
 
@@ -185,7 +195,19 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--no-fast-moe-dispatch", action="store_true", help="project step with diffusers' MoE dispatch")
     p.add_argument("--no-lean-int8-backward", action="store_true", help="project step with quanto's own backward")
     p.add_argument("--no-lean-rope", action="store_true", help="project step with diffusers' rotary embedding")
-    p.add_argument("--compile-blocks", action="store_true", help="torch.compile every transformer block")
+    p.add_argument("--compile", "--compile-blocks", dest="compile_blocks", action="store_true",
+                   help="compile the project step: every transformer block as one graph, MoE included")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the project's step (training) / transformer call (sampling) from a CUDA graph")
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="inductor's cache of compiled code, kept between runs (default $HIDREAM_COMPILE_CACHE or "
+                        ".cache/torch-compile)")
+    p.add_argument("--variants", default=None, metavar="A[+B],...",
+                   help="also time project variants with these speed-ups switched on, e.g. "
+                        "compile_blocks,cuda_graphs,compile_blocks+cuda_graphs (each with its check, and its step "
+                        "losses compared with the project's)")
+    p.add_argument("--no-grouped-moe-dispatch", action="store_true",
+                   help="project step with the sorted MoE dispatch (one host sync per layer)")
     p.add_argument("--optimizer", default="adamw",
                    help="the optimizer of both steps, by SimpleTuner's name (default adamw: torch's AdamW; the "
                         "HiDream quickstart uses optimi-lion)")

@@ -6,7 +6,7 @@ adapter file (same keys as the trained one), which samplers load like any other.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -21,9 +21,16 @@ class AdapterEMA:
         self.shadow = {name: p.detach().float().clone() for name, p in self.params.items()}
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, keep: Optional[torch.Tensor] = None) -> None:
+        """One EMA step. `keep`: a 0-dim bool device tensor; where it is false the average stays exactly as it was
+        (weight 0), so a skipped training step can be decided on the device without a host read."""
+        if keep is None:
+            for name, param in self.params.items():
+                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+            return
+        weight = keep.to(torch.float32) * (1.0 - self.decay)  # the float weight's value where keep is true
         for name, param in self.params.items():
-            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(param.detach().float(), weight.to(self.shadow[name].device))
 
     @contextlib.contextmanager
     @torch.no_grad()

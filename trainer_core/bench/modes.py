@@ -19,7 +19,8 @@ FLOPs are what torch's FlopCounterMode sees one step execute (checkpoint recompu
 
 Modes: bf16_nogc, bf16_gc (gradient checkpointing), int8_gc (optimum-quanto int8 base + checkpointing),
 offload_gc (blocks streamed from CPU memory with diffusers' group offloading + checkpointing; CUDA only),
-sample_cfg (one CFG denoising step at batch 2: base model, LoKr merged by the project, LoKr hooked by LyCORIS).
+sample_cfg (one CFG denoising step at batch 2: base model, LoKr merged by the project, LoKr hooked by LyCORIS,
+and the project's path without an adapter, `merged_vs_base_same_path`).
 8-bit bases (quant/scaled.py), each beside the stock step it replaces:
 fp8_gc / fp8_nogc (fp8-scaled base, with / without checkpointing; reference: the stock bf16 step),
 int8s_gc (int8-scaled base + checkpointing; reference: the stock step on optimum-quanto int8, today's int8 route,
@@ -29,6 +30,16 @@ it to), sample_cfg_fp8 (a CFG step on the fp8-scaled base with the LoKr unmerged
 LoKr and the stock bf16 step with LyCORIS' hooks). Their check holds the issue's bounds against bf16: loss within
 2 %, LoKr-gradient cosine >= 0.99, velocity cosine >= 0.995.
 One JSON line per mode goes to stdout and to `--out`.
+
+Every configuration reports `kernels_per_step`, `host_syncs_per_step` (device-to-host reads dispatched in one
+step, counted by dispatch so a CPU measures what a GPU would wait for; `host_syncs_by_op` names them),
+`compiled` and `graph_breaks`, and `first_step_s` (the first timed step) next to `first_call_s` (the check's
+first forward/backward, where a compile happens). `--compile` compiles the project's blocks (whole, MoE
+included; the cache goes to `--compile-cache`), `--cuda-graphs` replays the project's step from a CUDA graph
+(`cuda_graphs` says captures/replays or why not). The project's training step is `TrainStep.launch`; its one
+read of the logged numbers happens before the next step starts, outside the counted step, as in the trainer's
+loop. Compiled steps are counted with compiled regions forced eager (dispatch modes refuse compiled code; the
+same host reads, and an upper bound of the kernels).
 
 `--ablate` adds, per training mode, the project step with each speed-up switched off in turn (`ablation`: what each
 one is worth) and the stock model with no adapter at all (`base_model`: its forward and backward, the floor no
@@ -84,10 +95,14 @@ class BenchOptions:
     speedups: Speedups = field(default_factory=Speedups)
     learning_rate: float = 1e-4
     ablate: bool = False  # also time each speed-up switched off in turn, and the adapter-free stock model
+    # Project variants timed beside the project (`--variants`): "a+b" switches speed-ups a and b on, e.g.
+    # "compile_blocks+cuda_graphs"; each is a `with_...` configuration with its own check.
+    variants: tuple = ()
     sequential: Optional[bool] = None  # None: sequential on CUDA (per-configuration peak memory), interleaved on CPU
     profile: Optional[Path] = None  # append a torch.profiler table of each mode's project step to this file
     deadline: Optional[float] = None  # time.monotonic() past which nothing new starts (`--time-budget`)
     optimizer: str = "adamw"  # by SimpleTuner's name (optimizers.py), the same on both sides
+    compile_cache: Optional[Path] = None  # inductor's cache folder for compiled blocks (`--compile-cache`)
 
     @property
     def interleave(self) -> bool:
@@ -178,10 +193,13 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
     inputs = make_inputs(opts.size, device, opts.dtype)
     load_balancing = LoadBalancingLoss(model, LOAD_BALANCING_WEIGHT)
     stock = _stock_side(mode, label)
+    speedups = _speedups_for(label, opts.speedups)
+    if "offload" in mode:  # streamed weights: the stacked experts, compiled code and graphs would not follow
+        speedups = replace(speedups, grouped_moe_dispatch=False, compile_blocks=False, cuda_graphs=False)
     if stock:
         network, report = reference_lokr(model, device, opts.reference_lokr), None
     else:
-        network, report = project_lokr(model, device, _speedups_for(label, opts.speedups))
+        network, report = project_lokr(model, device, speedups, opts.compile_cache)
 
     # The check: one fixed batch with identical non-zero LoKr factors on both sides, loss and gradients kept.
     set_lokr_weights(network)
@@ -189,6 +207,7 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
     optimizer = optimizer_by_name(opts.optimizer, params, opts.learning_rate, 0.01, device)
     noise = StepNoise(inputs)
     micro_batches = [lambda: MicroBatch(inputs.latents, inputs.embeds)]
+    started = time.perf_counter()
     if stock:
         loss = stock_loss(model, inputs.latents, noise, inputs, load_balancing)
         loss.backward()
@@ -199,25 +218,53 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
                                  StepSettings(use_load_balancing_loss=True), noise)
         loss = trainer_step.backward(micro_batches)[0]
     checks[label] = (loss.item(), lokr_grads(network), report)
+    # The first forward and backward (the check's): with compiled blocks, the compile is in here.
+    info["first_call_s"] = time.perf_counter() - started
     for p in network.parameters():
         p.grad = None
+    step_fn = trainer_step
+    if trainer_step is not None and speedups.cuda_graphs:
+        from ..training.graphed_step import GraphedTrainStep
+
+        step_fn = GraphedTrainStep(trainer_step, model)
 
     # Everything big lives in `state`, which close() empties: on a GPU the next configuration must not find this
     # one's 32 GB of weights still referenced.
-    state = {"model": model, "optimizer": optimizer, "trainer_step": trainer_step}
+    state = {"model": model, "optimizer": optimizer, "trainer_step": trainer_step, "step_fn": step_fn,
+             "pending": None}
     del model
 
-    def step(i: int) -> object:
+    losses: dict = {}
+
+    def settle() -> None:
+        """Read the last project step's numbers (the trainer's loop reads them after queuing the next step)."""
+        if state.get("pending") is not None:
+            loss = state["pending"].result().loss
+            if state.get("pending_step") is not None:  # not the counters' extra step
+                losses[state["pending_step"]] = loss
+            state["pending"] = None
+
+    def run_step(i: int, step_fn, record: bool = True) -> object:
         noise.step = i
-        if state["trainer_step"] is not None:
-            return state["trainer_step"].run(micro_batches, i)
+        if step_fn is not None:
+            settle()
+            state["pending"], state["pending_step"] = step_fn.launch(micro_batches, i), (i if record else None)
+            return state["pending"]
         loss = stock_loss(state["model"], inputs.latents, noise, inputs, load_balancing)
         loss.backward()
         state["optimizer"].step()
         state["optimizer"].zero_grad(set_to_none=True)
         return loss.detach()
 
+    def late_info() -> dict:
+        if trainer_step is None:
+            return {"compiled": False, "graph_breaks": 0}
+        settle()
+        return {**_compile_and_graph_info(report, state.get("step_fn")),
+                "step_losses": [losses[i] for i in sorted(losses)]}
+
     def close() -> None:
+        settle()
         load_balancing.remove()
         remove_speedups(state["model"], network)
         remove_network(network)
@@ -228,9 +275,47 @@ def _train_config(mode: str, label: str, opts: BenchOptions, extra: dict, checks
         return None
     # diffusers' blocking group offload took ~20 s a step at full size (H100): one warm-up and three timed steps.
     slow_reference = mode == "offload_gc" and label == "reference"
-    return Timed(step, close, {"lokr_params": sum(p.numel() for p in params), **info},
+    return Timed(lambda i: run_step(i, state["step_fn"]), close,
+                 {"lokr_params": sum(p.numel() for p in params), **info},
                  count_flops=mode != "offload_gc", max_steps=3 if slow_reference else None,
-                 max_warmup=1 if slow_reference else None)
+                 max_warmup=1 if slow_reference else None,
+                 count_step=lambda i: run_step(i, state["trainer_step"], record=False), settle=settle,
+                 late_info=late_info)
+
+
+_COMPILE_BASELINE: dict = {}
+
+
+def _mark_compile_baseline() -> None:
+    """Compile counters are process-wide: a mode reports what happened since it started."""
+    from ..speedups.compile_blocks import compile_stats
+
+    _COMPILE_BASELINE.clear()
+    _COMPILE_BASELINE.update(compile_stats())
+
+
+def _compile_and_graph_info(report: Optional[dict], step_fn) -> dict:
+    """`compiled` (the step ran compiled blocks), `graph_breaks` (dynamo's count, blocks that could not compile
+    whole included), compile counts, and what the CUDA-graph path did (captures, replays, or why not)."""
+    from ..speedups.compile_blocks import compile_stats
+
+    report = report or {}
+    out: dict = {"compiled": bool(report.get("compiled_blocks")), "graph_breaks": 0 if
+                 not report.get("compiled_blocks") else None}
+    if report.get("compiled_blocks"):
+        stats = compile_stats()
+        base = _COMPILE_BASELINE or {"graphs": 0, "graph_breaks": 0, "recompiles": 0}
+        out.update(graph_breaks=stats["graph_breaks"] - base["graph_breaks"],
+                   compile_graphs=stats["graphs"] - base["graphs"],
+                   recompiles=stats["recompiles"] - base["recompiles"], compile_failed=stats["failed"] or None,
+                   whole_blocks=report.get("whole_blocks"), regional_blocks=report.get("regional_blocks"))
+        out["compiled"] = not stats["failed"]
+    graphs = getattr(step_fn, "graphs", None)
+    if graphs is not None:
+        out["cuda_graphs"] = {"captures": graphs.captures, "replays": graphs.replays,
+                              "why_not": getattr(step_fn, "why_not", None) or
+                              (next(iter(v for v in graphs._graphs.values() if isinstance(v, str)), None))}
+    return out
 
 
 def _base_model_config(mode: str, opts: BenchOptions) -> Timed:
@@ -281,10 +366,11 @@ def _profiler(mode: str, opts: BenchOptions, into: dict) -> Optional[Callable[[s
 
 
 def _speedups_for(label: str, speedups: Speedups) -> Speedups:
-    """`project`: the given speed-ups; `without_<name>` / `with_<name>`: the same with that one switched off / on."""
+    """`project`: the given speed-ups; `without_<a>[+<b>...]` / `with_<a>[+<b>...]`: the same with those switched
+    off / on."""
     for prefix, value in (("without_", False), ("with_", True)):
         if label.startswith(prefix):
-            return replace(speedups, **{label[len(prefix):]: value})
+            return replace(speedups, **{name: value for name in label[len(prefix):].split("+")})
     return speedups
 
 
@@ -293,8 +379,8 @@ def _ablation_labels(mode: str, speedups: Speedups) -> list[str]:
     (`without_<name>`: what it is worth), and each candidate that is off, switched on (`with_<name>`: whether it
     should become a default). The bf16 modes measure the LoKr, MoE and rotary-embedding paths and the copy-free
     LoKr form (a refinement of fast_lokr); the int8 mode its own backward."""
-    ablated = {"bf16_nogc": ("fast_lokr", "fast_moe_dispatch", "lean_rope"),
-               "bf16_gc": ("fast_lokr", "fast_moe_dispatch", "lean_rope"),
+    ablated = {"bf16_nogc": ("fast_lokr", "fast_moe_dispatch", "grouped_moe_dispatch", "lean_rope"),
+               "bf16_gc": ("fast_lokr", "fast_moe_dispatch", "grouped_moe_dispatch", "lean_rope"),
                "int8_gc": ("lean_int8_backward",)}.get(mode, ())
     candidates = ("batched_lokr",) if mode in ("bf16_nogc", "bf16_gc") and speedups.fast_lokr else ()
     return ([f"without_{name}" for name in ablated if getattr(speedups, name)] +
@@ -304,8 +390,10 @@ def _ablation_labels(mode: str, speedups: Speedups) -> list[str]:
 def run_train_mode(mode: str, opts: BenchOptions) -> dict:
     extra: dict = {}
     checks: dict = {}
+    _mark_compile_baseline()  # compile figures per mode (compiled graphs are kept: later modes reuse them)
     # The project first: on a GPU a slow reference (offloading) cut short by a time limit still leaves its figures.
-    labels = ["project", "reference", *(_ablation_labels(mode, opts.speedups) if opts.ablate else [])]
+    labels = ["project", "reference", *(_ablation_labels(mode, opts.speedups) if opts.ablate else []),
+              *(f"with_{v}" for v in opts.variants if mode != "offload_gc")]
     configs = {label: (lambda label=label: _train_config(mode, label, opts, extra, checks)) for label in labels}
     if opts.ablate and mode != "offload_gc":
         configs["base_model"] = lambda: _base_model_config(mode, opts)
@@ -344,8 +432,13 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
     if len(labels) > 2:  # what each speed-up is worth: the step with it switched off, same run
         row["ablation"] = {label: {"step_s": results[label]["step_s"], "peak_gib": results[label]["peak_gib"],
                                    "kernels_per_step": results[label]["kernels_per_step"],
+                                   "host_syncs_per_step": results[label]["host_syncs_per_step"],
                                    "slowdown_vs_project": results[label]["step_s"] / results["project"]["step_s"],
-                                   "check_passed": (check(label) or {}).get("passed")}
+                                   "check_passed": (check(label) or {}).get("passed"),
+                                   **{key: results[label].get(key) for key in (
+                                       "compiled", "graph_breaks", "cuda_graphs", "first_call_s", "first_step_s",
+                                       "recompiles", "whole_blocks")},
+                                   "step_losses_rel_err": _losses_rel_err(results["project"], results[label])}
                            for label in labels[2:] if label in results}
     if "base_model" in results and "reference" in results:
         base = results["base_model"]
@@ -355,6 +448,14 @@ def run_train_mode(mode: str, opts: BenchOptions) -> dict:
                              "adapter_side_bound": results["reference"]["step_s"] / base["step_s"],
                              "project_vs_base": results["project"]["step_s"] / base["step_s"]}
     return row
+
+
+def _losses_rel_err(project: dict, other: dict) -> Optional[float]:
+    """The largest relative difference between two configurations' losses at the same steps (same start, same
+    noise per step, same optimizer: a compiled or graphed step must train what the project's step trains)."""
+    a, b = project.get("step_losses") or [], other.get("step_losses") or []
+    pairs = [(x, y) for x, y in zip(a, b) if x == x and y == y]
+    return max((abs(x - y) / max(abs(x), 1e-30) for x, y in pairs), default=None)
 
 
 def _require(results: dict, labels: tuple[str, ...]) -> None:
@@ -370,6 +471,10 @@ def _row(mode: str, opts: BenchOptions, proj: dict, ref: Optional[dict], extra: 
            "reference_lokr": opts.reference_lokr, "optimizer": opts.optimizer,
            "timing": "interleaved" if opts.interleave else "sequential",
            "step_s": proj["step_s"], "peak_gib": proj["peak_gib"], "tflops_per_s": proj.get("tflops_per_s"),
+           "first_step_s": proj.get("first_step_s"), "first_call_s": proj.get("first_call_s"),
+           "kernels_per_step": proj.get("kernels_per_step"), "host_syncs_per_step": proj.get("host_syncs_per_step"),
+           "compiled": proj.get("compiled", False), "graph_breaks": proj.get("graph_breaks", 0),
+           "cuda_graphs": proj.get("cuda_graphs"),
            "reference_step_s": ref and ref["step_s"], "reference_peak_gib": ref and ref["peak_gib"],
            "speedup_vs_reference": ref and ref["step_s"] / proj["step_s"],
            "project": proj, "reference": ref}
@@ -378,10 +483,13 @@ def _row(mode: str, opts: BenchOptions, proj: dict, ref: Optional[dict], extra: 
 
 
 def _sample_config(label: str, opts: BenchOptions, outputs: dict, mode: str = "sample_cfg") -> Timed:
-    """One CFG denoising step (batch 2, eval, no grad) on a fresh model: `base` (no adapter), `reference` (stock
-    LyCORIS hooks) or `project` (the sampler's path: `lokr_applied`, which merges the LoKr into float weights and
-    runs it unmerged on an 8-bit base). In sample_cfg_fp8 `base` and `project` run on the fp8-scaled base."""
+    """One CFG denoising step (batch 2, eval, no grad) on a fresh model: `base` (stock, no adapter), `reference`
+    (stock LyCORIS hooks), `project` (the sampler's path: `lokr_applied`, which merges the LoKr into float weights
+    and runs it unmerged on an 8-bit base; the project's speed-ups, compiled blocks and CUDA graphs when switched
+    on) or `project_base` (that same path without an adapter: what the merged LoKr's cost is measured against). In
+    sample_cfg_fp8 `base`, `project` and `project_base` run on the fp8-scaled base."""
     from ..adapters.lokr import lokr_applied
+    from ..hidream.forward import GraphedPredict
 
     device, dtype = opts.device, opts.dtype
     model = build_transformer(opts.size, device, dtype).eval()
@@ -392,29 +500,48 @@ def _sample_config(label: str, opts: BenchOptions, outputs: dict, mode: str = "s
     inputs = make_inputs(opts.size, device, dtype).batch(2)
     timesteps = torch.full((2,), 500.0, device=device)
     stack = contextlib.ExitStack()
-    info: dict = {}
+    info: dict = {"compiled": False, "graph_breaks": 0}
+    report = None
     if label == "reference":
         network = reference_lokr(model, device, opts.reference_lokr)
         set_lokr_weights(network)
     elif label == "project":
-        network, info["speedups"] = project_lokr(model, device, opts.speedups)
+        network, report = project_lokr(model, device, opts.speedups, opts.compile_cache)
+        info["speedups"] = report
         set_lokr_weights(network)
         info["lokr_applied_as"] = stack.enter_context(lokr_applied(network))
+    elif label == "project_base":
+        from ..speedups.switches import apply_speedups
+
+        report = apply_speedups(model, None, opts.speedups, compile_cache=opts.compile_cache)
+    graphed = GraphedPredict(model) if label.startswith("project") and opts.speedups.cuda_graphs else None
+
+    @torch.no_grad()
+    def plain(_: int = 0) -> torch.Tensor:
+        return predict_flow(model, inputs.latents, timesteps, inputs.embeds)
 
     @torch.no_grad()
     def step(_: int = 0) -> torch.Tensor:
-        return predict_flow(model, inputs.latents, timesteps, inputs.embeds)
+        return graphed(inputs.latents, timesteps, inputs.embeds) if graphed is not None else plain()
 
+    started = time.perf_counter()
     outputs[label] = step().float().cpu()
+    info["first_call_s"] = time.perf_counter() - started
 
-    return Timed(step, stack.close, info)
+    def late_info() -> dict:
+        out = _compile_and_graph_info(report, graphed) if report is not None else {}
+        return out
+
+    return Timed(step, stack.close, info, count_step=plain, late_info=late_info)
 
 
 def run_sample_mode(opts: BenchOptions, mode: str = "sample_cfg") -> dict:
     outputs: dict = {}
     profiles: dict = {}
+    _mark_compile_baseline()
+    labels = ("base", "reference", "project", "project_base")
     results = time_configs({label: (lambda label=label: _sample_config(label, opts, outputs, mode))
-                            for label in ("base", "reference", "project")},
+                            for label in labels},
                            opts.device, opts.steps, opts.warmup, opts.interleave,
                            _profiler(mode, opts, profiles), opts.deadline)
     _require(results, ("base", "reference", "project"))
@@ -425,6 +552,9 @@ def run_sample_mode(opts: BenchOptions, mode: str = "sample_cfg") -> dict:
     row.update(profiles)
     row.update(base_step_s=base["step_s"], base_peak_gib=base["peak_gib"],
                merged_vs_base=project["step_s"] / base["step_s"], base=base)
+    if "project_base" in results:  # the merged LoKr's cost on the same (compiled, graphed) path
+        row.update(project_base=results["project_base"],
+                   merged_vs_base_same_path=project["step_s"] / results["project_base"]["step_s"])
     ref_out, proj_out = outputs["reference"], outputs["project"]
     err = ((proj_out - ref_out).norm() / ref_out.norm()).item()
     lokr_effect = ((ref_out - outputs["base"]).norm() / ref_out.norm()).item()

@@ -24,13 +24,13 @@ def reference_lokr(model, device: torch.device, lokr_mode: str):
     return network
 
 
-def project_lokr(model, device: torch.device, speedups: Speedups):
+def project_lokr(model, device: torch.device, speedups: Speedups, compile_cache=None):
     """The trainer's LoKr: `create_lokr_network` with the default (quickstart attention-only) preset, sped up."""
     from ..adapters.lokr import LycorisConfig, create_lokr_network
 
     network = create_lokr_network(model, LycorisConfig(factor=LOKR_FACTOR), seed=0)
     network.to(device)
-    report = apply_speedups(model, network, speedups)
+    report = apply_speedups(model, network, speedups, compile_cache=compile_cache)
     return network, report
 
 

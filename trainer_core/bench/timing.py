@@ -30,6 +30,11 @@ class Timed:
     count_flops: bool = True
     max_steps: Optional[int] = None  # cap on timed steps (a reference so slow that the run's time limit matters)
     max_warmup: Optional[int] = None  # cap on untimed steps, likewise
+    # The step the counters run (default `step`): a CUDA-graph replay dispatches nothing to count, so a graphed
+    # configuration counts the plain step it replays.
+    count_step: Optional[Callable[[int], object]] = None
+    settle: Callable[[], None] = lambda: None  # finish what a step left pending (its deferred read), uncounted
+    late_info: Callable[[], dict] = dict  # figures known only after the steps ran (compile and graph counts)
 
 
 class TimeBudgetSpent(RuntimeError):
@@ -107,9 +112,13 @@ def _configuration_result(label: str, timed: Timed, times: list[float], warmup: 
     if profile is not None and not past(deadline):
         profile(label, timed)
     counted = timed.count_flops and not past(deadline)
-    flops, kernels = count_work(lambda: timed.step(0)) if counted else (None, None)
-    return {**summarise(times, warmup, peak, flops), "flops_per_step": flops, "kernels_per_step": kernels,
-            **timed.info}
+    timed.settle()
+    work = count_work(lambda: (timed.count_step or timed.step)(0)) if counted else WorkCount()
+    timed.settle()
+    return {**summarise(times, warmup, peak, work.flops), "first_step_s": times[0] if times else None,
+            "flops_per_step": work.flops, "kernels_per_step": work.kernels,
+            "host_syncs_per_step": work.host_syncs, "host_syncs_by_op": work.host_syncs_by_op,
+            **timed.info, **timed.late_info()}
 
 
 def summarise(times: list[float], warmup: int, peak: Optional[float], flops: Optional[float]) -> dict:
@@ -119,20 +128,34 @@ def summarise(times: list[float], warmup: int, peak: Optional[float], flops: Opt
             "tflops_per_s": (flops / med / 1e12) if flops else None}
 
 
-def count_work(fn: Callable[[], object]) -> tuple[Optional[float], Optional[int]]:
-    """(FLOPs, kernels) of one run of `fn`: the FLOPs torch's FlopCounterMode sees (matmuls, attention; quanto's int8
-    matmul op is not counted) and the kernels `KernelCounter` sees dispatched, or (None, None) when the step cannot
-    run under the counters (compiled code may refuse a dispatch mode): timing matters more."""
+@dataclass
+class WorkCount:
+    """What one step dispatched: FLOPs (torch's FlopCounterMode: matmuls, attention; quanto's int8 matmul op is
+    not counted), kernels (`KernelCounter`) and device-to-host reads (`HostSyncCounter`, with the ops that read)."""
+
+    flops: Optional[float] = None
+    kernels: Optional[int] = None
+    host_syncs: Optional[int] = None
+    host_syncs_by_op: Optional[dict] = None
+
+
+def count_work(fn: Callable[[], object]) -> WorkCount:
+    """FLOPs, kernels and host syncs of one run of `fn`, or an empty count when the step cannot run under the
+    counters (timing matters more). Compiled code refuses dispatch modes, so it runs here with compiled regions
+    forced eager: the same maths and the same host reads (a fullgraph region cannot hold one); the kernel count is
+    then the eager one, an upper bound of a compiled step's."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ..util.host_sync import HostSyncCounter
     from .profile import KernelCounter
 
     flops = FlopCounterMode(display=False)
     kernels = KernelCounter()
+    syncs = HostSyncCounter()
     try:
-        with flops, kernels:
+        with torch.compiler.set_stance("force_eager"), flops, kernels, syncs:
             fn()
     except Exception as exc:  # noqa: BLE001 - a missing FLOP figure must not lose the mode's timings
         logger.warning("FLOP count failed (%s: %s); TFLOP/s left empty", type(exc).__name__, exc)
-        return None, None
-    return float(flops.get_total_flops()), kernels.total
+        return WorkCount()
+    return WorkCount(float(flops.get_total_flops()), kernels.total, syncs.total, dict(syncs.by_op))

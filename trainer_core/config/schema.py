@@ -81,6 +81,7 @@ class SamplingConfig:
     seed: int = 42
     scheduler: Literal["unipc", "euler"] = "unipc"
     lokr_strength: float = 1.0
+    cuda_graphs: bool = False  # replay the transformer call from a CUDA graph (CUDA only; TrainConfig.cuda_graphs)
 
     def validate(self) -> None:
         for side, value in (("width", self.width), ("height", self.height)):
@@ -212,8 +213,15 @@ class TrainConfig:
     fast_lokr: bool = True  # LoKr applied through its Kronecker structure (kron_lokr.py)
     fast_moe_dispatch: bool = True  # MoE training dispatch sorted by expert, no boolean masks (moe_dispatch.py)
     lean_int8_backward: bool = True  # frozen quanto layers keep no activations for backward (frozen_qlinear.py)
-    # torch.compile each transformer block: 8-27 % faster on an H100, 3 GiB more peak, a minute or more to compile.
+    # MoE layers whose routed experts are plain frozen Linears run one grouped GEMM per projection, with static
+    # shapes and no host sync (moe_dispatch.py); others keep the sorted dispatch. Needs fast_moe_dispatch.
+    grouped_moe_dispatch: bool = True
+    # torch.compile each transformer block as one graph, MoE included (compile_blocks.py; docs/gpu-step.md). Off
+    # until a GPU run measures that the compile time pays back: the log gives the compile cost and per-step saving.
     compile_blocks: bool = False
+    # Capture each aspect bucket's whole training step in a CUDA graph and replay it (graphed_step.py; CUDA only,
+    # single process, an optimizer that skips on the device). Off until measured on a GPU; logged when not possible.
+    cuda_graphs: bool = False
     lean_rope: bool = True  # rotary embedding whose backward is one inverse rotation (lean_rope.py)
     # fast_lokr's copy-free form (W1 as a batched GEMM fused with the residual add): 17 kernels per adapted layer
     # instead of 24; off until a GPU run measures its small batched GEMMs (kron_lokr.BatchedKroneckerDelta).
@@ -308,7 +316,8 @@ class TrainConfig:
                               width=width, height=height, num_inference_steps=self.validation_num_inference_steps,
                               guidance=self.validation_guidance, guidance_rescale=self.validation_guidance_rescale,
                               shift=self.flow_schedule_shift, seed=self.validation_seed,
-                              scheduler=self.validation_noise_scheduler, lokr_strength=self.validation_lycoris_strength)
+                              scheduler=self.validation_noise_scheduler, lokr_strength=self.validation_lycoris_strength,
+                              cuda_graphs=self.cuda_graphs)
 
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule(shift=self.flow_schedule_shift, auto_shift=self.flow_schedule_auto_shift,

@@ -76,31 +76,88 @@ def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.
     return err.flatten(1).mean(dim=1).mean()
 
 
+class _AttachGradient(torch.autograd.Function):
+    """Returns `carrier` unchanged; in the backward, `aux` receives the constant gradient `scale` (the weight the
+    loss it would have been added to gives it) while `carrier`'s gradient passes through. This is how a load-
+    balancing loss trains the gate's inputs without being kept, with its graph, outside the forward."""
+
+    @staticmethod
+    def forward(ctx, carrier: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        return carrier.view_as(carrier)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad.device), None
+
+
 class LoadBalancingLoss:
     """Collects the MoE load-balancing (auxiliary) loss of every `MoEGate` during one forward pass.
 
     diffusers computes each gate's aux loss alpha * sum_e P_e * f_e in train() mode and then throws it away; forward
-    hooks keep it, with its graph. `alpha` is set on every gate. `take()` returns the mean over gates (HiDream's
-    official form, independent of the number of layers) and clears the list, so graphs never outlive a step.
-    Between `take()` and the next `clear()` nothing is collected: with gradient checkpointing the backward re-runs
-    every block, and a kept aux loss of a recomputed block would pin that block's recomputed activations.
+    hooks keep it. `alpha` is set on every gate. `take()` returns the mean over gates (HiDream's official form,
+    independent of the number of layers) and clears the list, so graphs never outlive a step.
+
+    Two ways to give it its gradient, the same maths:
+
+    * kept (the default, the stock way): the hooks keep each gate's loss with its graph; `take()`'s mean is added to
+      the loss that is backpropagated. Between `take()` and the next `clear()` nothing is collected: with gradient
+      checkpointing the backward re-runs every block, and a kept aux loss of a recomputed block would pin that
+      block's recomputed activations. The hooks run eagerly even inside compiled blocks.
+    * attached (`attach_gradient(weight)`, what the trainer's step uses): each hook ties the gate's loss to the
+      gate's top-k weights (`_AttachGradient`), so the backward through the MoE output gives it the gradient
+      weight / num_gates that `weight * take()` would; the hooks keep only detached values, for `take()` to log.
+      No Python state differs between a forward and its checkpoint recomputation and nothing outlives the forward,
+      so a whole block, gate included, compiles into one graph (and a CUDA graph can hold the step).
     """
 
     def __init__(self, transformer: nn.Module, alpha: float):
         self._losses: list[torch.Tensor] = []
         self._collecting = True
+        self._attach: Optional[float] = None  # None: kept; else the weight of take() in the loss backpropagated
         self._handles = []
-        for module in transformer.modules():
-            if type(module).__name__ == "MoEGate":
-                module.alpha = alpha
-                # Run eagerly even inside compiled blocks: the hook's collect-or-not branch must not select
-                # between two compiled graphs (checkpoint recomputation would then save other tensors).
-                self._handles.append(module.register_forward_hook(torch.compiler.disable(self._hook)))
+        gates = [module for module in transformer.modules() if type(module).__name__ == "MoEGate"]
+        for module in gates:
+            module.alpha = alpha
+        self._scale = 1.0 / max(len(gates), 1)
+        self._gates = gates
+        for module in gates:
+            if "_hidream_aux" not in module._buffers:
+                device = module.weight.device if not module.weight.is_meta else None
+                module.register_buffer("_hidream_aux", torch.zeros((), device=device), persistent=False)
+            self._handles.append(module.register_forward_hook(self._hook))
 
-    def _hook(self, module, inputs, output) -> None:
-        aux = output[2] if isinstance(output, tuple) and len(output) > 2 else None
-        if aux is not None and self._collecting:
+    @torch.compiler.disable
+    def _keep(self, aux: torch.Tensor) -> None:
+        # Eager even inside compiled blocks: the collect-or-not branch must not select between two compiled graphs
+        # (checkpoint recomputation would then save other tensors).
+        if self._collecting:
             self._losses.append(aux)
+
+    def _hook(self, module, inputs, output):
+        aux = output[2] if isinstance(output, tuple) and len(output) > 2 else None
+        if aux is None:
+            return None
+        if self._attach is None:
+            self._keep(aux)
+            return None
+        # The value, for the log, into the gate's own buffer: a Python list appended to inside a compiled block
+        # would make dynamo guard on its length (a recompile per block). A recomputation rewrites the same value.
+        module._hidream_aux.copy_(aux.detach())
+        if self._attach == 0.0:
+            return None
+        topk_idx, topk_weight, _ = output
+        return topk_idx, _AttachGradient.apply(topk_weight, aux, self._attach * self._scale), aux
+
+    def attach_gradient(self, weight: Optional[float]) -> None:
+        """From now on give each gate's loss the gradient `weight` times that of `take()`'s mean (0: log only) in
+        the backward of the forward itself; None: back to keeping the losses with their graphs."""
+        self._attach = None if weight is None else float(weight)
+
+    @property
+    def attached(self) -> bool:
+        return self._attach is not None
 
     @property
     def num_gates(self) -> int:
@@ -112,14 +169,29 @@ class LoadBalancingLoss:
         self._collecting = True
 
     def take(self) -> Optional[torch.Tensor]:
+        """The mean of this forward's gate losses (with its graph when kept; detached when attached), or None.
+        Attached, it is the mean of every gate's value from the last forward that ran it (HiDream's forward runs
+        every gate), or None before any training forward."""
+        if self._attach is not None:
+            self._collecting = False
+            if not self._gates or not self._seen_training_forward():
+                return None
+            return torch.stack([g._hidream_aux for g in self._gates]).mean()
         losses, self._losses = self._losses, []
         self._collecting = False  # until clear(): the backward's checkpoint recomputation re-fires the hooks
         if not losses:
             return None
         return torch.stack([l.float() for l in losses]).mean()
 
+    def _seen_training_forward(self) -> bool:
+        return any(g.training for g in self._gates)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._losses.clear()
+        for gate in self._gates:
+            gate._buffers.pop("_hidream_aux", None)
+            gate._non_persistent_buffers_set.discard("_hidream_aux")
+        self._gates = []

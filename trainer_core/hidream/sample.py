@@ -15,7 +15,7 @@ from PIL import Image
 from ..config.schema import SamplingConfig
 from ..adapters.lokr import lokr_applied
 from .embeds import PromptEmbeds
-from .forward import compute_dtype, predict_flow
+from .forward import GraphedPredict, compute_dtype, predict_flow
 from .vae import latents_to_images
 
 
@@ -49,11 +49,15 @@ def denoise(transformer, cond: PromptEmbeds, uncond: Optional[PromptEmbeds], set
     scheduler.set_timesteps(settings.num_inference_steps, device=device)
 
     was_training = transformer.training
-    transformer.eval()  # (B, C, H, W) output and the fused MoE inference path
+    transformer.eval()  # the MoE inference path (no aux loss)
+    # Compiled blocks (compile_blocks) run here as in training; with settings.cuda_graphs the whole transformer
+    # call is replayed from a CUDA graph after two warm-up steps (GraphedPredict; the plain call on a CPU).
+    predict = GraphedPredict(transformer) if settings.cuda_graphs else \
+        (lambda x, t, e: predict_flow(transformer, x, t, e))
     try:
         for i, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if use_cfg else latents
-            velocity = predict_flow(transformer, model_input, t.expand(model_input.shape[0]), embeds).float()
+            velocity = predict(model_input, t.expand(model_input.shape[0]), embeds).float()
             if use_cfg:
                 v_uncond, v_cond = velocity.chunk(2)
                 velocity = v_uncond + settings.guidance * (v_cond - v_uncond)

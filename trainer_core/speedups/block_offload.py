@@ -101,6 +101,12 @@ class BlockStreamer:
         if not self.blocks:
             raise ConfigError("offload_blocks: this transformer has no double/single stream blocks to stream")
         cuda = self.device.type == "cuda"
+        from .moe_dispatch import ungroup_moe_dispatch
+
+        ungrouped = sum(ungroup_moe_dispatch(block) for block in self.blocks)
+        if ungrouped:  # stacked expert weights would not follow the streamed copies
+            logger.info("offload_blocks: %d MoE layers back on the sorted dispatch (their experts are streamed)",
+                        ungrouped)
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.packed = [_pack(block, pin=cuda) for block in self.blocks]
         self._move_rest(transformer)

@@ -5,27 +5,33 @@ float32) and has a switch in `TrainConfig`:
 
     fast_lokr            LoKr through its Kronecker structure in one addmm        (kron_lokr.py)
     fast_moe_dispatch    MoE training dispatch sorted by expert, one host sync    (moe_dispatch.py)
+    grouped_moe_dispatch MoE as grouped GEMMs over stacked frozen experts, static (moe_dispatch.py; where the
+                         shapes, no host sync, training and eval                 experts are plain frozen Linears)
     lean_int8_backward   frozen quanto layers keep no activations for backward   (frozen_qlinear.py)
     lean_rope            rotary embedding whose backward is one inverse rotation (lean_rope.py)
     batched_lokr         fast_lokr without activation-sized copies: W1 as a batched GEMM fused with the
                          residual add (kron_lokr.py; off by default: not measured on a GPU yet)
-    compile_blocks       regional torch.compile of every transformer block       (off by default: a minute or
-                                                                                  more of compile time and 3 GiB
-                                                                                  more peak at 1024 px)
+    compile_blocks       torch.compile of every block as one graph, MoE included (compile_blocks.py; off by
+                         (around an eager MoE where it keeps the sorted dispatch) default until a GPU run says
+                                                                                  the compile time pays back)
+    cuda_graphs          CUDA graph of each bucket's whole training step; read by the trainer's step
+                         (training/graphed_step.py), not installed here
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
 
 from torch import nn
 
 from ..config.schema import TrainConfig
-from ..hidream.forward import transformer_blocks
+from .compile_blocks import compile_blocks, uncompile_blocks
 from .frozen_qlinear import install_frozen_qlinear, uninstall_frozen_qlinear
 from .kron_lokr import install_kron_lokr, uninstall_kron_lokr
 from .lean_rope import install_lean_rope, uninstall_lean_rope
-from .moe_dispatch import install_sorted_moe, is_moe_feed_forward, uninstall_sorted_moe
+from .moe_dispatch import install_moe_dispatch, uninstall_sorted_moe
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,8 @@ class Speedups:
     compile_blocks: bool = _DEFAULT["compile_blocks"]
     lean_rope: bool = _DEFAULT["lean_rope"]
     batched_lokr: bool = _DEFAULT["batched_lokr"]
+    grouped_moe_dispatch: bool = _DEFAULT["grouped_moe_dispatch"]
+    cuda_graphs: bool = _DEFAULT["cuda_graphs"]
 
     @classmethod
     def from_config(cls, config) -> "Speedups":
@@ -55,11 +63,12 @@ class Speedups:
 
 
 
-def apply_speedups(transformer: nn.Module, network=None, config=None) -> dict:
+def apply_speedups(transformer: nn.Module, network=None, config=None, compile_cache: Optional[Path] = None) -> dict:
     """Install the switched-on speed-ups in place; returns what was installed (for logs and the benchmark).
 
     Call after the LoKr network is created and hooked (`create_lokr_network` / `load_lokr`). Safe to call twice.
-    `config` is a TrainConfig, a `Speedups`, or None (defaults).
+    `config` is a TrainConfig, a `Speedups`, or None (defaults). `compile_cache`: where compiled code is cached
+    between runs (default: a TrainConfig's cache folder / torch-compile).
     """
     options = config if isinstance(config, Speedups) else Speedups.from_config(config)
     report = {}
@@ -69,47 +78,32 @@ def apply_speedups(transformer: nn.Module, network=None, config=None) -> dict:
         report["fast_lokr_modules"], report["stock_lokr_modules"] = install_kron_lokr(network, options.batched_lokr)
         report["fast_lokr_form"] = "batched" if options.batched_lokr else "einsum"
     if options.fast_moe_dispatch:
-        report["sorted_moe_layers"] = install_sorted_moe(transformer)
+        # Streamed (offload_blocks) or sharded (FSDP) weights are swapped under the module, which the stacked
+        # experts would not follow: those runs keep the sorted dispatch.
+        grouped = options.grouped_moe_dispatch and not getattr(config, "offload_blocks", False) and \
+            not _fsdp_run(config)
+        report.update(install_moe_dispatch(transformer, grouped=grouped))
     if options.lean_rope:
         report["lean_rope_layers"] = install_lean_rope(transformer)
     if options.compile_blocks:
-        blocks = transformer_blocks(transformer)
-        _allow_one_graph_per_block(len(blocks))
-        _keep_moe_eager(transformer)
-        for block in blocks:
-            if not getattr(block, "_compiled_call_impl", None):
-                block.compile(dynamic=False)  # the recomputation must pick the forward's graph
-        report["compiled_blocks"] = len(blocks)
+        if compile_cache is None and isinstance(config, TrainConfig) and config.output_dir:
+            compile_cache = config.resolved_cache_dir / "torch-compile"
+        report.update(compile_blocks(transformer, compile_cache))
     logger.info("speed-ups: %s", report)
     return report
 
 
-def _keep_moe_eager(transformer: nn.Module) -> None:
-    """MoE dispatch has data-dependent shapes (how many tokens each expert gets): traced, dynamo would specialise on
-    every routing it sees and recompile all through training. The feed-forward runs eagerly; the rest of each block
-    (attention, LoKr, norms, RoPE, modulation) is compiled."""
-    import torch
+def _fsdp_run(config) -> bool:
+    if getattr(config, "distributed_mode", "ddp") != "fsdp":
+        return False
+    import torch.distributed as dist
 
-    for module in transformer.modules():
-        if is_moe_feed_forward(module) and not getattr(module.forward, "_hidream_eager", False):
-            eager = torch.compiler.disable(module.forward)
-            eager._hidream_eager = True
-            module.forward = eager
-
-
-def _allow_one_graph_per_block(n_blocks: int) -> None:
-    """Blocks share their code, so dynamo counts each block instance it specialises on as a recompilation of the
-    same frame; past the limit (8 by default) it would silently run the remaining blocks eagerly."""
-    import torch._dynamo.config as dynamo_config
-
-    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * n_blocks + 8))
-            break
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def remove_speedups(transformer: nn.Module, network=None) -> None:
-    """Undo `apply_speedups` (compiled blocks stay compiled; they compute the same thing)."""
+    """Undo `apply_speedups` (blocks back to eager, experts back to their own weights)."""
+    uncompile_blocks(transformer)
     uninstall_sorted_moe(transformer)
     uninstall_lean_rope(transformer)
     if network is not None:

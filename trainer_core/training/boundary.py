@@ -152,6 +152,11 @@ class StepBoundary:
     def __init__(self, validation: Validation, evaluation: EvalLoss, checkpoints: Checkpoints, state: TrainState):
         self.validation, self.evaluation, self.checkpoints, self.state = validation, evaluation, checkpoints, state
 
+    def due(self, step: int) -> bool:
+        """True when something (validation, eval loss, a checkpoint) is due after `step` without a command."""
+        last = step == self.state.total_steps
+        return (self.validation.due(step) and not last) or self.evaluation.due(step) or self.checkpoints.due(step)
+
     def after_step(self, commands: list[str]) -> bool:
         """Run what is due after the state's current step; True when the run should stop here."""
         step = self.state.step

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -15,6 +16,7 @@ from ..util.faults import crash_point
 from .boundary import Checkpoints, StepBoundary
 from .context import RunContext
 from .interface import StepMetrics, TrainingCallbacks, TrainingStopped
+from .payback import payback_for
 from .model import TrainingModel
 from .prepare import TrainingData
 from .state import TrainState
@@ -92,42 +94,100 @@ class StepReporter:
         self.bar.close()
 
 
+def defer_step_reads(device: torch.device) -> bool:
+    """Whether the loop reads a step's numbers only after the next step is queued: on a GPU, so it never idles
+    while the host logs, polls and loads the next batch (HIDREAM_DEFER_STEP_READS=1/0 overrides; the CPU gains
+    nothing from it, its steps are done when they return)."""
+    setting = os.environ.get("HIDREAM_DEFER_STEP_READS")
+    return setting == "1" if setting in ("0", "1") else device.type == "cuda"
+
+
 def train_steps(config: TrainConfig, ctx: RunContext, data: TrainingData, trained: TrainingModel, state: TrainState,
                 step_fn: TrainStep, boundary: StepBoundary, checkpoints: Checkpoints, callbacks: TrainingCallbacks,
                 run_log: RunLog) -> bool:
     """Train from `state.step` to `state.total_steps`; True when the run was stopped early (should_stop or the
-    "stop" command), with a checkpoint of the last step written."""
+    "stop" command), with a checkpoint of the last step written.
+
+    A step's numbers (loss, gradient norm, whether it was skipped) are read once. With `defer_step_reads` the read
+    of step N waits until step N+1 is queued, when nothing at N needs them first: no validation, eval loss or
+    checkpoint due after N, no front-end command waiting, not the last step, and N could not be the non-finite
+    step that stops the run. Otherwise (and always on a CPU) it is read as soon as the step returns."""
     settings = config.step_settings()
     batch_iter = iter(data.batches)
     reporter = StepReporter(state, run_log, callbacks, ctx)
+    defer = defer_step_reads(ctx.device)
+    payback = payback_for(config, ctx.device, state.step + 1, state.total_steps, step_fn)  # compile/graphs: worth it?
     stopped = False
+    deferred = None  # (step, pending, started) of a step queued whose numbers are not read yet
+
+    def poll() -> list[str]:
+        return callbacks.poll_commands() if callbacks.poll_commands else []
+
+    def finish(item, commands: Optional[list[str]] = None, ended: Optional[float] = None) -> bool:
+        """Read a step's numbers and do what follows it (with `commands`, or those polled after the step is
+        reported); True when the run should stop after it."""
+        step, pending, started = item
+        outcome = pending.result()
+        state.step = step
+        state.losses.append(outcome.loss)
+        if not outcome.updated:
+            _stop_if_diverged(config, step_fn, outcome, step, checkpoints)
+        crash_point("step")
+        reporter.report(outcome, (ended or time.perf_counter()) - started, step_fn.nonfinite_steps)
+        if boundary.after_step(poll() if commands is None else commands):
+            logger.info("stopped after step %d; resume with resume_from_checkpoint: latest", step)
+            return True
+        return False
+
     try:
         for step in range(state.step + 1, state.total_steps + 1):
             if callbacks.should_stop and callbacks.should_stop():
+                if deferred is not None:
+                    finish(deferred)
+                    deferred = None
                 logger.info("stop requested before step %d", step)
                 stopped = True
                 break
+            if deferred is not None:
+                commands = poll()
+                if commands:  # a command acts on the step before this one: it is done first
+                    item, deferred = deferred, None
+                    if finish(item, commands):
+                        stopped = True
+                        break
             started = time.perf_counter()
             streams = state.streams()
             micro_batches = draw_micro_batches(batch_iter, state, data, ctx, settings.gradient_accumulation_steps,
                                                settings.caption_dropout_probability)
+            launch = payback.launcher(step, step_fn) if payback is not None else step_fn.launch
             try:
-                outcome = step_fn.run(micro_batches, step)
+                pending = launch(micro_batches, step)
             except torch.OutOfMemoryError as exc:  # nothing left to lower: keep the last complete step
+                if deferred is not None:
+                    finish(deferred, [])
+                    deferred = None
                 release_memory()
                 message = out_of_memory_message(config, ctx.device, step, trained.transformer.is_gradient_checkpointing)
                 state.rewind_streams(streams)
                 raise TrainingStopped(message, checkpoints.save()) from exc
-            state.step = step
-            state.losses.append(outcome.loss)
-            if not outcome.updated:
-                _stop_if_diverged(config, step_fn, outcome, step, checkpoints)
-            crash_point("step")
-            reporter.report(outcome, time.perf_counter() - started, step_fn.nonfinite_steps)
-            if boundary.after_step(callbacks.poll_commands() if callbacks.poll_commands else []):
+            carried: list[str] = []
+            if deferred is not None:  # the previous step's numbers, read while this one is queued
+                item, deferred = deferred, None
+                finish(item, [], ended=started)  # nothing was due after it and the commands were polled above
+                carried = poll()  # what the front end says on seeing it acts after this step, the next possible
+            measured = payback is not None and payback.measuring(step)
+            if measured:  # one of the first steps that say whether compile/graphs pay back: timed on its own
+                payback.record(step, started, pending)
+            current = (step, pending, started)
+            if not carried and not measured and defer and step < state.total_steps and not boundary.due(step) and \
+                    step_fn.nonfinite_in_a_row + 1 < config.max_consecutive_nonfinite_steps:
+                deferred = current
+            elif finish(current, carried or None):
                 stopped = True
-                logger.info("stopped after step %d; resume with resume_from_checkpoint: latest", step)
                 break
+        if deferred is not None:
+            stopped = finish(deferred) or stopped
+            deferred = None
     finally:
         reporter.close()
     if stopped:

@@ -2,7 +2,7 @@
 
 | name                         | built with                                    |
 |------------------------------|-----------------------------------------------|
-| adamw, adamw_bf16, torch-adamw | torch.optim.AdamW                           |
+| adamw, adamw_bf16, torch-adamw | torch.optim.AdamW (fused kernels)           |
 | optimi-adamw, optimi-lion    | torch-optimi (AdamW, Lion)                    |
 | prodigy                      | prodigyopt.Prodigy (learning_rate is its d multiplier, usually 1.0) |
 | bnb-*                        | bitsandbytes 8-bit / paged optimizers (CUDA only) |
@@ -11,6 +11,11 @@ The adapter's weights are float32 whatever mixed_precision says (see lokr.py), s
 bf16-state AdamW) is plain AdamW here: there are no bf16 weights whose updates it would need to round carefully.
 Every optimizer's `state_dict()` holds only tensors and plain numbers, so checkpoints load with
 `torch.load(weights_only=True)`.
+
+torch's AdamW runs with its fused kernels (`fused=True`, on a GPU and on the CPU): the same update as its for-loop
+(bit for bit on the CPU), one kernel for every weight on a GPU instead of several per weight, its step counters on
+the weights' device (the for-loop keeps them on the host and reads them with .item() every step), and a
+`found_inf` flag that skips a non-finite step on the device (guarded_update.py).
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ def optimizer_by_name(optimizer: str, params: list[torch.nn.Parameter], lr: floa
     """The optimizer SimpleTuner calls `optimizer` over `params` (the trainer's and the benchmark's one factory)."""
     name = optimizer.lower()
     if name in ("adamw", "adamw_bf16", "torch-adamw"):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+        fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=fused or None)
     if name in ("optimi-adamw", "optimi-lion"):
         import optimi
 
@@ -79,6 +85,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
             from optimi.utils import _default_to_triton  # the choice optimi makes in its own first step
 
             group["triton"] = _default_to_triton(group["params"])
+        if group.get("fused") or group.get("capturable"):
+            # A checkpoint of a for-loop run kept its step counters on the host; fused kernels want them on the
+            # weights' device.
+            for p in group["params"]:
+                step = optimizer.state.get(p, {}).get("step")
+                if isinstance(step, torch.Tensor) and step.device != p.device:
+                    optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 def _bitsandbytes_optimizer(name: str, params, lr: float, decay: float, device: torch.device):

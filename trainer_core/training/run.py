@@ -98,9 +98,14 @@ def new_train_state(config: TrainConfig, trained: TrainingModel, data: TrainingD
 def new_train_step(config: TrainConfig, ctx: RunContext, trained: TrainingModel, state: TrainState) -> TrainStep:
     """The step function over the run's model, optimizer and random streams."""
     noise = NoiseSampler(state.noise_generator, config.noise_schedule(), ctx.ranks)
-    return TrainStep(trained.model, trained.adapter.parameters(), state.optimizer, trained.load_balancing,
+    step = TrainStep(trained.model, trained.adapter.parameters(), state.optimizer, trained.load_balancing,
                      config.step_settings(), noise, ranks=ctx.ranks, sharded=ctx.sharded, ema=state.ema,
                      lr_schedule=state.lr_schedule, lower_memory=lambda: _lower_memory_setting(config, ctx, trained))
+    if config.cuda_graphs:  # each bucket's step captured once and replayed (graphed_step.py); says why if not
+        from .graphed_step import GraphedTrainStep
+
+        return GraphedTrainStep(step, trained.transformer, streamed=config.offload_blocks)
+    return step
 
 
 def write_history(ctx: RunContext, state: TrainState) -> Optional[Path]:

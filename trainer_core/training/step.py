@@ -3,8 +3,11 @@
     for each micro-batch:  noise, sigma -> x_sigma -> predict_flow -> (pred - (noise - x0))^2 (+ MoE aux) -> backward
     then:                  gradients averaged (FSDP) -> clipped -> optimizer step (skipped if non-finite) -> EMA
 
-The logged numbers (losses, gradient norm) stay on the device until the step's end, where they are read once:
-that one read is the step's only device-to-host wait besides the ones inside the model.
+The logged numbers (losses, gradient norm) stay on the device. Where the optimizer allows it (guarded_update.py:
+torch's fused AdamW, optimi's Lion) the non-finite skip is decided on the device too, so nothing in the step reads
+a device value on the host: `launch()` queues the step and returns a `PendingStep` whose `result()` makes the one
+read, when the caller wants it (the loop: after the next step is queued where it can). Otherwise (and on the
+optimizer's first update) the numbers are read once before the update, as the skip needs them.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from ..hidream.flow_matching import (LoadBalancingLoss, flow_matching_loss, flow
 from ..hidream.forward import predict_flow
 from ..util.device import peak_memory_bytes, release_memory
 from .distributed import DistributedContext, average_gradients
+from .guarded_update import GuardedUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,25 @@ class StepOutcome:
     load_balancing_loss: Optional[float]
     grad_norm: float
     updated: bool  # False: a non-finite loss or gradient, the update was skipped
+
+
+class PendingStep:
+    """A step queued on the device; `result()` reads its numbers (the step's one host read) and counts a skipped
+    step on its TrainStep. Reading twice returns the same outcome."""
+
+    def __init__(self, owner: "TrainStep", values: torch.Tensor, outcome: Optional[StepOutcome] = None):
+        self._owner, self._values, self._outcome = owner, values, outcome
+
+    @property
+    def done(self) -> bool:
+        return self._outcome is not None
+
+    def result(self) -> StepOutcome:
+        if self._outcome is None:
+            loss, flow, lb, grad_norm, finite = self._values.tolist()  # the one host read
+            self._outcome = self._owner._finish(loss, flow, lb, grad_norm, bool(finite))
+            self._values = None
+        return self._outcome
 
 
 class NoiseSource(Protocol):
@@ -123,6 +146,7 @@ class TrainStep:
         self.lower_memory = lower_memory or (lambda: None)
         self.nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
+        self.update = GuardedUpdate(optimizer, self.params, ema)
 
     def backward(self, micro_batches: Sequence[Callable[[], MicroBatch]]) -> torch.Tensor:
         """Forward and backward of every micro-batch (each loaded when its turn comes, so only one is on the
@@ -132,6 +156,9 @@ class TrainStep:
         sums = None
         has_lb = False
         n = len(micro_batches)
+        # The aux loss' gradient rides in the MoE's own backward (LoadBalancingLoss.attach_gradient): nothing keeps
+        # graphs between the forward and the backward, and a compiled block or a CUDA graph holds the gate.
+        self.load_balancing.attach_gradient(1.0 / n if self.settings.use_load_balancing_loss else 0.0)
         for i, load in enumerate(micro_batches):
             micro = load()
             device = micro.latents.device
@@ -173,10 +200,38 @@ class TrainStep:
         return self.params[0].device
 
     def run(self, micro_batches: Sequence[Callable[[], MicroBatch]], step: int = 0) -> StepOutcome:
+        """One whole optimizer step (`launch`), its numbers read at once."""
+        return self.launch(micro_batches, step).result()
+
+    def launch(self, micro_batches: Sequence[Callable[[], MicroBatch]], step: int = 0) -> PendingStep:
         """One whole optimizer step: average (FSDP), measure, check and clip the gradients, then step the
-        optimizer and the EMA. A step whose loss or gradient is not finite changes no weight and no optimizer
-        state; the lr schedule advances either way. Reading the logged numbers for the finiteness check is the
-        step's one host read."""
+        optimizer and the EMA. A step whose loss or gradient is not finite changes no weight, no optimizer state
+        and no EMA; the lr schedule advances either way. Where the skip is decided on the device nothing here
+        reads a device value: the returned step's `result()` does, once."""
+        if self.update.on_device:
+            values = self.device_step(micro_batches, step)
+            pending = PendingStep(self, values)
+        else:
+            values = self._gradients(micro_batches, step)
+            loss, flow, lb, grad_norm = values[:4].tolist()  # the host decides the skip: one read, before the update
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            self.update.step_on_host(finite, lambda: self._clip(values[3].to(torch.float32)))
+            pending = PendingStep(self, None, self._finish(loss, flow, lb, grad_norm, finite))
+        if self.lr_schedule is not None:
+            self.lr_schedule.step()
+        return pending
+
+    def device_step(self, micro_batches: Sequence[Callable[[], MicroBatch]], step: int = 0) -> torch.Tensor:
+        """Everything of a step that runs on the device, with the skip decided there (`update.on_device`):
+        returns [loss, flow, lb, grad norm, finite] (float64) on the device. No host read, no host-side state
+        but the Python objects it calls: what a CUDA graph captures (graphed_step.py)."""
+        values = self._gradients(micro_batches, step)
+        finite = torch.isfinite(values[0::3]).all()  # the loss and the gradient norm
+        self.update.step(finite, lambda: self._clip(values[3].to(torch.float32)))
+        return torch.cat([values, finite.to(values.dtype).reshape(1)])
+
+    def _gradients(self, micro_batches: Sequence[Callable[[], MicroBatch]], step: int) -> torch.Tensor:
+        """Forward and backward of every micro-batch, gradients averaged; [loss, flow, lb, grad norm]."""
         self.optimizer.zero_grad(set_to_none=True)
         losses = self.backward_retrying(micro_batches, step)
         if self.sharded:
@@ -184,24 +239,22 @@ class TrainStep:
         losses = self.ranks.mean_tensor(losses)  # what rank 0 logs is the global mean
         grads = [p.grad for p in self.params if p.grad is not None]
         total_norm = torch.nn.utils.get_total_norm(grads)
-        loss, flow, lb, grad_norm = torch.cat([losses, total_norm.to(losses).reshape(1)]).tolist()
-        updated = math.isfinite(loss) and math.isfinite(grad_norm)
+        return torch.cat([losses, total_norm.to(losses).reshape(1)])  # loss, flow, lb, grad norm
+
+    def _clip(self, total_norm: torch.Tensor) -> None:
+        if self.settings.grad_clip_method == "value":
+            torch.nn.utils.clip_grad_value_(self.params, self.settings.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.settings.max_grad_norm, total_norm)
+
+    def _finish(self, loss: float, flow: float, lb: float, grad_norm: float, updated: bool) -> StepOutcome:
+        """The step's outcome from its numbers; a skipped step is counted. (A NaN/inf loss or gradient would
+        have poisoned the weights and the optimizer's moments: its update was skipped. The data, random streams
+        and lr schedule still advanced, so the step count keeps its meaning.)"""
         if updated:
             self.nonfinite_in_a_row = 0
-            if self.settings.grad_clip_method == "value":
-                torch.nn.utils.clip_grad_value_(self.params, self.settings.max_grad_norm)
-            else:
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.settings.max_grad_norm, total_norm)
-            self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update()
         else:
-            # A NaN/inf loss or gradient would poison the weights and the optimizer's moments: skip the update.
-            # The data, random streams and lr schedule still advance, so the step count keeps its meaning.
-            self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
             self.nonfinite_steps += 1
-        if self.lr_schedule is not None:
-            self.lr_schedule.step()
         return StepOutcome(loss=loss, flow_loss=flow, load_balancing_loss=None if math.isnan(lb) else lb,
                            grad_norm=grad_norm, updated=updated)
