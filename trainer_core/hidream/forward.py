@@ -20,21 +20,30 @@ def compute_dtype(transformer: torch.nn.Module) -> torch.dtype:
     return next(p for p in transformer.parameters() if p.dtype.is_floating_point).dtype
 
 
+def hidream_transformer(model: torch.nn.Module) -> torch.nn.Module:
+    """The HiDream transformer itself, also when the trainer calls it through DDP: DistributedDataParallel wraps
+    a module whose `.transformer` is the model (training/distributed.py). Its config, buffers and mode live there;
+    the call still goes through the wrapper, which averages the LoKr's gradients."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "transformer", inner)
+
+
 def predict_flow(transformer: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
                  embeds: PromptEmbeds) -> torch.Tensor:
     """The predicted velocity (noise - x0), (B, C, h, w), for noisy latents (B, C, h, w) at `timesteps` (B,)
     = 1000 * sigma. Inputs are cast to the transformer's dtype; the output stays in it."""
     _, _, h, w = latents.shape
-    dtype = compute_dtype(transformer)
+    model = hidream_transformer(transformer)
+    dtype = compute_dtype(model)
     embeds = embeds.to(device=latents.device, dtype=dtype)
     # In eval() mode diffusers crops its output per sample with sizes it reads back from a device tensor (two host
     # syncs per sample, and no CUDA graph can hold them). Its train-mode layout is the same values before the
     # crop, which patch_tokens_to_image makes on the host's known sizes: the top-level module alone is put in
     # train mode for the call (its blocks stay in eval: MoE inference routing, no aux loss), then put back.
-    layout_only = not transformer.training
+    layout_only = not model.training
     if layout_only:
-        transformer.training = True
-    tokens, masks, img_ids, img_sizes = patchify_cached(transformer, latents.to(dtype))
+        model.training = True
+    tokens, masks, img_ids, img_sizes = patchify_cached(model, latents.to(dtype))
     try:
         output = transformer(hidden_states=tokens, timesteps=timesteps, img_ids=img_ids, img_sizes=img_sizes,
                              hidden_states_masks=masks, encoder_hidden_states_t5=embeds.t5,
@@ -42,7 +51,7 @@ def predict_flow(transformer: torch.nn.Module, latents: torch.Tensor, timesteps:
                              return_dict=False)[0]
     finally:
         if layout_only:
-            transformer.training = False
+            model.training = False
     return -patch_tokens_to_image(output, h, w)  # raw output is x0 - noise
 
 
