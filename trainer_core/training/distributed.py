@@ -144,6 +144,22 @@ def wrap_data_parallel(transformer: nn.Module, network: nn.Module, context: Dist
                                    broadcast_buffers=False, find_unused_parameters=False)
 
 
+def release_data_parallel(model: nn.Module, context: DistributedContext, in_step: bool = True) -> None:
+    """Take DDP's reducer apart while the process group is still registered; with `in_step` (a run that ended
+    normally, on every rank) after all ranks got here.
+
+    The reducer holds the gloo process group. Were it the last holder, the group would be destroyed inside the
+    reducer's destructor, which runs with the GIL held and joins gloo's worker threads; a worker still finishing a
+    collective whose tensor Python has let go needs the GIL to free it: a deadlock at exit (pytorch/pytorch#56297;
+    seen here as a rank that never exits after its LoKr is written). Dropped here, the reducer only lets go of its
+    reference; `destroy_process_group` then frees the group through its own binding, which releases the GIL."""
+    if in_step:  # after an error the other ranks may never come: no barrier then
+        context.barrier()  # gloo's barrier also waits for this rank's earlier collectives
+    for name in ("logger", "reducer"):  # the c10d Logger holds the reducer too
+        if hasattr(model, name):
+            setattr(model, name, None)
+
+
 def shard_frozen_base(transformer: nn.Module) -> None:
     """FSDP2: shard every transformer block (and the rest) of the frozen base across ranks; each block gathers
     its weights for its own forward and backward only. The LoKr stays replicated (it is small)."""

@@ -18,7 +18,7 @@ from ..hidream.frozen import load_frozen_transformer
 from ..hidream.models import HiDreamModelPaths
 from ..speedups import BlockStreamer, apply_speedups, remove_speedups
 from .context import RunContext
-from .distributed import shard_frozen_base, wrap_data_parallel
+from .distributed import release_data_parallel, shard_frozen_base, wrap_data_parallel
 from .interface import ModelComponents
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ def build_training_model(config: TrainConfig, ctx: RunContext, given: ModelCompo
         shard_frozen_base(transformer)
     elif ctx.ranks.enabled:
         trained.model = wrap_data_parallel(transformer, adapter.module, ctx.ranks, ctx.device)
+        ddp = trained.model  # taken apart before the process group goes; in step with the others on a clean end
+        cleanup.push(lambda error, *_: release_data_parallel(ddp, ctx.ranks, in_step=error is None))
 
     @cleanup.callback
     def hand_back_callers_model() -> None:
