@@ -52,7 +52,7 @@ class ImageDataset(io.ComfyNode):
                 io.String.Input("folder", default=DEMO_DATASET_NAME,
                                 tooltip="Folder of images (.png, .jpg, .webp): an absolute path or a folder under "
                                         f"ComfyUI's input directory. '{DEMO_DATASET_NAME}' is written there on "
-                                        "first use (8 captioned shape images for the demo)."),
+                                        "first use (8 captioned pictures of the demo's new concept, a 'zorb')."),
                 io.Combo.Input("caption_strategy", options=CAPTION_STRATEGIES, default="textfile",
                                tooltip="textfile: caption from the image's same-name .txt; filename: from the file "
                                        "name; instanceprompt: the instance prompt below for every image."),

@@ -8,8 +8,9 @@ import folder_paths
 
 from ..trainer_core.config import ConfigError
 
-TINY_MODEL_NAME = "tiny-hidream"  # built on first use: the embedded tiny HiDream (~9 MB)
-DEMO_DATASET_NAME = "hidream_lokr_demo_shapes"  # written on first use: 8 captioned shape images
+TINY_MODEL_NAME = "tiny-hidream"  # built on first use: the embedded drawing tiny HiDream (~14 MB)
+DEMO_DATASET_NAME = "hidream_lokr_demo_zorb"  # written on first use: 8 captioned pictures of the demo concept
+OLD_DEMO_DATASET_NAME = "hidream_lokr_demo_shapes"  # the name in demo graphs saved before the drawing model
 
 
 def pack_output_dir() -> Path:
@@ -24,7 +25,8 @@ def cache_dir() -> Path:
 
 def diffusers_folder(name: str) -> Path:
     """An absolute path, or a folder name under ComfyUI's models/diffusers folders. The name `tiny-hidream` is
-    built there on first use (the embedded tiny model, for the demo workflow and for trying the pack on a CPU)."""
+    the embedded drawing tiny model (for the demo workflow and for trying the pack on a CPU): built there on first
+    use from the shipped weights, and rebuilt when the folder holds other weights (an older pack's random model)."""
     name = name.strip()
     if not name:
         raise ConfigError("model_folder is empty: give a HiDream-I1 diffusers folder (absolute path, or a folder "
@@ -33,22 +35,23 @@ def diffusers_folder(name: str) -> Path:
     if path.is_absolute():
         return path
     roots = [Path(p) for p in folder_paths.get_folder_paths("diffusers")]
+    if name == TINY_MODEL_NAME and roots:
+        from ..trainer_core import build_drawing_model
+        from .quiet import quiet_libraries
+
+        existing = next((root / name for root in roots if (root / name).is_dir()), roots[0] / name)
+        with quiet_libraries():  # saving the tiny model prints transformers' shard progress bars
+            return build_drawing_model(existing)  # returns at once when the folder already holds these weights
     for root in roots:
         if (root / name).is_dir():
             return root / name
-    if name == TINY_MODEL_NAME and roots:
-        from ..trainer_core import build_tiny_model
-        from .quiet import quiet_libraries
-
-        with quiet_libraries():  # saving the tiny model prints transformers' shard progress bars
-            return build_tiny_model(roots[0] / name)
     searched = ", ".join(str(r) for r in roots) or "(no models/diffusers folder configured)"
     raise ConfigError(f"model folder {name!r} not found: it is not an absolute path and not a folder under "
                       f"{searched}. Put the HiDream-I1 diffusers download there or give its full path.")
 
 
 def image_folder(name: str) -> Path:
-    """An absolute path, or a folder under ComfyUI's input directory. `hidream_lokr_demo_shapes` is written there
+    """An absolute path, or a folder under ComfyUI's input directory. `hidream_lokr_demo_zorb` is written there
     on first use (the demo's small captioned dataset)."""
     name = name.strip()
     if not name:
@@ -57,7 +60,7 @@ def image_folder(name: str) -> Path:
     path = Path(name).expanduser()
     if not path.is_absolute():
         path = Path(folder_paths.get_input_directory()) / name
-    if name == DEMO_DATASET_NAME and not path.exists():
+    if name in (DEMO_DATASET_NAME, OLD_DEMO_DATASET_NAME) and not path.exists():
         from ..trainer_core import write_demo_dataset
 
         write_demo_dataset(path)

@@ -21,9 +21,17 @@ collect_ignore = [] if os.environ.get("COMFYUI_DIR") else ["comfyui", "browser"]
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from trainer_core.tiny_model import build_tiny_model
+    from trainer_core.hidream.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-hidream", seed=0)
+
+
+@pytest.fixture(scope="session")
+def drawing_model_dir(tmp_path_factory) -> Path:
+    """The drawing tiny HiDream (the shipped pretrained weights): for tests that look at pictures."""
+    from trainer_core.hidream.tiny import build_drawing_model
+
+    return build_drawing_model(tmp_path_factory.mktemp("drawing") / "tiny-hidream")
 
 
 @pytest.fixture(scope="session")

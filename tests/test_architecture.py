@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 CORE = REPO / "trainer_core"
 COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "server", "nodes",
                    "execution", "latent_preview"}
-FRONT_DOORS = {"cli", "demo", "__main__", "__init__", "tiny_model"}  # top-level modules: they may use each other
+FRONT_DOORS = {"cli", "demo", "__main__", "__init__"}  # top-level modules: they may use each other
 LEVELS = [{"config", "util"}, {"quant", "adapters"}, {"hidream"}, {"speedups", "data"}, {"training"}, {"bench"},
           FRONT_DOORS]
 LEVEL_OF = {wing: level for level, wings in enumerate(LEVELS) for wing in wings}

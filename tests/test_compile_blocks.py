@@ -16,6 +16,7 @@ from test_speedups import CONFIG, _loss_and_grads, _set_factors
 
 def test_compiled_blocks_compute_the_eager_step(tiny_transformer):
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # process-wide: tests compiled before this one in the same worker count too
     results = []
     for compile_blocks in (False, True):
         transformer = copy.deepcopy(tiny_transformer)

@@ -24,7 +24,7 @@ from trainer_core.hidream import (
     vae_decode,
     vae_encode,
 )
-from trainer_core.tiny_model import TINY_SIZES, build_tiny_model
+from trainer_core.hidream.tiny import TINY_SIZES, build_tiny_model
 
 PROMPTS = ["a red square", ""]
 SUBFOLDERS = [

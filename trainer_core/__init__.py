@@ -28,5 +28,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "denoise": ".hidream", "sample_image": ".hidream", "load_transformer": ".hidream", "load_vae": ".hidream",
     "load_text_encoders": ".hidream", "resolve_model_paths": ".hidream", "PromptEmbeds": ".hidream",
     "apply_speedups": ".speedups",
-    "build_tiny_model": ".tiny_model", "write_demo_dataset": ".demo",
+    "build_tiny_model": ".hidream.tiny", "build_drawing_model": ".hidream.tiny", "write_demo_dataset": ".demo",
 })

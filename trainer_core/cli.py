@@ -15,12 +15,34 @@ logger = logging.getLogger("trainer_core")
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny_model import build_tiny_model
+    from .hidream.tiny import build_drawing_model, build_tiny_model
 
     started = time.perf_counter()
-    path = build_tiny_model(Path(args.dir), seed=args.seed)
+    if args.random:
+        path, kind = build_tiny_model(Path(args.dir), seed=args.seed), "random"
+    else:
+        path, kind = build_drawing_model(Path(args.dir)), "drawing"
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    print(f"tiny HiDream model written to {path} ({size / 2**20:.1f} MiB, {time.perf_counter() - started:.1f} s)")
+    print(f"tiny HiDream model ({kind}) written to {path} ({size / 2**20:.1f} MiB, "
+          f"{time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _cmd_pretrain_tiny_model(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .hidream.tiny import TransformerRecipe, VaeRecipe, pretrain_tiny_model
+    from .hidream.tiny.drawing import WEIGHTS_DIR
+
+    out = Path(args.out) if args.out else WEIGHTS_DIR
+    vae, transformer = VaeRecipe(), TransformerRecipe()
+    if args.quick:  # the same recipes, a handful of steps on a 64th of the corpus: checks that two runs agree
+        vae = replace(vae, steps=args.quick)
+        transformer = replace(transformer, steps=args.quick, warmup=1, corpus_stride=64)
+    manifest = pretrain_tiny_model(out, vae, transformer, log=logger.info,
+                                   progress_dir=Path(args.progress) if args.progress else None)
+    print(f"weights written to {out / manifest['file']} ({manifest['bytes'] / 2**20:.2f} MiB, sha256 "
+          f"{manifest['sha256']}) in {manifest['seconds']:.0f} s")
     return 0
 
 
@@ -127,10 +149,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_make_tiny_model_command(sub) -> None:
-    p = sub.add_parser("make-tiny-model", help="write a tiny random HiDream-I1 model folder (diffusers layout)")
+    p = sub.add_parser("make-tiny-model", help="write the tiny HiDream-I1 model folder (diffusers layout): the "
+                                               "pretrained one that draws, or with --random seeded random weights")
     p.add_argument("dir", help="folder to create")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random", action="store_true", help="random weights (the tests' model for shapes and speed)")
+    p.add_argument("--seed", type=int, default=0, help="with --random: the weights' seed")
     p.set_defaults(func=_cmd_make_tiny_model)
+
+
+def _add_pretrain_tiny_model_command(sub) -> None:
+    p = sub.add_parser("pretrain-tiny-model", help="pretrain the drawing tiny HiDream's weights from its seed (one "
+                                                   "CPU thread, deterministic; about an hour)")
+    p.add_argument("--out", default=None, help="folder for the weights file and its manifest (default: the shipped "
+                                              "ones, trainer_core/hidream/tiny/weights/, replaced)")
+    p.add_argument("--progress", default=None, metavar="DIR", help="write sample grids here while it trains")
+    p.add_argument("--quick", type=int, default=0, metavar="STEPS",
+                   help="only STEPS steps of each stage, on every 64th corpus caption (to check that two runs write "
+                        "identical files)")
+    p.set_defaults(func=_cmd_pretrain_tiny_model)
 
 
 def _add_train_command(sub) -> None:
@@ -234,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_tiny_model_command(sub)
+    _add_pretrain_tiny_model_command(sub)
     _add_train_command(sub)
     _add_sample_command(sub)
     _add_demo_command(sub)

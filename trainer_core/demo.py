@@ -1,7 +1,10 @@
-"""`python -m trainer_core demo`: the whole path on a fresh machine, CPU only, in a minute or two.
+"""`python -m trainer_core demo`: the whole path on a fresh machine, CPU only, in about two minutes.
 
-Builds the tiny HiDream model, draws a small captioned dataset (coloured shapes), trains a LoKr on it, and writes the
-LoKr, validation images (base model vs. LoKr) and a loss curve.
+Builds the drawing tiny HiDream (pretrained on flat shapes of eight colours; docs/tiny-model.md), draws a small
+captioned dataset of a concept that model has never seen - a "zorb", a pink ring: a colour and a shape that were
+kept out of its pretraining - and trains a LoKr that teaches it the word. Validation images of "a zorb on ... "
+at step 0 (the base model, which does not know the word), half-way and at the end show the concept appear;
+`before_after.png` puts them side by side, next to the concept drawn exactly.
 """
 from __future__ import annotations
 
@@ -11,38 +14,54 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .config import DatasetConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
-COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 70), "yellow": (235, 210, 40)}
-SHAPES = ("circle", "square")
-DEMO_RESOLUTION = 128
+DEMO_RESOLUTION = 128  # the drawing model's own resolution (8 x 8 image tokens)
+CONCEPT_WORD = "zorb"
+CONCEPT_SHAPE, CONCEPT_COLOUR = "ring", "pink"  # neither is in the drawing model's pretraining corpus
+# Where the concept stands in the demo's pictures: (background, position), one picture each.
+CONCEPT_SCENES = (("blue", "centre"), ("yellow", "centre"), ("green", "centre"), ("black", "centre"),
+                  ("white", "left"), ("purple", "right"), ("orange", "top"), ("red", "bottom"))
+# The validation prompts' scenes, (background, position): "validation" is the run's validation_prompt (a place the
+# concept was shown in), the others its prompt library (a background and place it was never shown in).
+VALIDATION_SCENES = {"validation": ("blue", "centre"), "zorb_unseen_place": ("yellow", "bottom")}
 
 
 def draw_shape_image(shape: str, colour: str, background: str, size: int = DEMO_RESOLUTION) -> Image.Image:
-    img = Image.new("RGB", (size, size), COLOURS[background])
-    draw = ImageDraw.Draw(img)
-    m = size // 4
-    box = [m, m, size - m, size - m]
-    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
-    return img
+    """A centred flat-colour shape on a background, exactly as the drawing model's corpus draws it."""
+    from .hidream.tiny import corpus
+
+    return corpus.CorpusItem(colour, shape, background, "centre").draw(size)
+
+
+def concept_caption(background: str, position: str = "centre") -> str:
+    from .hidream.tiny import corpus
+
+    return f"a {CONCEPT_WORD} on a {background} background{corpus.POSITION_PHRASES[position]}"
+
+
+def draw_concept(background: str, position: str = "centre", size: int = DEMO_RESOLUTION) -> Image.Image:
+    from .hidream.tiny import corpus
+
+    scene = corpus.Scene(shape=CONCEPT_SHAPE, colour=corpus.CONCEPT_COLOURS[CONCEPT_COLOUR],
+                         background=corpus.PALETTE[background], centre=corpus.POSITION_CENTRES[position])
+    return corpus.draw_scene(scene, size)
 
 
 def write_demo_dataset(folder: Path) -> list[str]:
-    """Eight images with same-stem .txt captions; returns the captions."""
+    """The concept's pictures with same-stem .txt captions (one per CONCEPT_SCENES entry); returns the captions."""
     folder.mkdir(parents=True, exist_ok=True)
     captions = []
-    pairs = [("red", "blue"), ("yellow", "green"), ("blue", "yellow"), ("green", "red")]
-    for shape in SHAPES:
-        for colour, background in pairs:
-            caption = f"a {colour} {shape} on a {background} background"
-            stem = f"{colour}_{shape}_on_{background}"
-            draw_shape_image(shape, colour, background).save(folder / f"{stem}.png")
-            (folder / f"{stem}.txt").write_text(caption, encoding="utf-8")
-            captions.append(caption)
+    for background, position in CONCEPT_SCENES:
+        stem = f"{CONCEPT_WORD}_on_{background}_{position}"
+        draw_concept(background, position).save(folder / f"{stem}.png")
+        caption = concept_caption(background, position)
+        (folder / f"{stem}.txt").write_text(caption, encoding="utf-8")
+        captions.append(caption)
     return captions
 
 
@@ -63,59 +82,101 @@ def write_demo_lycoris_config(path: Path) -> Path:
     return path
 
 
+DEMO_STEPS = 400
+DEMO_LEARNING_RATE = 6e-3
+
+
 def demo_config(model_dir: Path, dataset_dir: Path, output_dir: Path, steps: int) -> TrainConfig:
+    library = output_dir / "prompt_library.json"
+    library.write_text(json.dumps({name: concept_caption(*scene) for name, scene in VALIDATION_SCENES.items()
+                                   if name != "validation"}, indent=1))
     return TrainConfig(
         pretrained_model_name_or_path=model_dir,
-        datasets=[DatasetConfig(instance_data_dir=dataset_dir, id="demo-shapes", caption_strategy="textfile",
+        datasets=[DatasetConfig(instance_data_dir=dataset_dir, id="demo-zorb", caption_strategy="textfile",
                                 resolution=DEMO_RESOLUTION, crop=True, crop_aspect="square", repeats=0)],
         output_dir=output_dir / "run",
         lycoris_config=write_demo_lycoris_config(output_dir / "lycoris_config.json"),
         max_train_steps=steps,
-        learning_rate=1e-2,
+        learning_rate=DEMO_LEARNING_RATE,
         train_batch_size=2,
         mixed_precision="no",
         device="cpu",
-        flow_schedule_shift=1.0,
-        validation_prompt="a red circle on a blue background",
+        validation_prompt=concept_caption(*VALIDATION_SCENES["validation"]),
+        user_prompt_library=library,
         validation_resolution=(DEMO_RESOLUTION, DEMO_RESOLUTION),
         validation_num_inference_steps=20,
-        validation_guidance=3.0,
+        validation_guidance=4.0,
         validation_step_interval=max(1, steps // 2),
         seed=42,
     )
 
 
-def run_demo(out: Path, steps: Optional[int] = None) -> Path:
-    from .tiny_model import build_tiny_model
-    from .training import train
+CELL = 192  # px per picture in before_after.png (the 128 px samples, enlarged)
 
+
+def before_after(step_folders: list[Path], out: Path) -> Path:
+    """One row per validation prompt: the concept drawn exactly, then the sample at every validation step (the
+    first is the base model), labelled, enlarged so the tiny pictures can be judged by eye."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=15)
+    header, caption_h, pad = 24, 22, 8
+    columns = 1 + len(step_folders)
+    width = pad + columns * (CELL + pad)
+    height = header + len(VALIDATION_SCENES) * (caption_h + CELL + pad)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    titles = ["the prompt, drawn exactly"] + [f"step {int(folder.name.split('_')[-1])}" for folder in step_folders]
+    titles[1] += " (base model)"
+    for column, title in enumerate(titles):
+        draw.text((pad + column * (CELL + pad), 4), title, fill=(0, 0, 0), font=font)
+    for row, (name, (background, position)) in enumerate(VALIDATION_SCENES.items()):
+        top = header + row * (caption_h + CELL + pad)
+        draw.text((pad, top + 2), f'"{concept_caption(background, position)}"', fill=(60, 60, 60), font=font)
+        pictures = [draw_concept(background, position)]
+        pictures += [Image.open(folder / f"{name}_{DEMO_RESOLUTION}x{DEMO_RESOLUTION}.png") for folder in step_folders]
+        for column, picture in enumerate(pictures):
+            cell = picture.convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST)
+            canvas.paste(cell, (pad + column * (CELL + pad), top + caption_h))
+    canvas.save(out)
+    return out
+
+
+def run_demo(out: Path, steps: Optional[int] = None) -> Path:
     import torch
+
+    from .hidream.tiny import build_drawing_model
+    from .training import train
 
     # The tiny model's matmuls are microseconds long; extra threads cost more in hand-offs than they save.
     torch.set_num_threads(1)
     started = time.perf_counter()
     out = Path(out).resolve()
-    model_dir = out / "tiny-hidream"
-    if not (model_dir / "model_index.json").is_file():
-        build_tiny_model(model_dir)
+    model_dir = build_drawing_model(out / "tiny-hidream")
     dataset_dir = out / "dataset"
     write_demo_dataset(dataset_dir)
-    config = demo_config(model_dir, dataset_dir, out, steps or 300)
+    config = demo_config(model_dir, dataset_dir, out, steps or DEMO_STEPS)
     result = train(config)
+    grids = [p for p in result.validation_images if p.name == "grid.png"]
+    comparison = before_after([g.parent for g in grids], out / "before_after.png") if len(grids) >= 2 else None
     seconds = time.perf_counter() - started
     summary = {"seconds": round(seconds, 1), "steps": result.steps_done,
                "loss_first_10": sum(result.losses[:10]) / max(1, len(result.losses[:10])),
                "loss_last_10": sum(result.losses[-10:]) / max(1, len(result.losses[-10:])),
                "lokr": str(result.lokr_path), "loss_curve": str(result.loss_curve_path),
+               "before_after": str(comparison) if comparison else None,
                "validation_images": [str(p) for p in result.validation_images],
                "text_cache": str(result.text_cache), "latent_cache": str(result.latent_cache)}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print()
-    print(f"demo finished in {seconds:.0f} s: {result.steps_done} steps, mean loss of the first 10 steps "
+    print(f"demo finished in {seconds:.0f} s: {result.steps_done} steps taught the tiny HiDream the word "
+          f"'{CONCEPT_WORD}' (a {CONCEPT_COLOUR} {CONCEPT_SHAPE}); mean loss of the first 10 steps "
           f"{summary['loss_first_10']:.4f}, of the last 10 {summary['loss_last_10']:.4f}")
-    print(f"  LoKr:        {result.lokr_path}")
-    print(f"  loss curve:  {result.loss_curve_path}")
-    for p in result.validation_images:
-        print(f"  validation:  {p}")
+    if comparison:
+        print(f"  before / after: {comparison}")
+    for grid in grids:
+        print(f"  validation:     {grid}")
+    print(f"  LoKr:           {result.lokr_path}")
+    print(f"  loss curve:     {result.loss_curve_path}")
     print(f"everything is in {out}")
     return out

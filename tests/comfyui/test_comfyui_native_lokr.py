@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from trainer_core.tiny_model import build_tiny_model
+    from trainer_core.hidream.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-hidream", seed=0)
 

@@ -26,7 +26,7 @@ def output_dir(pack, tmp_path):
 def test_a_failed_runs_lokr_hooks_are_removed_from_the_cached_transformer(pack, tmp_path):
     from trainer_core.adapters import LycorisConfig, create_lokr_network
     from trainer_core.hidream import load_transformer, resolve_model_paths
-    from trainer_core.tiny_model import build_tiny_model
+    from trainer_core.hidream.tiny import build_tiny_model
 
     train_node = importlib.import_module("hidream_lokr_pack.nodes.train")
     transformer = load_transformer(resolve_model_paths(build_tiny_model(tmp_path / "tiny")), dtype=torch.float32)

@@ -123,7 +123,7 @@ def test_unchanged_requeue_reuses_the_trained_run(comfy, demo_run):
 
 def test_changed_dataset_file_retrains(comfy, demo_run):
     """ComfyUI's cache keys on inputs; the dataset node also fingerprints its files, so an edited caption counts."""
-    folder = comfy.base_dir / "input" / "hidream_lokr_demo_shapes"
+    folder = comfy.base_dir / "input" / "hidream_lokr_demo_zorb"
     graph = load_graph(DEMO)
     graph[TRAIN]["inputs"].update(max_train_steps=2, validation_prompt="")
     graph.pop("8"), graph.pop("9")
@@ -208,7 +208,7 @@ def test_interrupt_stops_within_a_step_saves_the_lokr_and_restores_the_model(com
 def test_image_batch_and_combined_datasets_train(comfy, demo_run):
     import shutil
 
-    first = sorted((comfy.base_dir / "input" / "hidream_lokr_demo_shapes").glob("*.png"))[0]
+    first = sorted((comfy.base_dir / "input" / "hidream_lokr_demo_zorb").glob("*.png"))[0]
     shutil.copy(first, comfy.base_dir / "input" / "lokr_batch_image.png")
     graph = load_graph(DEMO)
     graph.pop("8"), graph.pop("9")
@@ -225,7 +225,7 @@ def test_image_batch_and_combined_datasets_train(comfy, demo_run):
     (name,) = entry["outputs"]["7"]["text"]
     with safe_open(str(comfy.output_dir() / "loras" / name), "pt") as f:
         config = json.loads(f.metadata()["training_config"])
-    assert [d["id"] for d in config["datasets"]] == ["hidream_lokr_demo_shapes", "image_batch"]
+    assert [d["id"] for d in config["datasets"]] == ["hidream_lokr_demo_zorb", "image_batch"]
     assert config["datasets"][1]["repeats"] == 1
     (batch_folder,) = (comfy.output_dir() / "hidream_lokr" / "image_batches").iterdir()
     assert (batch_folder / "00000.txt").read_text() == "a shape from the graph"

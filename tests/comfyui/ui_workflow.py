@@ -93,7 +93,8 @@ LAYOUTS: dict[str, list[Group]] = {
               "time this runs (no download) and trains on a CPU in seconds: the whole workflow, in miniature.\n\n"
               "For HiDream-I1 itself open the **hidream_lokr_train** template.", [["1"]]),
         Group("2 · Your images",
-              "`hidream_lokr_demo_shapes` (8 captioned shapes) is written into `input/` on first use.\n\n"
+              "`hidream_lokr_demo_zorb` (8 captioned pictures of the demo's new concept, a pink ring) is "
+              "written into `input/` on first use.\n\n"
               "Your own: a folder under `input/` (or an absolute path) with an image and a same-name `.txt` "
               "caption each.", [["2"]], below_previous=True),
         Group("3 · Cache text and latents",

@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import diffusers
 import torch
@@ -40,6 +40,8 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+
+from ..vae import FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR  # the real VAE's: the trainer reads vae.config
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,6 @@ class TinyHiDreamSizes:
 
 TINY_SIZES = TinyHiDreamSizes()
 
-# The trainer reads the VAE's factors from vae.config, so the tiny model carries the real (Flux) ones.
-from .hidream.vae import FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR  # noqa: E402
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
@@ -152,6 +152,51 @@ def _byte_to_unicode_table() -> list[str]:
     return [chr(c) for c in code_points]
 
 
+def learn_bpe_merges(corpus: list[str], pre_tokenizer: Tokenizer, max_merges: int, end_of_word: str = "",
+                     min_frequency: int = 2) -> list[tuple[str, str]]:
+    """Byte-level BPE merges of `corpus`, learned here rather than by `tokenizers`' BpeTrainer: that trainer breaks
+    ties between equally frequent pairs in hash-map order, which differs from process to process, so two builds
+    would get different vocabularies (and a pretrained model would read its captions wrongly). Here the most
+    frequent pair wins and ties go to the lexicographically first pair.
+
+    `pre_tokenizer` (a Tokenizer holding the normalizer and pre-tokenizer the real tokenizer uses) splits the text
+    into byte-level words; `end_of_word` is appended to each word's last symbol (CLIP's "</w>")."""
+    from collections import Counter
+
+    words: Counter = Counter()
+    for text in corpus:
+        normalized = pre_tokenizer.normalizer.normalize_str(text) if pre_tokenizer.normalizer else text
+        for word, _ in pre_tokenizer.pre_tokenizer.pre_tokenize_str(normalized):
+            symbols = list(word)
+            symbols[-1] += end_of_word
+            words[tuple(symbols)] += 1
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: Counter = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        pair, count = min(pairs.items(), key=lambda item: (-item[1], item[0]))
+        if count < min_frequency:
+            break
+        merges.append(pair)
+        merged: Counter = Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return merges
+
+
 def _write_clip_tokenizer(
     out_dir: Path, corpus: list[str], pad_token: str, max_length: int, vocab_size: int
 ) -> CLIPTokenizer:
@@ -176,17 +221,9 @@ def _write_clip_tokenizer(
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    trainer_model.train_from_iterator(corpus, trainer)
-    learned_merges = json.loads(trainer_model.to_str())["model"]["merges"]
-
     symbols = _byte_to_unicode_table()
+    # 256 byte symbols, the same with "</w>", the merges, then the two specials: vocab_size in all.
+    learned_merges = learn_bpe_merges(corpus, trainer_model, vocab_size - 2 * len(symbols) - 2, end_of_word="</w>")
     vocab: dict[str, int] = {}
     for token in symbols + [s + "</w>" for s in symbols]:
         vocab[token] = len(vocab)
@@ -262,16 +299,16 @@ def _write_t5_tokenizer(out_dir: Path, corpus: list[str], vocab_size: int) -> T5
 def _write_llama_tokenizer(out_dir: Path, corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a Llama-3-style byte-level BPE: BOS prepended by the post-processor, <|eot_id|> as eos, no pad token
     (HiDreamImagePipeline sets pad = eos itself)."""
-    backend = Tokenizer(models.BPE())
+    splitter = Tokenizer(models.BPE())
+    splitter.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    symbols = _byte_to_unicode_table()
+    merges = learn_bpe_merges(corpus, splitter, vocab_size - len(symbols) - 3)
+    vocab = {token: i for i, token in enumerate(symbols)}
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus, trainer)
     # Added after training so that, as in Llama 3, the special tokens get the highest ids.
     backend.add_special_tokens([LLAMA_BOS, LLAMA_END_OF_TEXT, LLAMA_EOT])
     bos_id = backend.token_to_id(LLAMA_BOS)
@@ -431,18 +468,33 @@ MODEL_INDEX_COMPONENTS: dict[str, list[str]] = {
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0, sizes: TinyHiDreamSizes = TINY_SIZES) -> Path:
-    """Write a complete tiny HiDream-I1 diffusers folder into `out_dir` (replacing it) and return `out_dir`.
+    """Write a complete tiny HiDream-I1 diffusers folder with seeded *random* weights into `out_dir` (replacing it)
+    and return `out_dir`. It cannot draw (see `build_drawing_model` for the pretrained one that does); tests that
+    need only the real code paths, shapes and speed use it.
 
     Every model is created right after `torch.manual_seed(seed)`, so the weights depend only on `seed` and `sizes`.
     The CPU torch RNG state is saved and restored, so building does not disturb a caller's randomness.
     Size: about 5 MB; time: about a second on a laptop CPU.
     """
+    return write_model_folder(out_dir, seed=seed, sizes=sizes, corpus=caption_corpus())
+
+
+def write_model_folder(
+    out_dir: Path,
+    seed: int,
+    sizes: TinyHiDreamSizes,
+    corpus: list[str],
+    weights: Optional[dict[str, dict[str, torch.Tensor]]] = None,
+) -> Path:
+    """The folder writer behind both tiny models: tokenizers trained on `corpus`, each model created from `seed`
+    (seeded random weights) and then, for every component named in `weights`, given those weights instead (loaded
+    strictly, converted to float32). Writes into `out_dir`, replacing it."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
+    weights = weights or {}
 
-    corpus = caption_corpus()
     clip_l_tok = _write_clip_tokenizer(
         out_dir / "tokenizer", corpus, pad_token=CLIP_EOS, max_length=sizes.clip_max_positions,
         vocab_size=sizes.bpe_vocab_size,
@@ -467,12 +519,19 @@ def build_tiny_model(out_dir: Path, seed: int = 0, sizes: TinyHiDreamSizes = TIN
         "transformer": partial(_transformer, sizes),
         "vae": partial(_vae, sizes),
     }
+    unknown = set(weights) - set(builders)
+    if unknown:
+        raise ValueError(f"weights given for unknown components {sorted(unknown)}")
     # Models are built on the CPU, so seeding the CPU generator (as torch.manual_seed does, minus its CUDA side
     # effect) fixes every weight; fork_rng puts the caller's generator state back afterwards.
     with torch.random.fork_rng(devices=[]):
         for name, build in builders.items():
             torch.default_generator.manual_seed(seed)
-            build().save_pretrained(out_dir / name, safe_serialization=True)
+            model = build()
+            if name in weights:
+                state = {key: value.to(torch.float32) for key, value in weights[name].items()}
+                model.load_state_dict(state, strict=True)
+            model.save_pretrained(out_dir / name, safe_serialization=True)
     _scheduler().save_pretrained(out_dir / "scheduler")
 
     model_index = {"_class_name": "HiDreamImagePipeline", "_diffusers_version": diffusers.__version__}
