@@ -119,6 +119,8 @@ def before_after(step_folders: list[Path], out: Path) -> Path:
     first is the base model), labelled, enlarged so the tiny pictures can be judged by eye."""
     from PIL import ImageDraw, ImageFont
 
+    from .training.validation import validation_image_path
+
     font = ImageFont.load_default(size=15)
     header, caption_h, pad = 24, 22, 8
     columns = 1 + len(step_folders)
@@ -134,7 +136,8 @@ def before_after(step_folders: list[Path], out: Path) -> Path:
         top = header + row * (caption_h + CELL + pad)
         draw.text((pad, top + 2), f'"{concept_caption(background, position)}"', fill=(60, 60, 60), font=font)
         pictures = [draw_concept(background, position)]
-        pictures += [Image.open(folder / f"{name}_{DEMO_RESOLUTION}x{DEMO_RESOLUTION}.png") for folder in step_folders]
+        pictures += [Image.open(validation_image_path(folder, name, DEMO_RESOLUTION, DEMO_RESOLUTION))
+                     for folder in step_folders]
         for column, picture in enumerate(pictures):
             cell = picture.convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST)
             canvas.paste(cell, (pad + column * (CELL + pad), top + caption_h))

@@ -62,6 +62,11 @@ def validation_latents(prompts: dict[str, str], resolutions: list[tuple[int, int
                                                    replace(settings, prompt=prompt, width=width, height=height))
 
 
+def validation_image_path(folder: Path, nickname: str, width: int, height: int) -> Path:
+    """Where one validation picture of a step's folder is written (its name says the prompt and the size)."""
+    return Path(folder) / f"{nickname}_{width}x{height}.png"
+
+
 def render_validation(step: int, prompts: dict[str, str], resolutions: list[tuple[int, int]],
                       settings: SamplingConfig, text_cache: TextEmbeddingCache, transformer,
                       decode_latents: Callable[[torch.Tensor], list[Image.Image]], out_dir: Path
@@ -76,7 +81,7 @@ def render_validation(step: int, prompts: dict[str, str], resolutions: list[tupl
     for nickname, width, height, latents in validation_latents(prompts, resolutions, settings, text_cache,
                                                                transformer):
         image = decode_latents(latents)[0]
-        path = folder / f"{nickname}_{width}x{height}.png"
+        path = validation_image_path(folder, nickname, width, height)
         write_with(path, lambda tmp: image.save(tmp, format="PNG"))
         crash_point("validation")
         paths.append(path)

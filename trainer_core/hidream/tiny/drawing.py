@@ -59,7 +59,6 @@ def tokenizer_fingerprint(model_dir: Path) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-
 def read_manifest(weights_dir: Path = WEIGHTS_DIR) -> dict:
     path = Path(weights_dir) / MANIFEST_FILE
     if not path.is_file():
