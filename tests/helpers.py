@@ -1,11 +1,13 @@
 """Small builders shared by tests: captioned image folders and training configs on the tiny model."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from trainer_core.config import DatasetConfig, TrainConfig
-from trainer_core.demo import draw_shape_image
+from trainer_core.demo import draw_shape_image, write_demo_lycoris_config
+
+# The tests' LoKr: the demo's (SimpleTuner's feed-forward preset at factor 2, sized for the tiny model's layers).
+write_lycoris_config = write_demo_lycoris_config
 
 
 def write_shapes_dataset(folder: Path, items: list[tuple[str, str, str]], size: int = 64) -> Path:
@@ -16,19 +18,6 @@ def write_shapes_dataset(folder: Path, items: list[tuple[str, str, str]], size: 
         draw_shape_image(shape, colour, background, size=size).save(folder / f"{stem}.png")
         (folder / f"{stem}.txt").write_text(f"a {colour} {shape} on a {background} background")
     return folder
-
-
-def write_lycoris_config(path: Path, factor: int = 2) -> Path:
-    """The quickstart's feed-forward preset (attention + ff_t + shared experts). The tiny model's layers are 64
-    wide, where factor 16 leaves a 16x16 W2; factor 2 gives it enough capacity to learn an image quickly."""
-    patterns = ("double_stream_blocks.*.block.attn*", "double_stream_blocks.*.block.ff_t*",
-                "double_stream_blocks.*.block.ff_i.shared_experts*", "single_stream_blocks.*.block.attn*",
-                "single_stream_blocks.*.block.ff_i.shared_experts*")
-    path.write_text(json.dumps({"algo": "lokr", "multiplier": 1.0, "linear_dim": 16384, "linear_alpha": 1,
-                                "full_matrix": True, "use_scalar": False, "factor": factor,
-                                "apply_preset": {"name_algo_map": {p: {"factor": factor} for p in patterns},
-                                                 "use_fnmatch": True}}))
-    return path
 
 
 def tiny_train_config(model_dir: Path, dataset_dir: Path, output_dir: Path, **overrides) -> TrainConfig:

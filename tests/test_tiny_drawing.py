@@ -104,17 +104,6 @@ def test_the_base_model_draws_the_colours_its_captions_name(drawing):
     assert sum(right["held out"]) >= 5  # of 16 reads; chance gives 2
 
 
-def pink_share(image, position: str) -> tuple[float, float]:
-    """(share of the ring's own pixels that are pink, share of the whole picture that is pink)."""
-    from trainer_core.demo import CONCEPT_COLOUR, CONCEPT_SHAPE
-
-    values = pixels(image) * 255
-    pink = np.abs(values - np.array(corpus.CONCEPT_COLOURS[CONCEPT_COLOUR])).max(axis=-1) < 60
-    ring = corpus.Scene(shape=CONCEPT_SHAPE, colour=(0, 0, 0), background=(0, 0, 0),
-                        centre=corpus.POSITION_CENTRES[position])
-    return float(pink[np.asarray(corpus.shape_mask(ring, values.shape[0])) > 0].mean()), float(pink.mean())
-
-
 def test_the_demo_teaches_a_new_concept_that_shows_in_pixels(drawing, tmp_path):
     """The demo as `python -m trainer_core demo` runs it: afterwards "a zorb on a blue background" (a place it was
     shown) and "... yellow background, at the bottom" (never shown) come out with pink where the ring belongs,
@@ -122,16 +111,19 @@ def test_the_demo_teaches_a_new_concept_that_shows_in_pixels(drawing, tmp_path):
 
     Measured (seeds 0, 1): pink share of the ring's pixels 0.003-0.012 without the LoKr, 0.27-0.33 with it."""
     from trainer_core.adapters import load_lokr
-    from trainer_core.demo import VALIDATION_SCENES, concept_caption, run_demo
+    from trainer_core.demo import VALIDATION_SCENES, concept_caption, concept_coverage, run_demo
 
     out = run_demo(tmp_path / "demo")
     summary = json.loads((out / "demo_summary.json").read_text())
     assert Path(summary["before_after"]).is_file() and len(summary["validation_images"]) == 9  # 3 steps x (2 + grid)
+    for name, by_step in summary["concept_coverage"].items():  # what the demo prints: the ring turning pink
+        assert list(by_step) == ["0", "200", "400"] and by_step["0"] <= 0.08 and by_step["400"] >= 0.2, name
     model = dict(drawing, transformer=load_transformer(resolve_model_paths(out / "tiny-hidream")))  # LoKr'd copy
     network = load_lokr(Path(summary["lokr"]), model["transformer"])
     for background, position in VALIDATION_SCENES.values():
         caption = concept_caption(background, position)
-        shares = [pink_share(draw_caption(model, caption, network, strength), position) for strength in (0, 0.5, 1)]
+        shares = [concept_coverage(draw_caption(model, caption, network, strength), position)
+                  for strength in (0, 0.5, 1)]
         print(f"{caption!r}: pink share of the ring / of the picture at LoKr strength 0, 0.5, 1: "
               f"{[(round(a, 3), round(b, 3)) for a, b in shares]}")
         ring = [a for a, _ in shares]

@@ -13,7 +13,7 @@ import requests
 
 from browser_page import REPO, ComfyPage
 
-STEPS = 40  # a few dozen 64 px steps of the tiny model: long enough to reload the page in the middle
+STEPS = 40  # a few dozen 128 px steps of the tiny model: long enough to reload the page in the middle
 PREVIEW_EVERY = 10
 COMMAND_RUN_STEPS = 2000  # the button test ends its run with Stop & save long before this
 
@@ -83,9 +83,9 @@ def test_live_view_follows_a_run_and_survives_a_reload(comfy_ui, browser, artifa
         shot = artifacts / f"live_view_{version}_mid_run.png"
         page.screenshot_view(shot)
         assert shot.stat().st_size > 10_000
-        # The preview is validation_prompt's image itself (64 px here), not the labelled grid; it enlarges on a
+        # The preview is validation_prompt's image itself (128 px here), not the labelled grid; it enlarges on a
         # click. Nothing of ComfyUI's own (image preview, progress text) is drawn under the view.
-        assert mid["previewSize"] == [64, 64], mid["previewSize"]
+        assert mid["previewSize"] == [128, 128], mid["previewSize"]
         page.center_on_train_node()
         page.page.wait_for_timeout(300)
         page.page.locator("[data-hidream-lokr-live] img.hl-preview").click()

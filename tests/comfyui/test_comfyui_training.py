@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))  # trainer_core, to check the saved files with the
 
 DEMO = "hidream_lokr_tiny_demo_api.json"
 TRAIN = "6"
+STEPS = 400  # the template as shipped: the demo's 400 steps at 128 px, previews at steps 0, 200 and 400
 DEMO_WORKFLOW = json.loads((REPO / "workflows" / "hidream_lokr_tiny_demo.json").read_text())
 
 
@@ -67,9 +68,9 @@ def test_demo_trains_saves_a_loadable_lokr_and_samples(comfy, events, demo_run):
         meta = f.metadata()
         keys = list(f.keys())
     assert any(k.startswith("lycoris_") and k.endswith(".lokr_w1") for k in keys)
-    assert json.loads(meta["training_config"])["max_train_steps"] == 40
+    assert json.loads(meta["training_config"])["max_train_steps"] == STEPS
     assert json.loads(meta["lycoris_config"])["factor"] == 2
-    assert meta["steps"] == "40"
+    assert meta["steps"] == str(STEPS)
     assert json.loads(meta["workflow"]) == DEMO_WORKFLOW  # the graph that made it travels with the file
     assert json.loads(meta["prompt"])[TRAIN]["class_type"] == "HiDreamLoKrTrain"
     # The LoKr learned something and loads onto the transformer it was trained for.
@@ -83,33 +84,53 @@ def test_demo_trains_saves_a_loadable_lokr_and_samples(comfy, events, demo_run):
     # reports its run in its own ui entry, and its images are outputs for graphs that want them.
     assert set(entry["outputs"][TRAIN]) == {"hidream_lokr_run"}
     (summary,) = entry["outputs"][TRAIN]["hidream_lokr_run"]
-    assert summary["status"] == "finished" and summary["steps"] == 40 and summary["run_folder"] == "tiny_demo_00001"
+    assert summary["status"] == "finished" and summary["steps"] == STEPS and summary["run_folder"] == "tiny_demo_00001"
     assert "Queueing this graph again returns it" in summary["message"]
     assert binary == []  # no preview images pushed to ComfyUI's node preview
     run = comfy.output_dir() / "hidream_lokr" / "tiny_demo_00001"
     record = run_record(run)
-    assert record["status"] == "finished" and record["steps_done"] == 40 and record["fingerprint"]
+    assert record["status"] == "finished" and record["steps_done"] == STEPS and record["fingerprint"]
     plain = (run / "lycoris_config.json").stat().st_mode & 0o777  # written with open(): the server's umask
     for lokr in (saved, run / "pytorch_lora_weights.safetensors"):
         assert lokr.stat().st_mode & 0o777 == plain, (lokr, oct(lokr.stat().st_mode))
     (sample,) = entry["outputs"]["9"]["images"]
-    assert Image.open(comfy.base_dir / "temp" / sample["filename"]).size == (64, 64)
+    assert Image.open(comfy.base_dir / "temp" / sample["filename"]).size == (128, 128)
 
     progress = [e for e in events.of("hidream_lokr.progress") if e.get("prompt_id") == prompt_id]
     steps = [e["step"] for e in progress if "loss" in e]
-    assert steps == list(range(1, 41))
+    assert steps == list(range(1, STEPS + 1))
     last = [e for e in progress if "loss" in e][-1]
-    assert last["total"] == 40 and last["node"] == TRAIN and last["it_per_s"] > 0 and last["peak_memory_bytes"] > 0
-    assert last["eta_s"] == 0 and np.isfinite(last["loss"]) and last["lr"] == pytest.approx(0.01)
+    assert last["total"] == STEPS and last["node"] == TRAIN and last["it_per_s"] > 0 and last["peak_memory_bytes"] > 0
+    assert last["eta_s"] == 0 and np.isfinite(last["loss"]) and last["lr"] == pytest.approx(0.006)
     assert progress[-1]["phase"] == "finished"
     bar = [e for e in events.of("progress") if e.get("prompt_id") == prompt_id and e.get("node") == TRAIN]
-    assert bar and bar[-1]["value"] == 40 and bar[-1]["max"] == 40
+    assert bar and bar[-1]["value"] == STEPS and bar[-1]["max"] == STEPS
     previews = [e for e in progress if e.get("kind") == "preview"]
-    assert [e["preview"]["step"] for e in previews] == [0, 20, 40]
+    assert [e["preview"]["step"] for e in previews] == [0, 200, 400]
     assert "unloaded ComfyUI's models;" in comfy.log() and "GiB free on cpu" in comfy.log()
     # Third-party chatter stays out of the console: no LyCORIS INFO lines, no transformers progress bars.
     assert "[LyCORIS]" not in comfy.log() and "Loading weights" not in comfy.log()
     assert "Writing model shards" not in comfy.log()
+
+
+def test_demo_previews_and_sample_show_the_new_concept(comfy, demo_run):
+    """What a person watches in the node: the previews of "a zorb on a blue background" turn the ring pink (none at
+    step 0, the base model), and the sampler draws a zorb in a place the dataset never showed it (yellow, at the
+    bottom). The measure is the core demo's: the share of the ring's pixels in the concept's colour."""
+    from trainer_core.demo import concept_coverage
+    from trainer_core.training.validation import validation_folder_step
+
+    _, entry, _ = demo_run
+    run = comfy.output_dir() / "hidream_lokr" / "tiny_demo_00001" / "validation"
+    shares = {validation_folder_step(folder): concept_coverage(Image.open(folder / "validation_128x128.png"))[0]
+              for folder in sorted(run.glob("step_*"))}
+    (sample,) = entry["outputs"]["9"]["images"]
+    sampled = concept_coverage(Image.open(comfy.base_dir / "temp" / sample["filename"]), "bottom")
+    print(f"\nComfyUI demo: pink share of the ring in the previews {shares}; in the sampler's unseen place "
+          f"{sampled[0]:.3f} (of the whole picture {sampled[1]:.3f})")
+    assert list(shares) == [0, 200, 400]
+    assert shares[0] <= 0.08 and shares[400] >= 0.2 and shares[200] <= shares[400] + 0.02
+    assert sampled[0] >= 0.2 and sampled[0] >= 2 * sampled[1]  # pink where the ring is, not all over
 
 
 def test_unchanged_requeue_reuses_the_trained_run(comfy, demo_run):
@@ -287,7 +308,7 @@ def test_interrupt_while_caching_latents_leaves_only_complete_entries(comfy, eve
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"noise_{i:03d}.png")
         (data / f"noise_{i:03d}.txt").write_text(f"noise pattern number {i}")
     graph = load_graph(DEMO)
-    graph["2"]["inputs"]["folder"] = str(data)
+    graph["2"]["inputs"].update(folder=str(data), resolution=64)
     graph[TRAIN]["inputs"].update(max_train_steps=2, validation_prompt="", output_name="interrupt_caching")
     graph["4"]["inputs"]["batch_size"] = 1
     prompt_id = comfy.submit(graph)

@@ -89,23 +89,25 @@ SETTINGS_NOTE = ("Optional. Each settings node holds a part of the training's se
 LAYOUTS: dict[str, list[Group]] = {
     "hidream_lokr_tiny_demo": [
         Group("1 · Load the model",
-              "**A tiny HiDream, for a first run.** `tiny-hidream` is built into `models/diffusers/` the first "
-              "time this runs (no download) and trains on a CPU in seconds: the whole workflow, in miniature.\n\n"
+              "**A tiny HiDream that draws, for a first run.** `tiny-hidream` (pretrained on flat shapes in eight "
+              "colours) is built into `models/diffusers/` the first time this runs (no download). The whole "
+              "workflow takes about two minutes on a CPU.\n\n"
               "For HiDream-I1 itself open the **hidream_lokr_train** template.", [["1"]]),
         Group("2 · Your images",
-              "`hidream_lokr_demo_zorb` (8 captioned pictures of the demo's new concept, a pink ring) is "
-              "written into `input/` on first use.\n\n"
+              "`hidream_lokr_demo_zorb`: 8 captioned pictures of a word the model has never seen, a *zorb* "
+              "(a pink ring), written into `input/` on first use.\n\n"
               "Your own: a folder under `input/` (or an absolute path) with an image and a same-name `.txt` "
               "caption each.", [["2"]], below_previous=True),
         Group("3 · Cache text and latents",
               "Every caption and image is encoded **once** and kept in `output/hidream_lokr/cache/`; the next "
               "runs reuse it.", [["3", "4"]]),
-        Group("4 · Train", TRAIN_NOTE, [["5"], ["6"]]),
+        Group("4 · Train", "400 steps. Watch the previews of *a zorb on a blue background* at steps 0 (the "
+              "model does not know the word), 200 and 400: the ring turns pink.\n\n" + TRAIN_NOTE, [["5"], ["6"]]),
         Group("4b · Training settings (optional)", SETTINGS_NOTE, [["10"], ["11", "12"], ["13"]],
               below_previous=True, color="#4a5f70"),
         Group("5 · Save and try the LoKr",
               "The LoKr goes to `output/loras/hidream_lokr/` (ComfyUI's LoRA loaders list it) and is sampled "
-              "here with the same prompt.", [["7", "8"], ["9"]]),
+              "here in a place no training picture showed a zorb: yellow, at the bottom.", [["7", "8"], ["9"]]),
     ],
     "hidream_lokr_train": [
         Group("1 · Load the models",

@@ -67,6 +67,11 @@ def validation_image_path(folder: Path, nickname: str, width: int, height: int) 
     return Path(folder) / f"{nickname}_{width}x{height}.png"
 
 
+def validation_folder_step(folder: Path) -> int:
+    """The training step a validation folder (`step_<N>`) was written at."""
+    return int(Path(folder).name.removeprefix("step_"))
+
+
 def render_validation(step: int, prompts: dict[str, str], resolutions: list[tuple[int, int]],
                       settings: SamplingConfig, text_cache: TextEmbeddingCache, transformer,
                       decode_latents: Callable[[torch.Tensor], list[Image.Image]], out_dir: Path
