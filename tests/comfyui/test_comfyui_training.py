@@ -118,12 +118,13 @@ def test_demo_previews_and_sample_show_the_new_concept(comfy, demo_run):
     step 0, the base model), and the sampler draws a zorb in a place the dataset never showed it (yellow, at the
     bottom). The measure is the core demo's: the share of the ring's pixels in the concept's colour."""
     from trainer_core.demo import concept_coverage
-    from trainer_core.training.validation import validation_folder_step
+    from trainer_core.training.validation import validation_folder_step, validation_image_path
 
     _, entry, _ = demo_run
     run = comfy.output_dir() / "hidream_lokr" / "tiny_demo_00001" / "validation"
-    shares = {validation_folder_step(folder): concept_coverage(Image.open(folder / "validation_128x128.png"))[0]
-              for folder in sorted(run.glob("step_*"))}
+    previews = {validation_folder_step(folder): Image.open(validation_image_path(folder, "validation", 128, 128))
+                for folder in sorted(run.glob("step_*"))}
+    shares = {step: concept_coverage(picture)[0] for step, picture in previews.items()}
     (sample,) = entry["outputs"]["9"]["images"]
     sampled = concept_coverage(Image.open(comfy.base_dir / "temp" / sample["filename"]), "bottom")
     print(f"\nComfyUI demo: pink share of the ring in the previews {shares}; in the sampler's unseen place "
