@@ -37,14 +37,21 @@ def frontend_root(version: str, comfy_dir: Path) -> Optional[Path]:
     static = CACHE / version / "comfyui_frontend_package" / "static"
     if (static / "index.html").is_file():
         return static
-    with tempfile.TemporaryDirectory(prefix="frontend-") as tmp:
+    # Test workers may get here at the same time: each unpacks into a folder of its own and renames it into place;
+    # a worker that finds the version already there keeps what the other one put.
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="frontend-") as tmp, \
+            tempfile.TemporaryDirectory(prefix=f".{version}-", dir=CACHE, ignore_cleanup_errors=True) as unpack:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                         f"comfyui-frontend-package=={version}", "-d", tmp], check=True)
         wheel = next(Path(tmp).glob("comfyui_frontend_package-*.whl"))
-        unpack = CACHE / f".{version}.tmp"
-        shutil.rmtree(unpack, ignore_errors=True)
         with zipfile.ZipFile(wheel) as z:
             z.extractall(unpack, [n for n in z.namelist() if n.startswith("comfyui_frontend_package/")])
-        shutil.rmtree(CACHE / version, ignore_errors=True)
-        unpack.rename(CACHE / version)
+        if not (static / "index.html").is_file():
+            shutil.rmtree(CACHE / version, ignore_errors=True)  # a half-unpacked copy of an older layout
+            try:
+                Path(unpack).rename(CACHE / version)
+            except OSError:  # another worker renamed its copy in first
+                if not (static / "index.html").is_file():
+                    raise
     return static

@@ -4,7 +4,7 @@ returned without training, also after a restart; `start over` and `latest` do wh
 same path as a cancel: test_comfyui_train_node.py checks the decision for every status on disk.)
 
 This module runs its own server (it restarts and kills it), with the tiny demo graph cut down to dataset -> caches
--> train -> save: 12 steps, no previews, a checkpoint every 4 steps. "Exactly" is checked against an unbroken run
+-> train -> save: 12 steps at 64 px, no previews, a checkpoint every 4 steps. "Exactly" is checked against an unbroken run
 of the same settings: the LoKr weights are bit-identical.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ STEPS = 12
 def graph(output_name: str, **train) -> dict:
     g = load_graph("hidream_lokr_tiny_demo_api.json")
     g.pop("8"), g.pop("9")  # no sampling afterwards
+    g["2"]["inputs"]["resolution"] = 64  # the mechanics of resuming, at a quarter of the template's tokens
     g[TRAIN]["inputs"].update({"max_train_steps": STEPS, "validation_prompt": "", "output_name": output_name, **train})
     g["12"]["inputs"].update(checkpoint_step_interval=4, checkpoints_total_limit=0)
     return g
