@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..trainer_core.config import ConfigError
+from ..trainer_core.util import quiet_libraries
 from .compat import io, progress_bar
-from .quiet import quiet_libraries
 from .types import CATEGORY, DatasetType, HiDreamModel, HiDreamModelType, TrainingData
 
 

@@ -6,9 +6,9 @@ import logging
 import torch
 import folder_paths
 
+from ..trainer_core.util import quiet_libraries
 from .compat import io
 from .paths import TINY_MODEL_NAME, diffusers_folder
-from .quiet import quiet_libraries
 from .types import CATEGORY, HiDreamModel, HiDreamModelType
 
 # trainer_core's loaders import diffusers, transformers and LyCORIS: they are imported inside execute(), when a

@@ -37,7 +37,7 @@ def diffusers_folder(name: str) -> Path:
     roots = [Path(p) for p in folder_paths.get_folder_paths("diffusers")]
     if name == TINY_MODEL_NAME and roots:
         from ..trainer_core import build_drawing_model
-        from .quiet import quiet_libraries
+        from ..trainer_core.util import quiet_libraries
 
         existing = next((root / name for root in roots if (root / name).is_dir()), roots[0] / name)
         with quiet_libraries():  # saving the tiny model prints transformers' shard progress bars

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..trainer_core.config import ConfigError, SamplingConfig
+from ..trainer_core.util import quiet_libraries
 from .compat import io, progress_bar
 from .convert import pil_to_image, scaled_to_raw_latents
-from .quiet import quiet_libraries
 from .types import CATEGORY, HiDreamModel, HiDreamModelType, LoKrHandle, LoKrType
 
 

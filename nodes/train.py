@@ -21,11 +21,11 @@ from typing import Optional
 import torch
 
 from ..trainer_core.config import ConfigError
+from ..trainer_core.util import quiet_libraries
 from . import run_store
 from .compat import cancel_requested, current_prompt_id, interrupt_exception, io, progress_bar, raise_interrupt
 from .lokr_config import LoKrSettings
 from .paths import new_run_dir
-from .quiet import quiet_libraries
 from .run_registry import REGISTRY, TrainingRun
 from .train_settings import (ESSENTIALS, GROUPS, INIT_LOKR_FIELD, RESUME_CHOICES, RESUME_FIELD, TRAIN_LAYOUT,
                              config_as_json, merged_settings, run_fingerprint, train_config_from_settings)

@@ -178,16 +178,19 @@ def run_demo(out: Path, steps: Optional[int] = None) -> Path:
 
     from .hidream.tiny import build_drawing_model
     from .training import train
+    from .util import quiet_libraries
 
     # The tiny model's matmuls are microseconds long; extra threads cost more in hand-offs than they save.
     torch.set_num_threads(1)
     started = time.perf_counter()
     out = Path(out).resolve()
-    model_dir = build_drawing_model(out / "tiny-hidream")
-    dataset_dir = out / "dataset"
-    write_demo_dataset(dataset_dir)
-    config = demo_config(model_dir, dataset_dir, out, steps or DEMO_STEPS)
-    result = train(config)
+    # A first run's console shows the demo's own lines, not the libraries' progress bars and INFO chatter.
+    with quiet_libraries():
+        model_dir = build_drawing_model(out / "tiny-hidream")
+        dataset_dir = out / "dataset"
+        write_demo_dataset(dataset_dir)
+        config = demo_config(model_dir, dataset_dir, out, steps or DEMO_STEPS)
+        result = train(config)
     grids = [p for p in result.validation_images if p.name == "grid.png"]
     step_folders = [g.parent for g in grids]
     comparison = before_after(step_folders, out / "before_after.png") if len(grids) >= 2 else None

@@ -1,11 +1,11 @@
-"""Keep third-party chatter out of ComfyUI's console while this pack's nodes run.
+"""Keep third-party chatter out of the console while the pack's nodes (and the CLI demo) run.
 
 LyCORIS prints INFO lines (with ANSI colour codes) every time it builds or loads a LoKr; transformers prints
 progress bars ("Loading weights", "Writing model shards") and a load report; diffusers and huggingface_hub have
-progress bars of their own. None of it helps a ComfyUI user. Inside `quiet_libraries()` those libraries log
-errors only and draw no progress bars; this pack's own messages (and its training progress bar) are unchanged.
+progress bars of their own. None of it helps a ComfyUI user or a first-time demo run. Inside `quiet_libraries()`
+those libraries log errors only and draw no progress bars; this project's own messages are unchanged.
 
-With ComfyUI started at debug level (`--verbose DEBUG`) nothing is silenced. Every setting is put back when the
+With the root logger at debug level (ComfyUI's `--verbose DEBUG`) nothing is silenced. Every setting is put back when the
 block ends, so other node packs see the libraries as they configured them.
 """
 from __future__ import annotations
