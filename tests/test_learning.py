@@ -68,7 +68,8 @@ def test_the_loss_falls_and_the_lokr_moves_the_latents_towards_the_training_imag
 
     # The training image's latent, read back from the trainer's own cache (nothing encodes it again).
     config = run["config"]
-    latent_cache = LatentCache(config.resolved_cache_dir / "latents", component_identity(run["paths"].model_dir / "vae"))
+    vae_identity = component_identity(run["paths"].model_dir / "vae")
+    latent_cache = LatentCache(config.resolved_cache_dir / "latents", vae_identity)
     target = latent_cache.load([discover_dataset(config.datasets[0]).samples[0]])
     assert latent_cache.stats.encoder_calls == 0
     base, lokr = (torch.mean((sample(run, strength, 0)[1] - target) ** 2).item() for strength in (0.0, 1.0))

@@ -44,12 +44,18 @@ def concept_caption(background: str, position: str = "centre") -> str:
     return f"a {CONCEPT_WORD} on a {background} background{corpus.POSITION_PHRASES[position]}"
 
 
+def concept_scene(background: str, position: str = "centre"):
+    """The concept (a pink ring) on a named background at a named place, as a corpus Scene."""
+    from .hidream.tiny import corpus
+
+    return corpus.Scene(shape=CONCEPT_SHAPE, colour=corpus.CONCEPT_COLOURS[CONCEPT_COLOUR],
+                        background=corpus.PALETTE[background], centre=corpus.POSITION_CENTRES[position])
+
+
 def draw_concept(background: str, position: str = "centre", size: int = DEMO_RESOLUTION) -> Image.Image:
     from .hidream.tiny import corpus
 
-    scene = corpus.Scene(shape=CONCEPT_SHAPE, colour=corpus.CONCEPT_COLOURS[CONCEPT_COLOUR],
-                         background=corpus.PALETTE[background], centre=corpus.POSITION_CENTRES[position])
-    return corpus.draw_scene(scene, size)
+    return corpus.draw_scene(concept_scene(background, position), size)
 
 
 def concept_coverage(image: Image.Image, position: str = "centre") -> tuple[float, float]:
@@ -59,11 +65,10 @@ def concept_coverage(image: Image.Image, position: str = "centre") -> tuple[floa
 
     from .hidream.tiny import corpus
 
+    scene = concept_scene("blue", position)  # only the ring's place matters here, not the background
     values = np.asarray(image.convert("RGB"), dtype=np.float32)
-    in_colour = np.abs(values - np.array(corpus.CONCEPT_COLOURS[CONCEPT_COLOUR])).max(axis=-1) < 60
-    shape = corpus.Scene(shape=CONCEPT_SHAPE, colour=(0, 0, 0), background=(0, 0, 0),
-                         centre=corpus.POSITION_CENTRES[position])
-    inside = np.asarray(corpus.shape_mask(shape, values.shape[0])) > 0
+    in_colour = np.abs(values - np.array(scene.colour)).max(axis=-1) < 60
+    inside = np.asarray(corpus.shape_mask(scene, values.shape[0])) > 0
     return float(in_colour[inside].mean()), float(in_colour.mean())
 
 

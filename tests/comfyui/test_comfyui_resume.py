@@ -4,8 +4,8 @@ returned without training, also after a restart; `start over` and `latest` do wh
 same path as a cancel: test_comfyui_train_node.py checks the decision for every status on disk.)
 
 This module runs its own server (it restarts and kills it), with the tiny demo graph cut down to dataset -> caches
--> train -> save: 12 steps at 64 px, no previews, a checkpoint every 4 steps. "Exactly" is checked against an unbroken run
-of the same settings: the LoKr weights are bit-identical.
+-> train -> save: 12 steps at 64 px, no previews, a checkpoint every 4 steps. "Exactly" is checked against an
+unbroken run of the same settings: the LoKr weights are bit-identical.
 """
 from __future__ import annotations
 

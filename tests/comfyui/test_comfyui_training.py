@@ -44,6 +44,13 @@ def run_record(folder: Path) -> dict:
     return json.loads((folder / "run.json").read_text())
 
 
+def wait_for_run_end(events, prompt_id: str) -> dict:
+    """The run's end event. /history can answer before the websocket has delivered a run's last events: a test
+    that reads the progress list waits for this first."""
+    return events.wait_for(lambda kind, d: kind == "hidream_lokr.progress" and d.get("prompt_id") == prompt_id
+                           and d.get("phase") in ("finished", "failed", "interrupted"), timeout=60)
+
+
 @pytest.fixture(scope="module")
 def demo_run(comfy, events):
     started = time.time()
@@ -52,8 +59,7 @@ def demo_run(comfy, events):
     entry = comfy.wait(prompt_id)
     seconds = time.time() - started
     print(f"\ntiny demo workflow end to end: {seconds:.1f} s")
-    events.wait_for(lambda kind, d: kind == "hidream_lokr.progress" and d.get("prompt_id") == prompt_id
-                    and d.get("phase") in ("finished", "failed", "interrupted"), timeout=60)  # see the interrupt test
+    wait_for_run_end(events, prompt_id)
     return prompt_id, entry, events.binary_types[binary_before:]
 
 
@@ -200,9 +206,7 @@ def test_interrupt_stops_within_a_step_saves_the_lokr_and_restores_the_model(com
     finished_at = time.time()
     assert entry["status"]["status_str"] == "error"
     assert messages(entry, "execution_interrupted"), entry["status"]
-    # /history can answer before the websocket has delivered the run's last events: wait for its end message.
-    events.wait_for(lambda kind, d: kind == "hidream_lokr.progress" and d.get("prompt_id") == prompt_id
-                    and d.get("phase") == "interrupted", timeout=60)
+    wait_for_run_end(events, prompt_id)
     (run,) = run_dirs(comfy, "interrupted")
     record = run_record(run)
     last_step = max(e["step"] for e in events.of("hidream_lokr.progress") if e.get("prompt_id") == prompt_id

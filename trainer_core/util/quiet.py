@@ -5,8 +5,8 @@ progress bars ("Loading weights", "Writing model shards") and a load report; dif
 progress bars of their own. None of it helps a ComfyUI user or a first-time demo run. Inside `quiet_libraries()`
 those libraries log errors only and draw no progress bars; this project's own messages are unchanged.
 
-With the root logger at debug level (ComfyUI's `--verbose DEBUG`) nothing is silenced. Every setting is put back when the
-block ends, so other node packs see the libraries as they configured them.
+With the root logger at debug level (ComfyUI's `--verbose DEBUG`) nothing is silenced. Every setting is put back
+when the block ends, so other node packs see the libraries as they configured them.
 """
 from __future__ import annotations
 
