@@ -436,20 +436,33 @@ def test_the_run_logs_what_compile_and_graphs_cost_and_save(caplog):
         def result(self):
             return None
 
-    payback = SpeedupPayback(True, True, torch.device("cpu"), first_step=1, total_steps=100)
+    class StepClock:
+        """Each step "finishes" exactly `seconds` after it started: the figures do not depend on this machine."""
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+        def run(self, payback, step, seconds):
+            started = self.now
+            self.now += seconds
+            payback.record(step, started, Done())
+
+    clock = StepClock()
+    payback = SpeedupPayback(True, True, torch.device("cpu"), first_step=1, total_steps=100, clock=clock)
     assert [payback.measuring(s) for s in (1, 6, 7)] == [True, True, False]
-    fake = {1: 5.0, 2: 1.0, 3: 31.0, 4: 0.5, 5: 2.5, 6: 0.25}  # eager, eager, compiling, compiled, capture, replay
-    import time as _time
+    steps = {1: 5.0, 2: 1.0, 3: 31.0, 4: 0.5, 5: 2.75, 6: 0.25}  # eager, eager, compiling, compiled, capture, replay
     with caplog.at_level(logging.INFO, logger="trainer_core.training.payback"):
-        for step, seconds in fake.items():
-            payback.record(step, _time.perf_counter() - seconds, Done())
+        for step, seconds in steps.items():
+            clock.run(payback, step, seconds)
     line = caplog.records[-1].getMessage()
     assert "compile_blocks: compile 30.5 s, per-step saving 0.500 s" in line and "paid back after 61 steps" in line
-    assert "cuda_graphs: capture 2.2 s, per-step saving 0.250 s" in line and "94 steps left" in line
-    slow = SpeedupPayback(True, False, torch.device("cpu"), first_step=1, total_steps=10)
+    assert "cuda_graphs: capture 2.5 s, per-step saving 0.250 s" in line and "paid back after 10 steps" in line
+    assert "94 steps left" in line
+    slow = SpeedupPayback(True, False, torch.device("cpu"), first_step=1, total_steps=10, clock=clock)
     with caplog.at_level(logging.INFO, logger="trainer_core.training.payback"):
         for step, seconds in {1: 1.0, 2: 1.0, 3: 9.0, 4: 2.0}.items():
-            slow.record(step, _time.perf_counter() - seconds, Done())
+            clock.run(slow, step, seconds)
     assert "no saving here, switch it off (compile_blocks: false)" in caplog.records[-1].getMessage()
 
 

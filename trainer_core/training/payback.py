@@ -28,9 +28,11 @@ logger = logging.getLogger(__name__)
 
 class SpeedupPayback:
     def __init__(self, compile_blocks: bool, cuda_graphs: bool, device: torch.device, first_step: int,
-                 total_steps: int):
+                 total_steps: int, clock: Callable[[], float] = time.perf_counter):
+        """`clock` is the time source a step's `started` came from (the loop's perf_counter; a test's own clock)."""
         self.compile_blocks, self.cuda_graphs = compile_blocks, cuda_graphs
         self.device, self.first, self.total = device, first_step, total_steps
+        self.clock = clock
         self.times: dict[int, float] = {}
         self._plan = self._make_plan()
         self._last = max(self._plan.values(), default=-1)
@@ -65,7 +67,7 @@ class SpeedupPayback:
         """After launching a measured step: wait for it, keep its time, log when the plan is complete."""
         pending.result()
         synchronize(self.device)
-        self.times[step - self.first] = time.perf_counter() - started
+        self.times[step - self.first] = self.clock() - started
         if step - self.first == self._last or step == self.total:  # complete, or the run ends first
             self._log(step)
 
