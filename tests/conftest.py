@@ -12,6 +12,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The tiny model's matmuls are microseconds long: thread hand-offs cost more than they save (measured: a
 # 150-step run took 15.6 s on one thread, over 190 s with two threads on a busy 2-core machine).
 torch.set_num_threads(1)
+# torch.compile on the CPU writes C++ kernels that gcc builds; scalar kernels build in about two thirds of the time
+# of vectorised ones (measured, the whole-block compile test from a cold cache: 124 s -> 82 s on 2 cores). What the
+# compile tests check (graph capture, breaks, recompiles, the saved activations, the step's numbers) does not depend
+# on inductor's SIMD code, and the GPU runs Triton kernels anyway. Subprocesses inherit it.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 # tests/comfyui/ run against a real ComfyUI server in ComfyUI's own environment (scripts/test.sh runs them there
 # with COMFYUI_DIR set); this suite's environment has no ComfyUI.
