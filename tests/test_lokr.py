@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import random_conditioning
+from conftest import cfg_forward, random_conditioning
 from trainer_core.config import ConfigError
 from trainer_core.adapters import (LycorisConfig, create_lokr_network, load_lokr, lokr_applied, remove_lokr,
                                save_lokr)
@@ -143,13 +143,70 @@ def test_merge_matches_hooks_and_restores_base_exactly(tiny_transformer):
 
 
 def test_strength_scales_the_update(tiny_transformer):
+    """Merged at strength s, every wrapped weight is W + s * scale * scalar * kron(W1, W2) (the delta written out
+    here, not by the code under test), for several s, negative included; the model then predicts what the hooks
+    predict at multiplier s, and the base weights come back bit for bit after each."""
     network = create_lokr_network(tiny_transformer, LycorisConfig.from_dict(QUICKSTART_ATTENTION))
-    _randomise(network)
-    with lokr_applied(network, 0.0):
-        zero = _forward(tiny_transformer)
-    remove_lokr(network)
-    base = _forward(tiny_transformer)
-    assert torch.allclose(zero, base, atol=1e-6)
+    _randomise(network)  # the trainable scalar too (LyCORIS' own merge_to would ignore it)
+    layers = [(lora.org_module[0], lora.scale * lora.scalar.detach() *
+               torch.kron(lora.lokr_w1.detach(), lora.lokr_w2.detach())) for lora in network.loras]
+    base = [layer.weight.detach().clone() for layer, _ in layers]
+    for strength in (0.0, 0.5, 1.0, 2.0, -1.0):
+        network.set_multiplier(strength)
+        hooked = _forward(tiny_transformer)
+        network.set_multiplier(1.0)
+        with lokr_applied(network, strength) as mode:
+            assert mode == "merged"
+            for (layer, delta), weight in zip(layers, base):
+                torch.testing.assert_close(layer.weight - weight, strength * delta, rtol=1e-5, atol=1e-7)
+            merged = _forward(tiny_transformer)
+        torch.testing.assert_close(merged, hooked, rtol=1e-4, atol=1e-5)
+        assert all(torch.equal(layer.weight, weight) for (layer, _), weight in zip(layers, base))
+
+
+def _small_update(network, relative: float, seed: int = 1) -> None:
+    """Full-matrix factors whose kron(W1, W2) has a std of `relative` times the base weight's: a LoKr early in
+    training, whose update is mostly below half a bf16 unit in the last place of W."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lora in network.loras:
+            lora.lokr_w1.copy_(torch.randn(lora.lokr_w1.shape, generator=g))
+            lora.lokr_w2.copy_(torch.randn(lora.lokr_w2.shape, generator=g))
+            delta_std = torch.kron(lora.lokr_w1, lora.lokr_w2).std()
+            lora.lokr_w2.mul_(relative * lora.org_module[0].weight.float().std() / delta_std)
+
+
+def test_bf16_preview_is_the_bypass_forward_the_lokr_trained_with(tiny_paths):
+    """On a bf16 base, sampling runs the LoKr through the forward it trained with (LyCORIS' bypass: W x + dW x),
+    not merged: W + dW rounded to bf16 loses at least 30 % of an update this small (mean over the layers), and
+    such a merged model's output was off the bypass forward's by about the LoKr's whole effect (0.9x). Held here to
+    0.2x at strengths 1 and 0.5 (LyCORIS' own hooks on both sides, no speed-ups: the same computation)."""
+    from trainer_core.hidream import load_transformer
+
+    transformer = load_transformer(tiny_paths, dtype=torch.bfloat16).eval()
+    network = create_lokr_network(transformer, LycorisConfig.from_dict({**QUICKSTART_ATTENTION, "use_scalar": False,
+                                                                        "factor": 4}))
+    _small_update(network, relative=3e-3)
+    lost = []
+    for lora in network.loras:
+        weight = lora.org_module[0].weight.float()
+        delta = torch.kron(lora.lokr_w1, lora.lokr_w2).detach()
+        rounded = (weight + delta).to(torch.bfloat16).float() - weight
+        lost.append(((rounded - delta).abs().mean() / delta.abs().mean()).item())
+    assert sum(lost) / len(lost) >= 0.3  # what a merge into the bf16 weights would lose of the update
+    forward = cfg_forward(transformer, seed=2, dtype=torch.bfloat16)
+    network.set_multiplier(0.0)
+    base = forward().float()
+    for strength in (1.0, 0.5):
+        network.set_multiplier(strength)
+        bypass = forward().float()
+        network.set_multiplier(1.0)
+        with lokr_applied(network, strength) as mode:
+            preview = forward().float()
+        effect = (bypass - base).norm()
+        assert effect > 1e-3 * bypass.norm()  # the LoKr changes the output
+        assert mode == "bypass" and (preview - bypass).norm() <= 0.2 * effect, (preview - bypass).norm() / effect
+    assert all(lora.multiplier == 1.0 for lora in network.loras)  # the strength is put back
 
 
 def test_init_lokr_norm_perturbs_like_simpletuner(tiny_transformer):

@@ -10,8 +10,10 @@ What this module adds on top of LyCORIS, and why:
 * A config that wraps zero modules is an error, not a silent no-op.
 * Training always uses LyCORIS' bypass forward (`y = W x + scale * kron(W1, W2) x`): the default rebuild forward
   computes `(W + dW) - W` in the base dtype and rounds small bf16 updates to zero.
-* Merging for sampling is done here (exact save/restore of the base weights) because LyCORIS' `merge_to` ignores a
-  trainable `scalar` and `restore()` only unhooks, it does not unmerge.
+* Sampling merges the LoKr only into float32 weights (exact save/restore of the base weights, done here because
+  LyCORIS' `merge_to` ignores a trainable `scalar` and `restore()` only unhooks, it does not unmerge). Into 16-bit
+  weights a merge would round the small update away as the rebuild forward does, so there it samples through the
+  bypass hooks, as it trained (`unmerged_reason`).
 """
 from __future__ import annotations
 
@@ -236,26 +238,41 @@ def lokr_delta_weight(lora, strength: float = 1.0) -> torch.Tensor:
     return delta * strength
 
 
-def is_mergeable(network) -> bool:
-    """False when a wrapped module's weight is quantised (optimum-quanto, where merging silently does nothing; the
-    8-bit fp8-scaled / int8-scaled layers, whose stored values carry a scale) or sharded (an FSDP DTensor holds a
-    slice of it): the LoKr then runs through its bypass hooks."""
+def unmerged_reason(network) -> Optional[str]:
+    """Why sampling must run `network` unmerged (through its bypass hooks), or None when merging it into the base
+    weights computes what training computes.
+
+    Merging is exact only into float32 (or wider) weights. A 16-bit weight holds W + dW rounded to 8 (bf16) or 11
+    (fp16) significant bits: an update smaller than half a unit in the last place of W is lost, and a trained LoKr's
+    update mostly is (|W| ~ 0.03 in bf16 has a last place of ~1.2e-4). Training never rounds it so (bypass forward,
+    float32 LoKr), so a preview merged into bf16 would show another model than the one trained. Quantised
+    (optimum-quanto, where merging silently does nothing; the 8-bit fp8-scaled / int8-scaled layers, whose stored
+    values carry a scale) and sharded weights (an FSDP DTensor holds a slice) cannot be merged into at all.
+    """
     for lora in network.loras:
         weight = lora.org_module[0].weight
         if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
-            return False
+            return f"the base weights are quantised or sharded ({type(weight).__name__})"
         if not weight.dtype.is_floating_point or weight.element_size() < 2 or _is_scaled_linear(lora.org_module[0]):
-            return False
-    return True
+            return f"the base weights are {weight.dtype} (quantised)"
+        if weight.element_size() < 4:
+            return f"the base weights are {weight.dtype}: merged, the LoKr's small update would be rounded away"
+    return None
+
+
+def is_mergeable(network) -> bool:
+    """True when merging `network` into the base weights gives what training computes (see `unmerged_reason`)."""
+    return unmerged_reason(network) is None
 
 
 @contextlib.contextmanager
 def lokr_applied(network, strength: float = 1.0) -> Iterator[str]:
-    """Run the wrapped model with the LoKr at `strength`, then restore the exact prior state.
+    """Run the wrapped model with the LoKr at `strength` exactly as it trained, then restore the exact prior state.
 
-    Float base weights: the hooks are lifted, dW is added into the weights (computed in float32), and on exit the
-    original weights are copied back bit for bit and the hooks reinstated. Quantised base weights cannot be merged
-    into, so the bypass hooks stay and run at `strength`. Yields "merged" or "bypass".
+    float32 base weights: the hooks are lifted, dW is added into the weights (in float32), and on exit the original
+    weights are copied back bit for bit and the hooks reinstated. 16-bit, quantised or sharded base weights
+    (`unmerged_reason`): the bypass hooks stay and run at `strength`, the forward training ran. Yields "merged" or
+    "bypass".
     """
     if not is_mergeable(network):
         previous = [lora.multiplier for lora in network.loras]

@@ -484,9 +484,10 @@ def _row(mode: str, opts: BenchOptions, proj: dict, ref: Optional[dict], extra: 
 
 def _sample_config(label: str, opts: BenchOptions, outputs: dict, mode: str = "sample_cfg") -> Timed:
     """One CFG denoising step (batch 2, eval, no grad) on a fresh model: `base` (stock, no adapter), `reference`
-    (stock LyCORIS hooks), `project` (the sampler's path: `lokr_applied`, which merges the LoKr into float weights
-    and runs it unmerged on an 8-bit base; the project's speed-ups, compiled blocks and CUDA graphs when switched
-    on) or `project_base` (that same path without an adapter: what the merged LoKr's cost is measured against). In
+    (stock LyCORIS hooks), `project` (the sampler's path: `lokr_applied`, which merges the LoKr into float32
+    weights and runs it unmerged on bf16 and 8-bit bases; the project's speed-ups, compiled blocks and CUDA graphs
+    when switched on) or `project_base` (that same path without an adapter: what the LoKr's cost is measured
+    against). In
     sample_cfg_fp8 `base`, `project` and `project_base` run on the fp8-scaled base."""
     from ..adapters.lokr import lokr_applied
     from ..hidream.forward import GraphedPredict

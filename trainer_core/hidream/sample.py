@@ -2,7 +2,8 @@
 
 The loop is HiDream's pipeline loop without its forced ~1 MP resize (so previews of small tiny-model runs stay
 cheap): noise -> for each timestep: model on [uncond, cond], negate, guide, scheduler step -> VAE decode.
-With a LoKr network, `lokr_applied` merges it for the run and restores the base weights exactly afterwards.
+With a LoKr network, `lokr_applied` runs it as it trained: merged into float32 base weights (restored exactly
+afterwards), through its bypass hooks on 16-bit or quantised ones.
 """
 from __future__ import annotations
 

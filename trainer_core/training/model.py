@@ -11,7 +11,7 @@ from typing import Optional
 from torch import nn
 
 from ..adapters.interface import Adapter, create_adapter, describe
-from ..adapters.lokr import LycorisConfig
+from ..adapters.lokr import LycorisConfig, unmerged_reason
 from ..config.schema import SCALED_PRECISIONS, ConfigError, TrainConfig
 from ..hidream.flow_matching import LoadBalancingLoss
 from ..hidream.frozen import load_frozen_transformer
@@ -112,8 +112,8 @@ def _log_adapter(config: TrainConfig, ctx: RunContext, trained: TrainingModel) -
             logger.warning("distributed_mode fsdp shards parameters; the %s weights are buffers, so every rank "
                            "holds all of them (data-parallel ddp costs the same memory)", config.base_model_precision)
     elif not trained.adapter.mergeable:
-        logger.warning("the base weights are quantised: a LoKr cannot be merged into them, so validation samples "
-                       "run it unmerged (bypass mode)")
+        logger.info("validation samples run the LoKr unmerged (bypass mode), as it trains: %s",
+                    unmerged_reason(trained.adapter.module))
     if config.hidream_use_load_balancing_loss:
         logger.info("MoE load-balancing loss on %d gates, weight %g, with gradient (SimpleTuner adds it detached "
                     "and weights it twice)", trained.load_balancing.num_gates, config.hidream_load_balancing_loss_weight)
