@@ -196,3 +196,74 @@ def test_fsdp_trains_validates_and_its_lokr_gives_the_sharded_models_outputs_on_
     error = (a - b).abs().max().item()
     print(f"\nFSDP-trained LoKr: sharded (2 ranks) vs one process, max abs output difference {error:.3g}")
     assert error < 1e-5
+
+
+ROUTED_EXPERTS_RUN = textwrap.dedent("""
+    import json, os, sys, torch
+    torch.set_num_threads(1)
+    from safetensors.torch import save_file
+    from trainer_core.config import load_train_config
+    from trainer_core.hidream import load_transformer, resolve_model_paths
+    from trainer_core.training import ModelComponents, TrainingCallbacks, train
+    config_path, out = sys.argv[1:3]
+    config = load_train_config(config_path)
+    rank = int(os.environ["RANK"])
+    transformer = load_transformer(resolve_model_paths(config.pretrained_model_name_or_path), dtype=torch.float32)
+    # How many (token, slot) pairs each MoE layer routes to each expert, per training forward.
+    gates = {module: name for name, module in transformer.named_modules() if type(module).__name__ == "MoEGate"}
+    routed = []
+    def count(gate, args, output):
+        if torch.is_grad_enabled():  # a training forward (validation samples without grad)
+            experts = gate.weight.shape[0]
+            routed.append([gates[gate], torch.bincount(output[0].flatten(), minlength=experts).tolist()])
+    for gate in gates:
+        gate.register_forward_hook(count)
+    # The LoKr of every expert Linear as this rank holds it after its last step (read from the hooked layers).
+    def keep_weights(metrics):
+        if metrics.step < metrics.total_steps:
+            return
+        weights = {}
+        for name, module in transformer.named_modules():
+            lokr = getattr(module.__dict__.get("forward"), "__self__", None)
+            if ".experts." in name and type(lokr).__name__ == "LokrModule":
+                weights.update({f"{name}.{k}": v.detach().clone() for k, v in lokr.named_parameters()})
+        save_file(weights, f"{out}/rank{rank}.safetensors")
+    train(config, callbacks=TrainingCallbacks(on_step=keep_weights), components=ModelComponents(transformer))
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(routed, f)
+""")
+
+
+def test_a_rank_that_routes_no_token_to_a_lokr_expert_trains_on_in_step(tiny_model_dir, tmp_path):
+    """A LoKr on the routed experts, 2 ranks, 32 px images (4 image tokens per sample in the double-stream blocks,
+    each sent to 2 of 4 experts): at some step one rank routes nothing to an expert that carries a LoKr while the
+    other rank does. DDP's reducer waits for a gradient of every parameter on every rank; the run must neither hang
+    nor fail, and both ranks must end with the same LoKr."""
+    data = write_shapes_dataset(tmp_path / "shapes", ITEMS, size=32)
+    lycoris = tmp_path / "lycoris_experts.json"
+    lycoris.write_text(json.dumps({"algo": "lokr", "linear_dim": 16384, "linear_alpha": 1, "full_matrix": True,
+                                   "factor": 2, "apply_preset": {"name_algo_map": {"*.ff_i.experts.*": {"factor": 2}},
+                                                                 "use_fnmatch": True}}))
+    config = write_config(tmp_path, tiny_model_dir, data, "experts", lycoris_config=str(lycoris), max_train_steps=3,
+                          caption_dropout_probability=0.0)
+    backends = json.loads((tmp_path / "multidatabackend.json").read_text())
+    backends[0]["resolution"] = 32
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    script = tmp_path / "routed_experts_run.py"
+    script.write_text(ROUTED_EXPERTS_RUN)
+    ranks = run(torchrun(str(script), str(config), str(tmp_path)), timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-4000:]
+
+    routed = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(routed[0]) == len(routed[1]) > 0
+    one_sided = [(i, layer, expert) for i, ((layer, a), (_, b)) in enumerate(zip(*routed))
+                 for expert, (n0, n1) in enumerate(zip(a, b)) if (n0 == 0) != (n1 == 0)]
+    print(f"\n(forward, MoE layer, expert) routed tokens on one rank only: {one_sided}")
+    assert one_sided  # the case this test is about did happen
+    weights = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert weights[0].keys() == weights[1].keys() and any(".experts." in k for k in weights[0])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    for _, gate, expert in one_sided:  # each such expert's LoKr trained (W2 starts at zero), the same on both ranks
+        prefix = gate.replace(".gate", f".experts.{expert}.")
+        trained = [k for k in weights[0] if k.startswith(prefix) and k.endswith("lokr_w2")]
+        assert len(trained) == 3 and all(weights[0][k].abs().max() > 0 for k in trained)

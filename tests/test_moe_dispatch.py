@@ -59,7 +59,29 @@ def test_load_balancing_gradient_only_path():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-9)
 
 
+def _expert_lokr(moe):
+    """A LoKr (bypass, full matrices, random factors) on every routed expert Linear of `moe`."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    LycorisNetwork.apply_preset({"target_module": [], "module_algo_map": {}, "target_name": [],
+                                 "name_algo_map": {"experts.*": {"factor": 4}}, "use_fnmatch": True,
+                                 "exclude_name": []})
+    net = create_lycoris(moe, 1.0, linear_dim=16384, linear_alpha=1, algo="lokr", factor=4, full_matrix=True,
+                         bypass_mode=True)
+    net.apply_to()
+    assert len(net.loras) == 12
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return net
+
+
 def test_expert_without_tokens():
+    """An expert no token is routed to: the same outputs and input gradient as diffusers' loop, and a LoKr on it
+    gets a zero gradient, not none: under DDP every rank must reduce a gradient for every LoKr parameter, also a
+    rank whose batch routed nothing to that expert (tests/test_distributed.py). (diffusers' loop calls the expert
+    on an empty slice, which LyCORIS' own bypass forward cannot reshape: that side runs without a LoKr here.)"""
     stock = _moe(seed=1)
     with torch.no_grad():
         # positive inputs, positive gate rows 0-2 and a negative row 3: expert 3 never wins a top-2 slot
@@ -73,29 +95,24 @@ def test_expert_without_tokens():
     y1, aux1, gx1 = _run(fast, x, LoadBalancingLoss(fast, 0.01))
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-7)
+    net = _expert_lokr(fast)
+    _run(fast, x, LoadBalancingLoss(fast, 0.01))
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    idle = [n for n in grads if "experts_3_" in n]
+    assert len(idle) == 6  # W1 and W2 of w1, w2, w3
+    assert all(grads[n] is not None and not grads[n].any() for n in idle)
+    assert all(grads[n].abs().max() > 0 for n in grads if n not in idle)
 
 
 def test_lokr_on_experts_trains_identically():
     """LoKr hooks on the expert Linears (the "all FFNs" presets) see the same rows and get the same gradients."""
-    from lycoris import LycorisNetwork, create_lycoris
-
     stock = _moe(seed=1)
     fast = copy.deepcopy(stock)
     install_sorted_moe(fast)
     grads = []
     x = torch.randn(1, 29, 48)
     for moe in (stock, fast):
-        LycorisNetwork.apply_preset({"target_module": [], "module_algo_map": {}, "target_name": [],
-                                     "name_algo_map": {"experts.*": {"factor": 4}}, "use_fnmatch": True,
-                                     "exclude_name": []})
-        net = create_lycoris(moe, 1.0, linear_dim=16384, linear_alpha=1, algo="lokr", factor=4, full_matrix=True,
-                             bypass_mode=True)
-        net.apply_to()
-        assert len(net.loras) == 12
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(5)
-            for p in net.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        net = _expert_lokr(moe)
         _run(moe, x, LoadBalancingLoss(moe, 0.01))
         grads.append({n: p.grad for n, p in net.named_parameters()})
     assert set(grads[0]) == set(grads[1])

@@ -11,7 +11,8 @@ showed the GPU idle ~40% of the time). Here:
     order  = argsort(expert of each (token, slot))          (N*k,)  stable, on the device
     xs     = x[order // k]                                   (N*k, D) one gather, rows grouped by expert
     counts = bincount(expert, E).tolist()                    the one host sync per layer (slice sizes)
-    ys     = cat(expert_e(xs[slice_e]) for e)                contiguous slices, no masks
+    ys     = cat(expert_e(xs[slice_e]) for e)                contiguous slices, no masks; an expert with no rows
+                                                             runs on a dropped zero row (a zero LoKr gradient)
     y      = (ys[inverse(order)].view(N, k, D) * topk_weight).sum(1)   diffusers' own weighting and sum
 
 The expert modules are called as modules, so LoKr hooks on expert Linears and quantised experts keep working; the
@@ -76,6 +77,12 @@ def sorted_moe_forward(self, x: torch.Tensor) -> torch.Tensor:
     for expert, count in zip(self.experts, counts):
         if count:
             outputs.append(expert(rows[start:start + count]).to(dtype=wtype))
+        else:
+            # An expert no token went to still runs, on one row of zeros whose output is dropped: a LoKr on it
+            # gets a zero gradient instead of none, as in diffusers' loop. Under DDP every rank must produce a
+            # gradient for every LoKr parameter (the reducer all-reduces them bucket by bucket), also a rank whose
+            # batch routed nothing to this expert. (Not an empty slice: LyCORIS' own bypass cannot reshape one.)
+            outputs.append(expert(rows.new_zeros(1, rows.shape[-1]))[:0].to(dtype=wtype))
         start += count
     y = torch.cat(outputs).index_select(0, inverse)  # back to (token, slot) order
     y = (y.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)).sum(dim=1)

@@ -172,10 +172,15 @@ def shard_frozen_base(transformer: nn.Module) -> None:
 
 
 def average_gradients(params: Sequence[nn.Parameter], context: DistributedContext) -> None:
-    """Average the replicated LoKr's gradients across ranks (the FSDP path; DDP does this itself)."""
+    """Average the replicated LoKr's gradients across ranks (the FSDP path; DDP does this itself). A parameter
+    without a gradient on this rank counts as a zero one, so every rank reduces the same sizes in the same order
+    and ends with the same averaged gradient."""
     if not context.enabled:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= context.world_size
