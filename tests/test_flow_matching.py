@@ -32,15 +32,32 @@ def test_logit_normal_sigmas_are_seeded_and_centred():
     assert a.median().item() == pytest.approx(0.5, abs=0.03)
 
 
-def test_noisy_latents_interpolate_and_target_is_their_velocity():
-    x0, noise = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
-    s = torch.tensor([0.0, 1.0])
-    xt = noisy_latents(x0, noise, s)
-    assert torch.allclose(xt[0], x0[0]) and torch.allclose(xt[1], noise[1])
-    eps = 1e-3
-    mid = torch.tensor([0.3, 0.3])
-    numeric = (noisy_latents(x0, noise, mid + eps) - noisy_latents(x0, noise, mid)) / eps
-    assert torch.allclose(numeric, flow_matching_target(x0, noise), atol=1e-2)
+def test_noisy_latents_and_target_are_what_diffusers_flow_scheduler_integrates():
+    """The convention against an independent implementation, diffusers' FlowMatchEulerDiscreteScheduler (HiDream's
+    pipelines sample with its family): its `scale_noise` is `noisy_latents` at its own sigma, its timesteps are
+    1000 * sigma, and its Euler `step` fed `flow_matching_target` carries x_sigma exactly to x_sigma' of the next
+    sigma. A target of the opposite sign (x0 - noise) would walk away from x0's path."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
+    assert torch.allclose(noisy_latents(x0, noise, torch.zeros(2)), x0)
+    assert torch.allclose(noisy_latents(x0, noise, torch.ones(2)), noise)
+    for i in (0, 4, 8):
+        t, sigma, sigma_next = scheduler.timesteps[i], scheduler.sigmas[i], scheduler.sigmas[i + 1]
+        assert t.item() == pytest.approx(1000 * sigma.item(), rel=1e-6)
+        x_sigma = noisy_latents(x0, noise, sigma.expand(2))
+        torch.testing.assert_close(scheduler.scale_noise(x0, t.expand(2), noise), x_sigma)
+
+        def euler_step(velocity: torch.Tensor) -> torch.Tensor:
+            scheduler.set_timesteps(10)  # a fresh walk: step() finds its place from t
+            return scheduler.step(velocity, t, x_sigma, return_dict=False)[0]
+
+        stepped = euler_step(flow_matching_target(x0, noise))
+        torch.testing.assert_close(stepped, noisy_latents(x0, noise, sigma_next.expand(2)), rtol=1e-5, atol=1e-5)
+        assert (euler_step(-flow_matching_target(x0, noise)) - stepped).abs().max() > 0.1
 
 
 def test_loss_is_float32_mean_squared_error():
