@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -81,11 +82,31 @@ def test_gradient_checkpointing_does_not_change_the_maths(tiny_model_dir, shapes
 
 
 def test_int8_quanto_base_trains_in_bypass(tiny_model_dir, shapes, tmp_path):
-    result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "q", max_train_steps=2,
-                                     base_model_precision="int8-quanto",
-                                     validation_prompt="a red circle on a blue background"))
+    """What runs, seen from a forward hook on every module while the run trains: each layer that carries the LoKr
+    is an optimum-quanto QLinear with frozen int8 weights, and the LoKr on it is in bypass mode. The LoKr learns
+    through those layers (every W2, zero at the start, moved), and the preview runs it unmerged: the last
+    validation image is not the base model's (merging into quanto weights silently does nothing)."""
+    seen = set()
+
+    def record(module, args, output):
+        lokr = getattr(module.__dict__.get("forward"), "__self__", None)
+        if torch.is_grad_enabled() and type(lokr).__name__ == "LokrModule":
+            seen.add((type(module).__name__, type(module.weight).__name__, lokr.bypass_mode))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "q", max_train_steps=2,
+                                         base_model_precision="int8-quanto", learning_rate=1e-2,
+                                         validation_prompt="a red circle on a blue background"))
+    finally:
+        handle.remove()
+    assert seen == {("QLinear", "WeightQBytesTensor", True)}
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
-    assert result.validation_images
+    w2 = {k: v for k, v in load_file(str(result.lokr_path)).items() if k.endswith("lokr_w2")}
+    assert w2 and all(v.abs().max() > 0 for v in w2.values())
+    base, last = (np.asarray(Image.open(p), dtype=np.int16) for p in result.validation_images[::2])
+    assert "step_000000" in str(result.validation_images[0])
+    assert np.abs(last - base).max() >= 5  # 15 levels when written (2026-12-07); a no-op merge gives 0
 
 
 def test_too_few_samples_fails_before_any_model_is_loaded(shapes, tmp_path):
