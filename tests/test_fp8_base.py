@@ -1,6 +1,6 @@
 """An fp8-scaled / int8-scaled frozen base on the tiny HiDream transformer (CPU, where torch 2.13 runs both 8-bit
 matmuls): the LoKr wraps it in bypass mode with the fast Kronecker path, checkpointing and the sorted MoE dispatch
-on top; a training step and a sampling step stay within the issue's accuracy bounds of the float32 model; ComfyUI's
+on top; a training step and a sampling step stay close to the float32 model's (bounds tighter than the issue's); ComfyUI's
 scaled-fp8 files load straight into fp8 layers; streamed blocks move the 8-bit bytes.
 
 The reference on the CPU is float32 (bf16 itself differs from float32 by a grad cosine of ~0.9999 on this model),
@@ -95,17 +95,19 @@ def test_lokr_wraps_the_8bit_base_in_bypass_with_every_speedup(tiny_transformer,
 
 
 @pytest.mark.parametrize("precision", ["fp8-scaled", "int8-scaled"])
-def test_training_and_sampling_steps_stay_within_the_issue_bounds(tiny_transformer, precision):
-    """Loss within 2 % and LoKr-gradient cosine >= 0.99 of the float32 step (checkpointed, LoKr on attention and
-    every expert, the MoE dispatch sorted); CFG sampling velocity cosine >= 0.995, the LoKr unmerged."""
+def test_training_and_sampling_steps_stay_close_to_the_float32_ones(tiny_transformer, precision):
+    """Loss within 0.1 % and LoKr-gradient cosine >= 0.995 of the float32 step (checkpointed, LoKr on attention
+    and every expert, the MoE dispatch sorted); CFG sampling velocity cosine >= 0.9995, the LoKr unmerged. (The
+    issue asked for 2 %, 0.99 and 0.995; seen on 2026-12-07: fp8 1.5e-4, 0.9984, 0.99998; int8 1.2e-5, 0.99994,
+    0.999999.)"""
     reference, ref_network, _ = _side(tiny_transformer, "no_change")
     flow0, aux0, grads0 = _loss_and_grads(reference, ref_network, checkpointing=True)
     transformer, network, _ = _side(tiny_transformer, precision)
     flow, aux, grads = _loss_and_grads(transformer, network, checkpointing=True)
     assert set(grads) == set(grads0)
-    assert abs(flow - flow0) <= 0.02 * abs(flow0)
+    assert abs(flow - flow0) <= 1e-3 * abs(flow0), abs(flow - flow0) / abs(flow0)
     cosine = _cosine(_flat(grads), _flat(grads0))
-    assert cosine >= 0.99, cosine
+    assert cosine >= 0.995, cosine
     assert any(g.abs().max() > 0 for n, g in grads.items() if "_ff_i_experts_" in n)
     assert flow != flow0  # the 8-bit matmuls really ran
 
@@ -113,7 +115,7 @@ def test_training_and_sampling_steps_stay_within_the_issue_bounds(tiny_transform
     transformer.eval()
     with lokr_applied(ref_network, 1.0), lokr_applied(network, 1.0):
         velocity = _cosine(cfg_forward(transformer, seed=3)(), cfg_forward(reference, seed=3)())
-    assert velocity >= 0.995, velocity
+    assert velocity >= 0.9995, velocity
 
 
 def test_comfyui_scaled_fp8_file_loads_straight_into_fp8(tiny_model_dir, tiny_transformer, tmp_path):

@@ -1,7 +1,7 @@
 """Training and sampling on an 8-bit base end to end, from a ComfyUI scaled-fp8 file: the trainer reads
 `pretrained_transformer_model_name_or_path` straight into fp8-scaled (or int8-scaled), its LoKr's loss drop matches
-the float32 run's within 10 %, validation samples on the 8-bit base with the LoKr unmerged, and the `sample`
-command draws from the same file."""
+the float32 run's within 2 % (the issue asked for 10 %), validation samples on the 8-bit base with the LoKr
+unmerged, and the `sample` command draws from the same file."""
 from __future__ import annotations
 
 import pytest
@@ -38,7 +38,7 @@ def test_lokr_on_an_fp8_file_learns_like_the_float_run(tiny_model_dir, tiny_tran
     for precision in ("fp8-scaled", "int8-scaled"):
         drop = _loss_drop(runs[precision].losses)
         print(f"{precision}: loss drop {drop:.4f} vs float32 {reference:.4f} (ratio {drop / reference:.4f})")
-        assert abs(drop / reference - 1) <= 0.10, (precision, drop, reference)
+        assert abs(drop / reference - 1) <= 0.02, (precision, drop, reference)  # 0.9977 / 0.9983 seen
         assert runs[precision].losses != runs["no_change"].losses  # the 8-bit matmuls really ran
     assert len(runs["fp8-scaled"].validation_images) == 2  # the end-of-run images, drawn on the fp8 base
 
