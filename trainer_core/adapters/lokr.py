@@ -243,9 +243,10 @@ def unmerged_reason(network) -> Optional[str]:
     weights computes what training computes.
 
     Merging is exact only into float32 (or wider) weights. A 16-bit weight holds W + dW rounded to 8 (bf16) or 11
-    (fp16) significant bits: an update smaller than half a unit in the last place of W is lost, and a trained LoKr's
-    update mostly is (|W| ~ 0.03 in bf16 has a last place of ~1.2e-4). Training never rounds it so (bypass forward,
-    float32 LoKr), so a preview merged into bf16 would show another model than the one trained. Quantised
+    (fp16) significant bits: an update smaller than half a unit in the last place of W is lost (|W| ~ 0.03 in bf16
+    has a last place of ~1.2e-4), and early in training or at a small learning rate much of a LoKr's update is that
+    small. Training never rounds it so (bypass forward, float32 LoKr), so a preview merged into bf16 weights would
+    show another model than the one trained. Quantised
     (optimum-quanto, where merging silently does nothing; the 8-bit fp8-scaled / int8-scaled layers, whose stored
     values carry a scale) and sharded weights (an FSDP DTensor holds a slice) cannot be merged into at all.
     """

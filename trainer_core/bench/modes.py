@@ -487,8 +487,7 @@ def _sample_config(label: str, opts: BenchOptions, outputs: dict, mode: str = "s
     (stock LyCORIS hooks), `project` (the sampler's path: `lokr_applied`, which merges the LoKr into float32
     weights and runs it unmerged on bf16 and 8-bit bases; the project's speed-ups, compiled blocks and CUDA graphs
     when switched on) or `project_base` (that same path without an adapter: what the LoKr's cost is measured
-    against). In
-    sample_cfg_fp8 `base`, `project` and `project_base` run on the fp8-scaled base."""
+    against). In sample_cfg_fp8 `base`, `project` and `project_base` run on the fp8-scaled base."""
     from ..adapters.lokr import lokr_applied
     from ..hidream.forward import GraphedPredict
 
