@@ -15,6 +15,9 @@ ResolutionType = Literal["pixel_area", "pixel"]
 CropStyle = Literal["center", "random"]
 CropAspect = Literal["square", "preserve"]
 DatasetType = Literal["image", "eval"]
+# HiDream's VAE downsamples by 8 and its transformer patchifies 2x2 latents: one image token is 16x16 pixels, so
+# every training bucket and every sampled size is a multiple of 16.
+BUCKET_STEP = 16
 
 
 class ConfigError(ValueError):
@@ -25,9 +28,11 @@ class ConfigError(ValueError):
 class DatasetConfig:
     """One image folder and how to turn it into training samples (one entry of a multidatabackend list).
 
-    `repeats` follows SimpleTuner: 0 means every image is seen once per epoch, N means N + 1 times.
-    `resolution` is a side length in pixels: with `pixel_area` the bucket area is resolution², aspect kept;
-    with `pixel` the short side is scaled to `resolution`.
+    Keys and meanings are SimpleTuner's (data/buckets.py says how each shapes the buckets). `repeats`: 0 means
+    every image is seen once per epoch, N means N + 1 times. `resolution` is a side length in pixels (a multiple of
+    16): with `pixel_area` the bucket area is about resolution², aspect kept; with `pixel` the short side is
+    `resolution`. `is_regularisation_data`: SimpleTuner's prior preservation for adapters, these images are
+    trained towards what the base model (adapter off) predicts for them, not towards the image itself.
     """
 
     instance_data_dir: Path
@@ -39,14 +44,46 @@ class DatasetConfig:
     is_regularisation_data: bool = False
     resolution: int = 1024
     resolution_type: ResolutionType = "pixel_area"
-    minimum_image_size: int = 0
-    maximum_image_size: Optional[int] = None
+    minimum_image_size: int = 0  # pixel: both sides; pixel_area: the area (and both sides of square crops) ^2
+    maximum_image_size: Optional[int] = None  # with crop: larger images are first resized to target_downsample_size
     crop: bool = False
     crop_style: CropStyle = "center"
     crop_aspect: CropAspect = "square"
-    target_downsample_size: Optional[int] = None  # images over maximum_image_size shrink to this short side first
+    target_downsample_size: Optional[int] = None
+    aspect_bucket_rounding: int = 2  # decimals of the aspect ratio buckets are made from (SimpleTuner's key)
     dataset_type: DatasetType = "image"  # "eval": held out, scored for eval loss, never trained on
     cache_dir_vae: Optional[Path] = None  # this dataset's latent cache (default: the run's cache dir)
+
+    def validate(self) -> None:
+        """Settings no image can make work, refused before any file is read; each error names the fix."""
+        where = f"dataset '{self.id}'"
+        choices = {"caption_strategy": CaptionStrategy, "resolution_type": ResolutionType, "crop_style": CropStyle,
+                   "crop_aspect": CropAspect, "dataset_type": DatasetType}
+        for name, kind in choices.items():
+            if getattr(self, name) not in typing.get_args(kind):
+                extra = (" (SimpleTuner's 'area', in megapixels, is read from config files as pixel_area)"
+                         if name == "resolution_type" else "")
+                raise ConfigError(f"{where}: {name} must be one of {', '.join(typing.get_args(kind))}, got "
+                                  f"{getattr(self, name)!r}{extra}")
+        if self.caption_strategy == "instanceprompt" and not (self.instance_prompt or "").strip():
+            raise ConfigError(f"{where}: caption_strategy 'instanceprompt' needs a non-empty instance_prompt")
+        if self.resolution < BUCKET_STEP or self.resolution % BUCKET_STEP:
+            nearest = max(BUCKET_STEP, round(self.resolution / BUCKET_STEP) * BUCKET_STEP)
+            raise ConfigError(f"{where}: resolution {self.resolution} must be a multiple of {BUCKET_STEP} pixels "
+                              f"(one image token), at least {BUCKET_STEP}: try {nearest}")
+        for name in ("repeats", "minimum_image_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}: {name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("maximum_image_size", "target_downsample_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{where}: {name} must be a positive number of pixels (or unset), got "
+                                  f"{getattr(self, name)}")
+        if self.maximum_image_size and not self.target_downsample_size:
+            raise ConfigError(f"{where}: maximum_image_size needs target_downsample_size, the size images over it "
+                              "are resized to before the crop (as SimpleTuner requires); set both, or neither")
+        if not 1 <= self.aspect_bucket_rounding <= 9:
+            raise ConfigError(f"{where}: aspect_bucket_rounding must be 1 to 9 decimals, got "
+                              f"{self.aspect_bucket_rounding}")
 
 
 # *-quanto: optimum-quanto weights (dequantised for every matmul); *-scaled: 8-bit weights feeding 8-bit matmuls
@@ -77,7 +114,7 @@ class SamplingConfig:
     num_inference_steps: int = 30
     guidance: float = 5.0
     guidance_rescale: float = 0.0  # 0..1: rescale the CFG velocity towards the conditional one's std
-    shift: float = 3.0
+    shift: float = 3.0  # HiDream-I1-Full's scheduler flow_shift (its scheduler_config.json)
     seed: int = 42
     scheduler: Literal["unipc", "euler"] = "unipc"
     lokr_strength: float = 1.0
@@ -85,9 +122,9 @@ class SamplingConfig:
 
     def validate(self) -> None:
         for side, value in (("width", self.width), ("height", self.height)):
-            if value <= 0 or value % 16:
-                raise ConfigError(f"sampling {side} {value} must be a positive multiple of 16 "
-                                  f"(try {max(16, round(value / 16) * 16)})")
+            if value <= 0 or value % BUCKET_STEP:
+                raise ConfigError(f"sampling {side} {value} must be a positive multiple of {BUCKET_STEP} "
+                                  f"(try {max(BUCKET_STEP, round(value / BUCKET_STEP) * BUCKET_STEP)})")
         if self.num_inference_steps < 1:
             raise ConfigError("num_inference_steps must be at least 1")
         if not 0.0 <= self.guidance_rescale <= 1.0:
@@ -178,7 +215,6 @@ class TrainConfig:
     flow_use_uniform_schedule: bool = False
     hidream_use_load_balancing_loss: bool = False
     hidream_load_balancing_loss_weight: float = 0.01
-    aspect_bucket_rounding: Optional[int] = None  # accepted; buckets here are exact multiples of 16 pixels
     vae_batch_size: int = 1
     use_ema: bool = False
     ema_decay: float = 0.995
@@ -238,6 +274,8 @@ class TrainConfig:
             raise ConfigError("no datasets configured: give at least one dataset with an instance_data_dir")
         if not any(d.dataset_type == "image" for d in self.datasets):
             raise ConfigError("every dataset is dataset_type eval: at least one dataset must be for training")
+        for dataset in self.datasets:
+            dataset.validate()
         check_model_choice(self.model_family, self.model_type, self.model_flavour, self.lora_type)
         if Path(self.pretrained_model_name_or_path).suffix.lower() in (".safetensors", ".sft"):
             raise ConfigError(
@@ -310,7 +348,9 @@ class TrainConfig:
         """Every validation size as (width, height); SimpleTuner's comma-separated string is parsed here."""
         return parse_resolutions(self.validation_resolution)
 
-    def validation_sampling(self) -> SamplingConfig:
+    def validation_sampling(self, shift: float = SamplingConfig.shift) -> SamplingConfig:
+        """How validation samples. `shift` is the model's own sampling shift (its scheduler config, read by the run:
+        `hidream.scheduler_shift`), as the pipeline samples; never the training flow_schedule_shift."""
         width, height = self.validation_resolutions[0]
         return SamplingConfig(prompt=self.validation_prompt or "", negative_prompt=self.validation_negative_prompt,
                               width=width, height=height, num_inference_steps=self.validation_num_inference_steps,

@@ -158,5 +158,3 @@ def _log_accepted_settings(config: TrainConfig) -> None:
     if config.validation_torch_compile:
         logger.info("validation_torch_compile is not applied: validation merges the LoKr into the weights, which "
                     "would recompile the model at every validation")
-    if config.aspect_bucket_rounding is not None:
-        logger.info("aspect_bucket_rounding is not needed: buckets here are exact multiples of 16 pixels")
