@@ -100,7 +100,8 @@ def new_train_step(config: TrainConfig, ctx: RunContext, trained: TrainingModel,
     noise = NoiseSampler(state.noise_generator, config.noise_schedule(), ctx.ranks)
     step = TrainStep(trained.model, trained.adapter.parameters(), state.optimizer, trained.load_balancing,
                      config.step_settings(), noise, ranks=ctx.ranks, sharded=ctx.sharded, ema=state.ema,
-                     lr_schedule=state.lr_schedule, lower_memory=lambda: _lower_memory_setting(config, ctx, trained))
+                     lr_schedule=state.lr_schedule, lower_memory=lambda: _lower_memory_setting(config, ctx, trained),
+                     adapter_off=trained.adapter.disabled)
     if config.cuda_graphs:  # each bucket's step captured once and replayed (graphed_step.py); says why if not
         from .graphed_step import GraphedTrainStep
 
