@@ -271,6 +271,10 @@ class TrainStep:
         return torch.cat([losses, total_norm.to(losses).reshape(1)])  # loss, flow, lb, grad norm
 
     def _clip(self, total_norm: torch.Tensor) -> None:
+        """SimpleTuner's clipping: "value" clamps every gradient element to +-max_grad_norm, "norm" rescales the
+        whole gradient to at most that norm; max_grad_norm 0 does neither."""
+        if self.settings.max_grad_norm <= 0:
+            return
         if self.settings.grad_clip_method == "value":
             torch.nn.utils.clip_grad_value_(self.params, self.settings.max_grad_norm)
         else:
