@@ -99,6 +99,8 @@ def test_keys_left_out_take_simpletuners_defaults(shapes):
     assert (config.checkpoint_step_interval, config.checkpoints_total_limit) == (500, 5)
     assert config.validation_step_interval == 100 and config.flow_schedule_shift == 3.0
     assert (config.ema_decay, config.num_eval_images, config.adam_weight_decay) == (0.995, 4, 1e-2)
+    # where this trainer keeps its own (docs/simpletuner.md says why): 4 eval noise levels, no negative prompt
+    assert (config.eval_timesteps, config.validation_negative_prompt, config.gradient_checkpointing) == (4, "", False)
     dataset = config.datasets[0]
     assert (dataset.resolution, dataset.resolution_type, dataset.aspect_bucket_rounding) == (1024, "pixel_area", 2)
     assert config.step_settings().max_grad_norm == 2.0

@@ -118,11 +118,15 @@ def prepare_data(config: TrainConfig, ctx: RunContext, given: ModelComponents) -
     """Discover the data, resolve the run's length and fill both caches (rank 0 fills, the others then read)."""
     ctx.phase("discovering data")
     needs_files = None in (given.transformer, given.text_encoder, given.image_encoder, given.decode_latents)
-    paths = resolve_model_paths(config.pretrained_model_name_or_path, config.pretrained_llama_path,
-                                require_text_encoders=given.text_encoder is None,
-                                require_transformer=config.pretrained_transformer_model_name_or_path is None
-                                ) if needs_files else None
-    max_tokens = transformer_token_limit(config, given, paths)
+    try:  # the model's files and its token limit (its config), which the buckets are fitted under
+        paths = resolve_model_paths(config.pretrained_model_name_or_path, config.pretrained_llama_path,
+                                    require_text_encoders=given.text_encoder is None,
+                                    require_transformer=config.pretrained_transformer_model_name_or_path is None
+                                    ) if needs_files else None
+        max_tokens = transformer_token_limit(config, given, paths)
+    except ConfigError:
+        discover(config, ctx.ranks.world_size)  # what is wrong with the data is still said first
+        raise
     check_validation_sizes(config, max_tokens)
     datasets, eval_samples, batches = discover(config, ctx.ranks.world_size, max_tokens)
     total_steps = resolve_total_steps(config, batches.batches_per_epoch())
