@@ -83,8 +83,8 @@ class ImageDataset(io.ComfyNode):
                                tooltip="Where the crop is taken (random is fixed per image and seed)."),
                 io.Combo.Input("crop_aspect", options=["square", "preserve"], default=dataset_default("crop_aspect"),
                                tooltip="square: crop to a square; preserve: keep each image's aspect bucket."),
-                io.Boolean.Input("is_regularisation_data", display_name="regularisation (keep the base model's "
-                                 "prediction)", default=dataset_default("is_regularisation_data"),
+                io.Boolean.Input("is_regularisation_data", display_name="regularise to the base model",
+                                 default=dataset_default("is_regularisation_data"),
                                  tooltip="SimpleTuner's is_regularisation_data (its prior preservation for LoRA / "
                                          "LyCORIS): these images are not learned as they are. For each of them "
                                          "the LoKr is trained towards what the base model, LoKr off, predicts "
