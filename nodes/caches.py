@@ -18,10 +18,18 @@ def _progress(node_id):
     return lambda done, total: bar.update_absolute(done, total)
 
 
-def _samples(data: TrainingData):
+def _samples(data: TrainingData, max_tokens: int | None = None):
     from ..trainer_core.data import discover_dataset
 
-    return [s for config in data.datasets for s in discover_dataset(config).samples]
+    return [s for config in data.datasets for s in discover_dataset(config, max_tokens=max_tokens).samples]
+
+
+def token_limit(model: HiDreamModel | None) -> int:
+    """The image-token limit buckets are fitted under, as training will fit them: the connected model's, else
+    HiDream-I1's (every ComfyUI HiDream file is Full, Dev or Fast, which share it)."""
+    from ..trainer_core.hidream import HIDREAM_I1_CONFIG, image_token_limit
+
+    return image_token_limit(model.transformer.config if model is not None else HIDREAM_I1_CONFIG)
 
 
 def text_encoder_for(model: HiDreamModel | None, clip) -> object:
@@ -109,5 +117,6 @@ class CacheLatents(io.ComfyNode):
 
         encoder = image_encoder_for(hidream_model, vae)
         LatentCache(dataset.cache_dir / "latents", encoder.identity).fill(
-            _samples(dataset), encoder, batch_size, progress=_progress(cls.hidden.unique_id))
+            _samples(dataset, token_limit(hidream_model)), encoder, batch_size,
+            progress=_progress(cls.hidden.unique_id))
         return io.NodeOutput(replace(dataset, image_encoder=encoder, cached=tuple({*dataset.cached, "latents"})))

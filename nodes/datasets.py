@@ -17,6 +17,12 @@ from .types import CATEGORY, DatasetType, TrainingData
 CAPTION_STRATEGIES = ["textfile", "filename", "instanceprompt"]
 
 
+def dataset_default(name: str):
+    """DatasetConfig's default of a key: the dataset nodes' widgets start where a multidatabackend.json entry
+    without that key starts."""
+    return DatasetConfig.__dataclass_fields__[name].default
+
+
 def folder_fingerprint(folder: Path) -> str:
     """Names, sizes and modification times of every file under `folder`: changes when an image or caption does,
     so ComfyUI re-runs the dataset node (and everything after it) instead of reusing a cached training."""
@@ -53,28 +59,37 @@ class ImageDataset(io.ComfyNode):
                                 tooltip="Folder of images (.png, .jpg, .webp): an absolute path or a folder under "
                                         f"ComfyUI's input directory. '{DEMO_DATASET_NAME}' is written there on "
                                         "first use (8 captioned pictures of the demo's new concept, a 'zorb')."),
-                io.Combo.Input("caption_strategy", options=CAPTION_STRATEGIES, default="textfile",
+                io.Combo.Input("caption_strategy", options=CAPTION_STRATEGIES,
+                               default=dataset_default("caption_strategy"),
                                tooltip="textfile: caption from the image's same-name .txt; filename: from the file "
                                        "name; instanceprompt: the instance prompt below for every image."),
                 io.String.Input("instance_prompt", default="",
                                 tooltip="The caption of every image when caption_strategy is instanceprompt."),
-                io.Boolean.Input("caption_fallback_to_filename", default=False,
+                io.Boolean.Input("caption_fallback_to_filename",
+                                 default=dataset_default("caption_fallback_to_filename"),
                                  tooltip="With textfile captions, use the file name for images that have no .txt "
                                          "(otherwise a missing caption is an error)."),
-                io.Int.Input("repeats", default=0, min=0, max=10000,
+                io.Int.Input("repeats", default=dataset_default("repeats"), min=0, max=10000,
                              tooltip="Extra times each image is seen per epoch (0 = once, N = N + 1 times), as in "
                                      "SimpleTuner."),
-                io.Int.Input("resolution", default=1024, min=64, max=4096, step=16,
+                io.Int.Input("resolution", default=dataset_default("resolution"), min=64, max=4096, step=16,
                              tooltip="Training resolution in pixels (a side length: bucket area = resolution², "
-                                     "aspect ratio kept)."),
-                io.Boolean.Input("crop", default=False,
+                                     "aspect ratio kept). Buckets over the model's image-token limit (1024x1024 "
+                                     "px in area for HiDream-I1) are fitted under it; a resolution whose square "
+                                     "is over it is refused."),
+                io.Boolean.Input("crop", default=dataset_default("crop"),
                                  tooltip="Crop images to the bucket instead of resizing the whole image into it."),
-                io.Combo.Input("crop_style", options=["center", "random"], default="center",
+                io.Combo.Input("crop_style", options=["center", "random"], default=dataset_default("crop_style"),
                                tooltip="Where the crop is taken (random is fixed per image and seed)."),
-                io.Combo.Input("crop_aspect", options=["square", "preserve"], default="square",
+                io.Combo.Input("crop_aspect", options=["square", "preserve"], default=dataset_default("crop_aspect"),
                                tooltip="square: crop to a square; preserve: keep each image's aspect bucket."),
-                io.Boolean.Input("is_regularisation_data", default=False,
-                                 tooltip="Mark these images as regularisation data (prior preservation)."),
+                io.Boolean.Input("is_regularisation_data", display_name="regularise to the base model",
+                                 default=dataset_default("is_regularisation_data"),
+                                 tooltip="SimpleTuner's is_regularisation_data (its prior preservation for LoRA / "
+                                         "LyCORIS): these images are not learned as they are. For each of them "
+                                         "the LoKr is trained towards what the base model, LoKr off, predicts "
+                                         "for the same noise and caption, so it keeps drawing such captions as "
+                                         "before (e.g. other people, next to a dataset of one person)."),
             ],
             outputs=[DatasetType.Output(display_name="dataset", tooltip="Training images and captions")],
         )

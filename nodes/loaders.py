@@ -88,7 +88,7 @@ def load_diffusers_model(model_folder: str, llama_folder: str, transformer_preci
                          text_encoder_precision: str, t5_quantization: str, llama_quantization: str) -> HiDreamModel:
     from ..trainer_core.data import VaeImageEncoder
     from ..trainer_core.hidream import (component_identity, latents_to_images, load_frozen_transformer,
-                                        load_text_encoders, load_vae, resolve_model_paths)
+                                        load_text_encoders, load_vae, resolve_model_paths, scheduler_shift)
     from ..trainer_core.quant import quantize_frozen
 
     model_dir = diffusers_folder(model_folder)
@@ -114,7 +114,7 @@ def load_diffusers_model(model_folder: str, llama_folder: str, transformer_preci
         text_encoder=text_encoders,
         image_encoder=VaeImageEncoder(vae, component_identity(paths.model_dir / "vae")),
         decode_latents=lambda latents: latents_to_images(vae, latents),
-        source=str(model_dir))
+        source=str(model_dir), sampling_shift=scheduler_shift(model_dir))
     return model
 
 

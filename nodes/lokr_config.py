@@ -16,6 +16,7 @@ FEED_FORWARD_PATTERNS = ("double_stream_blocks.*.block.attn*", "double_stream_bl
                          "double_stream_blocks.*.block.ff_i.shared_experts*", "single_stream_blocks.*.block.attn*",
                          "single_stream_blocks.*.block.ff_i.shared_experts*")
 PRESETS = ["attention only", "attention + shared experts + text FF", "custom JSON"]
+QUICKSTART_USE_SCALAR = True  # both lycoris_config.json files of SimpleTuner's HiDream quickstart set it
 
 
 def preset_targets(preset: str, factor: int, custom_json: str) -> dict:
@@ -65,10 +66,11 @@ class LoKrConfigNode(io.ComfyNode):
                 io.Float.Input("linear_alpha", default=1.0, min=0.0, max=100000.0, step=0.1,
                                tooltip="Scale = alpha / rank for decomposed W2 (no effect with full matrices)."),
                 io.Boolean.Input("full_matrix", default=True, tooltip="Keep W2 a full matrix (no low-rank split)."),
-                io.Boolean.Input("use_scalar", default=False,
-                                 tooltip="Add a trainable scalar per module (speeds up early training). ComfyUI's "
-                                         "native LoRA loader has no scalar key: the scalar is folded into the "
-                                         "saved weights by LyCORIS."),
+                io.Boolean.Input("use_scalar", default=QUICKSTART_USE_SCALAR,
+                                 tooltip="Add a trainable scalar per module, as both of the quickstart's "
+                                         "lycoris_config.json files do (it speeds training up 'considerably'). "
+                                         "ComfyUI's native LoRA loader has no scalar key: the scalar is folded "
+                                         "into the saved weights by LyCORIS."),
                 io.Float.Input("init_lokr_norm", default=0.0, min=0.0, max=1.0, step=1e-5,
                                tooltip="0: LyCORIS' default init (W2 = 0). Otherwise SimpleTuner's init_lokr_norm: "
                                        "W1 = 1, W2 = scaled Gaussian (e.g. 1e-4), so both factors learn from step 1."),

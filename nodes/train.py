@@ -303,7 +303,8 @@ def run_training(config, hidream_model: HiDreamModel, text_encoder, image_encode
                                   should_stop=watch.should_stop)
     callbacks.poll_commands = run.commands.drain  # the browser's Sample/Save/Stop, at step boundaries
     components = ModelComponents(transformer=hidream_model.transformer, transformer_name=hidream_model.name,
-                                 text_encoder=text_encoder, image_encoder=image_encoder, decode_latents=decode)
+                                 text_encoder=text_encoder, image_encoder=image_encoder, decode_latents=decode,
+                                 sampling_shift=hidream_model.sampling_shift)
     output_dir = Path(config.output_dir)
     status, result, error = "failed", None, ""
     try:

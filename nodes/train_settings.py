@@ -4,8 +4,9 @@ Widget ids ARE TrainConfig field names (SimpleTuner's keys), so the mapping is m
 wired by adding its `Setting` here, and `train_config_from_settings` refuses an id that is not a field.
 
 The Train node carries the essentials (ESSENTIALS); everything else lives on optional settings nodes wired into it
-(GROUPS: optimizer & schedule, previews, checkpoints, advanced). An unconnected settings node means its defaults,
-which are the defaults the single 35-widget Train node had, so a graph without settings nodes trains as before.
+(GROUPS: optimizer & schedule, previews, checkpoints, advanced). An unconnected settings node means its defaults.
+Every default is TrainConfig's (FROM_CORE): the command line, the SimpleTuner reader and the nodes share one set,
+SimpleTuner's own where it has one (docs/simpletuner.md).
 
 LEGACY_TRAIN_WIDGETS is the widget order of that earlier Train node ("layout 1", before the settings nodes): the
 browser extension uses the same list to load workflows saved with it, and the prompt hook (prompt_hook.py) to
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from ..trainer_core.config import LR_SCHEDULERS as CORE_LR_SCHEDULERS, OPTIMIZERS as CORE_OPTIMIZERS
+from ..trainer_core.config import TrainConfig, parse_resolutions
 from .compat import io
 
 INIT_LOKR_FIELD = "init_lokr_weights"  # continue from an existing LoKr
@@ -32,9 +34,25 @@ OPTIMIZERS = [n for n in CORE_OPTIMIZERS if n not in ("adamw_bf16", "torch-adamw
 LR_SCHEDULERS = list(CORE_LR_SCHEDULERS)
 
 
+FROM_CORE = object()  # a Setting's default: TrainConfig's, in the widget's terms (`core_default`)
+
+
+def core_default(setting_id: str) -> Any:
+    """TrainConfig's default of a setting as its widget shows it: the one set of defaults of the CLI, the nodes
+    and the SimpleTuner reader (a square validation_resolution as its side, None as "" or 0, the "keep all" of
+    checkpoints_total_limit)."""
+    value = next(f.default for f in fields(TrainConfig) if f.name == setting_id)
+    if setting_id == "validation_resolution":
+        return parse_resolutions(value)[0][0]
+    if value is None:
+        return 0 if setting_id == "checkpoints_total_limit" else ""
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One widget: its id (a TrainConfig field), kind, default and limits, and its tooltip."""
+    """One widget: its id (a TrainConfig field), kind, default (FROM_CORE: TrainConfig's) and limits, and its
+    tooltip."""
 
     id: str
     kind: str  # int | float | bool | str | text | combo
@@ -45,6 +63,10 @@ class Setting:
     max: Optional[float] = None
     step: Optional[float] = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.default is FROM_CORE:
+            object.__setattr__(self, "default", core_default(self.id))
 
     def input(self, optional: bool = False):
         common = dict(default=self.default, tooltip=self.tooltip, optional=optional)
@@ -65,19 +87,19 @@ class Setting:
 # ------------------------------------------------------------------------------------------------ the widgets
 
 ESSENTIALS = [
-    Setting("max_train_steps", "int", 1000, "Optimizer steps to train (each sees train_batch_size x "
+    Setting("max_train_steps", "int", FROM_CORE, "Optimizer steps to train (each sees train_batch_size x "
             "gradient_accumulation_steps images). Raising it on a finished run continues that run.",
             min=1, max=1_000_000),
-    Setting("learning_rate", "float", 1e-4, "Peak learning rate (the quickstart uses 4e-5 to 1e-4 for LoKr).",
+    Setting("learning_rate", "float", FROM_CORE, "Peak learning rate (the quickstart uses 4e-5 to 1e-4 for LoKr).",
             min=1e-8, max=1.0, step=1e-5, extra={"round": 1e-8}),
-    Setting("optimizer", "combo", "adamw", "Optimizer for the LoKr weights.", options=tuple(OPTIMIZERS)),
-    Setting("validation_resolution", "int", 1024, "Side of the square preview images in pixels.",
+    Setting("optimizer", "combo", FROM_CORE, "Optimizer for the LoKr weights.", options=tuple(OPTIMIZERS)),
+    Setting("validation_resolution", "int", FROM_CORE, "Side of the square preview images in pixels.",
             min=64, max=4096, step=16),
     Setting("output_name", "str", "hidream_lokr", "Run folder name under output/hidream_lokr/ (a number is "
             "appended per run). Runs of one name continue each other (see resume_from_checkpoint)."),
-    Setting("validation_prompt", "text", "", "Prompt of the preview images (sampled with the LoKr merged). "
+    Setting("validation_prompt", "text", FROM_CORE, "Prompt of the preview images (sampled with the LoKr merged). "
             "Empty: no previews."),
-    Setting("validation_step_interval", "int", 100, "A preview every N steps (0: only at the end).",
+    Setting("validation_step_interval", "int", FROM_CORE, "A preview every N steps (0: only at the end).",
             min=0, max=100_000),
     Setting(RESUME_FIELD, "combo", RESUME_AUTO,
             "auto: continue this training's unfinished run (stopped, cancelled, failed or ComfyUI closed) from its "
@@ -109,56 +131,57 @@ GROUPS = [
         "HIDREAM_LOKR_OPTIMIZER_SETTINGS",
         "Learning-rate schedule, batch size, gradient accumulation and EMA for Train HiDream LoKr. Not connected: "
         "the defaults shown here.",
-        (Setting("lr_scheduler", "combo", "constant_with_warmup", "Learning-rate schedule over max_train_steps.",
+        (Setting("lr_scheduler", "combo", FROM_CORE, "Learning-rate schedule over max_train_steps.",
                  options=tuple(LR_SCHEDULERS)),
-         Setting("lr_warmup_steps", "int", 100, "Steps over which the learning rate ramps up from 0.",
+         Setting("lr_warmup_steps", "int", FROM_CORE, "Steps over which the learning rate ramps up from 0.",
                  min=0, max=100_000),
-         Setting("train_batch_size", "int", 1, "Images per forward pass.", min=1, max=64),
-         Setting("gradient_accumulation_steps", "int", 1, "Forward passes accumulated into one optimizer step.",
+         Setting("train_batch_size", "int", FROM_CORE, "Images per forward pass.", min=1, max=64),
+         Setting("gradient_accumulation_steps", "int", FROM_CORE, "Forward passes accumulated into one optimizer step.",
                  min=1, max=1024),
-         Setting("use_ema", "bool", False, "Keep an exponential moving average of the LoKr weights and save it."),
-         Setting("ema_decay", "float", 0.995, "EMA decay per step.", min=0.0, max=1.0, step=0.0001))),
+         Setting("use_ema", "bool", FROM_CORE, "Keep an exponential moving average of the LoKr weights and save it."),
+         Setting("ema_decay", "float", FROM_CORE, "EMA decay per step.", min=0.0, max=1.0, step=0.0001))),
     SettingsGroup(
         "HiDreamLoKrPreviewSettings", "LoKr training: previews", "preview_settings",
         "HIDREAM_LOKR_PREVIEW_SETTINGS",
         "How the training previews are sampled (their prompt, interval and size are on the Train node). Not "
         "connected: the defaults shown here.",
-        (Setting("validation_negative_prompt", "str", "", "Negative prompt of the previews."),
-         Setting("validation_num_inference_steps", "int", 20, "Sampling steps per preview.", min=1, max=200),
-         Setting("validation_guidance", "float", 3.0, "CFG scale of the previews.", min=0.0, max=30.0,
+        (Setting("validation_negative_prompt", "str", FROM_CORE, "Negative prompt of the previews."),
+         Setting("validation_num_inference_steps", "int", FROM_CORE, "Sampling steps per preview.", min=1, max=200),
+         Setting("validation_guidance", "float", FROM_CORE, "CFG scale of the previews.", min=0.0, max=30.0,
                  step=0.1))),
     SettingsGroup(
         "HiDreamLoKrCheckpointSettings", "LoKr training: checkpoints", "checkpoint_settings",
         "HIDREAM_LOKR_CHECKPOINT_SETTINGS",
         "How often Train HiDream LoKr writes a resumable checkpoint, and how many it keeps (Stop & save, Cancel "
         "and errors always write one). Not connected: the defaults shown here.",
-        (Setting("checkpoint_step_interval", "int", 500, "Save a resumable checkpoint every N steps (0: only when "
-                 "stopped, cancelled or failed).", min=0, max=1_000_000),
-         Setting("checkpoints_total_limit", "int", 5, "Keep at most this many checkpoints (0: all).",
+        (Setting("checkpoint_step_interval", "int", FROM_CORE, "Save a resumable checkpoint every N steps (0: only "
+                 "when stopped, cancelled or failed).", min=0, max=1_000_000),
+         Setting("checkpoints_total_limit", "int", FROM_CORE, "Keep at most this many checkpoints (0: all).",
                  min=0, max=1000))),
     SettingsGroup(
         "HiDreamLoKrAdvancedSettings", "LoKr training: advanced", "advanced_settings",
         "HIDREAM_LOKR_ADVANCED_SETTINGS",
         "Seed, memory and precision, the flow-matching schedule, caption dropout and the MoE load-balancing loss "
         "for Train HiDream LoKr. Not connected: the defaults shown here.",
-        (Setting("seed", "int", 42, "Seed of noise, timesteps, dropout and the LoKr init: same seed, same run.",
+        (Setting("seed", "int", FROM_CORE, "Seed of noise, timesteps, dropout and the LoKr init: same seed, same run.",
                  min=0, max=2**31 - 1, extra={"control_after_generate": True}),
-         Setting("gradient_checkpointing", "bool", True, "Recompute activations in the backward pass: much less "
-                 "memory, ~30% slower."),
-         Setting("mixed_precision", "combo", "bf16", "bf16: compute in bf16 (the LoKr itself stays float32). no: "
+         Setting("gradient_checkpointing", "bool", FROM_CORE, "Recompute activations in the backward pass: much "
+                 "less memory, ~30% slower. Off: a step that runs out of memory is retried with it on."),
+         Setting("mixed_precision", "combo", FROM_CORE, "bf16: compute in bf16 (the LoKr itself stays float32). no: "
                  "the model's dtype.", options=("bf16", "no")),
-         Setting("offload_blocks", "bool", False, "Low-memory mode: keep the transformer blocks in CPU memory and "
+         Setting("offload_blocks", "bool", FROM_CORE, "Low-memory mode: keep the transformer blocks in CPU memory and "
                  "stream each to the GPU just before it runs (needs gradient_checkpointing and a bf16 base; "
                  "slower)."),
-         Setting("flow_schedule_shift", "float", 3.0, "Shift of the training sigmas (HiDream-I1-Full samples with "
-                 "3.0).", min=0.0, max=100.0, step=0.1),
-         Setting("flow_schedule_auto_shift", "bool", False, "Shift by image resolution instead of the fixed "
+         Setting("flow_schedule_shift", "float", FROM_CORE, "Shift of the training sigmas (HiDream-I1-Full was "
+                 "trained with 3.0; the quickstart suggests starting near 1.0). Previews sample with the model's "
+                 "own scheduler shift.", min=0.01, max=100.0, step=0.1),
+         Setting("flow_schedule_auto_shift", "bool", FROM_CORE, "Shift by image resolution instead of the fixed "
                  "shift."),
-         Setting("caption_dropout_probability", "float", 0.0, "Chance to train a sample with an empty caption "
+         Setting("caption_dropout_probability", "float", FROM_CORE, "Chance to train a sample with an empty caption "
                  "(helps CFG).", min=0.0, max=0.99, step=0.01),
-         Setting("hidream_use_load_balancing_loss", "bool", False, "Add the MoE load-balancing loss (with its "
+         Setting("hidream_use_load_balancing_loss", "bool", FROM_CORE, "Add the MoE load-balancing loss (with its "
                  "gradient) to keep experts in use."),
-         Setting("hidream_load_balancing_loss_weight", "float", 0.01, "Weight of the load-balancing loss.",
+         Setting("hidream_load_balancing_loss_weight", "float", FROM_CORE, "Weight of the load-balancing loss.",
                  min=0.0, max=10.0, step=0.001))),
 ]
 

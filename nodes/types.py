@@ -39,6 +39,7 @@ class HiDreamModel:
     image_encoder: Optional[Any] = None
     decode_latents: Optional[Callable] = None
     source: str = ""
+    sampling_shift: Optional[float] = None  # its scheduler config's (None: HiDream-I1-Full's 3.0)
 
 
 @dataclass(frozen=True)

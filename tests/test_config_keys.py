@@ -73,6 +73,13 @@ def test_unknown_keys_are_listed_in_one_warning(shapes, caplog):
     ("checkpoints_total_limit", "0", "at least 1"),
     ("ema_decay", "1.5", "between 0 and 1"),
     ("validation_guidance_rescale", "2", "between 0 and 1"),
+    ("flow_schedule_shift", "0", "positive number"),  # every noise level would be 0
+    ("flow_schedule_shift", "-3", "trained with 3.0"),
+    ("learning_rate", "-0.0001", "positive number"),
+    ("max_grad_norm", "-1", "0 turns clipping off"),
+    ("flow_sigmoid_scale", "0", "positive number"),
+    ("resolution", "1000", "multiple of 16 pixels"),  # a dataset default from config.json
+    ("resolution", "8", "at least 16"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(shapes, key, value, allowed):
     with pytest.raises(ConfigError) as err:
@@ -82,6 +89,47 @@ def test_bad_values_name_key_value_and_what_is_allowed(shapes, key, value, allow
     assert allowed in message
     if key != "validation_resolution" or value == "big":
         assert value in message
+
+
+def test_keys_left_out_take_simpletuners_defaults(shapes):
+    """SimpleTuner's documented defaults (its option registry / OPTIONS.md) for keys a config.json leaves out."""
+    config = train_config_from_dict(base(shapes))
+    assert (config.max_grad_norm, config.grad_clip_method) == (2.0, "value")
+    assert (config.lr_scheduler, config.lr_warmup_steps, config.lr_power) == ("constant_with_warmup", 0, 0.8)
+    assert (config.checkpoint_step_interval, config.checkpoints_total_limit) == (500, 5)
+    assert config.validation_step_interval == 100 and config.flow_schedule_shift == 3.0
+    assert (config.ema_decay, config.num_eval_images, config.adam_weight_decay) == (0.995, 4, 1e-2)
+    # where this trainer keeps its own (docs/simpletuner.md says why): 4 eval noise levels, no negative prompt
+    assert (config.eval_timesteps, config.validation_negative_prompt, config.gradient_checkpointing) == (4, "", False)
+    dataset = config.datasets[0]
+    assert (dataset.resolution, dataset.resolution_type, dataset.aspect_bucket_rounding) == (1024, "pixel_area", 2)
+    assert config.step_settings().max_grad_norm == 2.0
+    assert train_config_from_dict(base(shapes, optimizer="prodigy")).step_settings().max_grad_norm == 0.0
+
+
+def test_clipping_is_simpletuners_value_or_norm():
+    """value: every element clamped to +-max_grad_norm; norm: the whole gradient scaled to that norm; 0: neither."""
+    from trainer_core.config import StepSettings
+    from trainer_core.training.step import TrainStep
+
+    grad = torch.tensor([3.0, -5.0, 0.5, 1.0])
+    param = torch.nn.Parameter(torch.zeros(4))
+    for method, limit, expected in (("value", 2.0, torch.tensor([2.0, -2.0, 0.5, 1.0])),
+                                    ("norm", 1.0, grad / grad.norm()), ("value", 0.0, grad)):
+        param.grad = grad.clone()
+        step = TrainStep(torch.nn.Linear(1, 1), [param], torch.optim.SGD([param], lr=1.0), None,
+                         StepSettings(max_grad_norm=limit, grad_clip_method=method), noise=None)
+        step._clip(grad.norm())
+        torch.testing.assert_close(param.grad, expected)
+
+
+def test_config_json_aspect_rounding_and_area_resolution_reach_the_datasets(shapes):
+    """aspect_bucket_rounding is a global SimpleTuner key; resolution_type area counts megapixels."""
+    config = train_config_from_dict(base(shapes, aspect_bucket_rounding=3, resolution_type="area", resolution=1.0,
+                                         minimum_image_size=0.25))
+    dataset = config.datasets[0]
+    assert dataset.aspect_bucket_rounding == 3
+    assert (dataset.resolution_type, dataset.resolution, dataset.minimum_image_size) == ("pixel_area", 1024, 500)
 
 
 def test_distilled_flavours_are_accepted_with_a_warning(shapes, caplog):
@@ -216,6 +264,7 @@ def test_lr_schedulers_follow_their_names(shapes):
         return out
 
     assert curve("constant") == [1.0] * 10
+    assert curve("constant", lr_warmup_steps=4)[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]  # SimpleTuner warms it up too
     assert curve("constant_with_warmup", lr_warmup_steps=4)[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
     linear = curve("linear")
     assert linear[0] == 1.0 and linear[5] == pytest.approx(0.5)

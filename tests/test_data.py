@@ -11,15 +11,14 @@ import torch
 from PIL import Image
 
 from trainer_core.config import ConfigError, DatasetConfig
+from trainer_core.data.buckets import BUCKET_STEP, bucket_for_size
 from trainer_core.data.datasets import (
-    BUCKET_STEP,
     BucketBatches,
     CropBox,
     DiscoveryReport,
     ImageDataset,
     SkippedFile,
     TrainingSample,
-    bucket_for_size,
     check_enough_samples,
     discover_dataset,
     load_sample_pixels,
@@ -187,21 +186,37 @@ def test_missing_folder_and_folder_without_images_raise(tmp_path):
     assert "bad.png: zero-byte file" in str(info.value)
 
 
-def test_minimum_image_size_skips_small_images(tmp_path):
-    save_image(tmp_path / "small.png", size=(200, 40))
+def test_minimum_image_size_is_simpletuners_short_side_or_area(tmp_path):
+    """pixel: both sides must reach it; pixel_area: the area must reach its square (square crops: both sides too)."""
+    save_image(tmp_path / "wide.png", size=(160, 40))  # area 6400 >= 64^2, short side 40 < 64
+    save_image(tmp_path / "small.png", size=(60, 60))  # area 3600 < 64^2
     save_image(tmp_path / "big.png", size=(120, 100))
-    dataset = discover_dataset(make_config(tmp_path, minimum_image_size=64))
-    assert [s.image_path.name for s in dataset.samples] == ["big.png"]
-    assert dataset.report.skipped == [
-        SkippedFile(tmp_path / "small.png", "smaller than minimum_image_size (200x40 < 64)")
-    ]
+    by_area = discover_dataset(make_config(tmp_path, minimum_image_size=64))
+    assert [s.image_path.name for s in by_area.samples] == ["big.png", "wide.png"]
+    assert by_area.report.skipped == [
+        SkippedFile(tmp_path / "small.png", "smaller than minimum_image_size (60x60 < 64x64 in area)")]
+    by_side = discover_dataset(make_config(tmp_path, minimum_image_size=64, resolution_type="pixel"))
+    assert [s.image_path.name for s in by_side.samples] == ["big.png"]
+    assert [item.reason for item in by_side.report.skipped] == ["smaller than minimum_image_size (60x60 < 64)",
+                                                                "smaller than minimum_image_size (160x40 < 64)"]
+    square = discover_dataset(make_config(tmp_path, minimum_image_size=64, crop=True, crop_aspect="square"))
+    assert [s.image_path.name for s in square.samples] == ["big.png"]
 
 
-def test_maximum_image_size_downscales_but_never_skips(tmp_path):
+def test_maximum_image_size_resizes_crops_to_target_downsample_size_first(tmp_path):
+    """SimpleTuner's pair: with crop on, an image over maximum_image_size is resized to target_downsample_size
+    (here its short side, resolution_type pixel) and the bucket is cut from that; under it, or without crop, the
+    image is only resized to cover the bucket. maximum_image_size alone is refused, as SimpleTuner does."""
     save_image(tmp_path / "huge.png", size=(200, 120))
-    sample = only_sample(tmp_path, maximum_image_size=48, resolution_type="pixel", resolution=32)
-    assert sample.bucket[1] == 32 and sample.bucket[0] % BUCKET_STEP == 0
-    assert load_sample_pixels(sample).shape == (3, sample.bucket[1], sample.bucket[0])
+    pair = dict(maximum_image_size=96, target_downsample_size=64, resolution_type="pixel", resolution=32)
+    cropped = only_sample(tmp_path, crop=True, **pair)
+    assert cropped.bucket == (32, 32) and cropped.resize_to == (107, 64)  # short side 64, not the covering 32
+    assert load_sample_pixels(cropped).shape == (3, 32, 32)
+    assert only_sample(tmp_path, crop=True, **{**pair, "maximum_image_size": 200}).resize_to == (53, 32)
+    assert only_sample(tmp_path, crop=False, **pair).resize_to == only_sample(tmp_path, resolution_type="pixel",
+                                                                               resolution=32).resize_to
+    with pytest.raises(ConfigError, match="maximum_image_size needs target_downsample_size"):
+        only_sample(tmp_path, maximum_image_size=96)
 
 
 def test_exif_orientation_is_applied_to_size_bucket_and_pixels(tmp_path):

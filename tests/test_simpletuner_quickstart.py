@@ -133,7 +133,7 @@ def test_quickstart_configs_train_from_the_command_line(tiny_model_dir, tmp_path
     log = caplog.text
     assert "HiDreamAttention" in log  # SimpleTuner's class name, translated and said
     assert "6 optimizer steps" in log  # num_train_epochs 0 + max_train_steps: resolved once
-    assert "aspect_bucket_rounding is not needed" in log
+    assert "'pseudo-camera-10k-hidream' is regularisation data" in log  # is_regularisation_data: true
     assert "not used by this trainer" not in log  # every quickstart key is known
 
     # resume_from_checkpoint: latest with more steps continues from checkpoint-6

@@ -71,13 +71,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .adapters import load_lokr
-    from .hidream import load_frozen_transformer, load_text_encoders, load_vae, resolve_model_paths, sample_image
+    from .hidream import (load_frozen_transformer, load_text_encoders, load_vae, resolve_model_paths, sample_image,
+                          scheduler_shift)
     from .speedups import apply_speedups
     from .util import resolve_device
 
+    shift = args.shift or scheduler_shift(Path(args.model)) or SamplingConfig.shift
     settings = SamplingConfig(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width,
                               height=args.height, num_inference_steps=args.steps, guidance=args.guidance,
-                              shift=args.shift, seed=args.seed, scheduler=args.scheduler,
+                              shift=shift, seed=args.seed, scheduler=args.scheduler,
                               lokr_strength=args.strength)
     settings.validate()
     device = resolve_device(args.device)
@@ -193,7 +195,8 @@ def _add_sample_command(sub) -> None:
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--shift", type=float, default=None,
+                   help="sampling shift (default: the model folder's scheduler config, 3.0 for HiDream-I1-Full)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--scheduler", choices=["unipc", "euler"], default="unipc")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")

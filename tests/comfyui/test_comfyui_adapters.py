@@ -37,16 +37,26 @@ def small_flux_vaes(comfy):
 
 
 def test_comfy_vae_adapter_caches_the_cores_scaled_latents_and_decodes_back(comfy_modules, pack):
+    """Same weights, same images, same per-image generators: ComfyUI's VAE through the adapter caches what the
+    core's diffusers VAE caches (a posterior sample, not ComfyUI's mode), and decodes like it."""
     adapters = importlib.import_module("hidream_lokr_pack.nodes.comfy_adapters")
+    from trainer_core.data import VaeImageEncoder
     from trainer_core.hidream import latents_to_images
 
     diffusers_vae, comfy_vae = small_flux_vaes(comfy_modules)
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    ours = adapters.ComfyVaeImageEncoder(comfy_vae).encode(pixels, [torch.Generator()] * 2)
+
+    def generators():
+        return [torch.Generator().manual_seed(seed) for seed in (11, 12)]
+
+    ours = adapters.ComfyVaeImageEncoder(comfy_vae).encode(pixels, generators())
+    core = VaeImageEncoder(diffusers_vae, "diffusers").encode(pixels, generators())
     with torch.no_grad():
         mean = diffusers_vae.encode(pixels).latent_dist.mean
     assert ours.shape == (2, 16, 8, 8)
-    torch.testing.assert_close(ours, (mean - 0.1159) * 0.3611, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours, core, rtol=1e-4, atol=1e-5)
+    assert (ours - (mean - 0.1159) * 0.3611).abs().mean() > 1e-2  # a sample, not the mode
+    assert comfy_vae.first_stage_model.regularization.__class__.__name__ == "DiagonalGaussianRegularizer"
 
     # the core's sampling latents -> the adapter's decode == the diffusers path (up to uint8 rounding)
     theirs = np.stack([np.asarray(i) for i in latents_to_images(diffusers_vae, ours)]).astype(int)
@@ -56,8 +66,50 @@ def test_comfy_vae_adapter_caches_the_cores_scaled_latents_and_decodes_back(comf
 
     # and the sampler's LATENT output is what ComfyUI's own VAEDecode expects: raw z
     convert = importlib.import_module("hidream_lokr_pack.nodes.convert")
-    raw = convert.scaled_to_raw_latents(ours)
-    torch.testing.assert_close(raw, mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(convert.scaled_to_raw_latents(ours), core / 0.3611 + 0.1159, rtol=1e-4, atol=1e-4)
+
+
+def test_comfy_clip_gets_the_tokens_diffusers_gives_hidreams_encoders(comfy_modules, pack):
+    """The adapter's tokens for ComfyUI's four HiDream encoders are those of diffusers' encode_prompt: the same
+    tokenizer files through the classes HiDream's pipeline uses (the Llama's a PreTrainedTokenizerFast), max_length
+    128, truncation; for a plain caption, one in ComfyUI's weight syntax (literal text to diffusers) and one longer
+    than every window. ComfyUI's own tokenize differs on the last two, and on the Llama (docs/comfyui.md)."""
+    from pathlib import Path
+
+    import transformers
+    from comfy.text_encoders import hidream
+    from transformers import CLIPTokenizer, PreTrainedTokenizerFast, T5TokenizerFast
+
+    adapters = importlib.import_module("hidream_lokr_pack.nodes.comfy_adapters")
+    root = Path(hidream.__file__).parents[1]  # comfy/
+    clip = CLIPTokenizer.from_pretrained(root / "sd1_tokenizer")
+    t5 = T5TokenizerFast.from_pretrained(root / "text_encoders" / "t5_tokenizer")
+    llama = PreTrainedTokenizerFast.from_pretrained(root / "text_encoders" / "llama_tokenizer")
+    llama.pad_token = "<|eot_id|>"  # Llama-3.1-Instruct's eos, which HiDream's pipeline pads with
+
+    def diffusers(tokenizer, caption, length=128):
+        return tokenizer(caption, padding="max_length", max_length=length, truncation=True,
+                         add_special_tokens=True).input_ids
+
+    long = " ".join(f"a {c} circle beside a {d} square," for c in ("red", "green", "blue", "pink") * 4
+                    for d in ("yellow", "white"))
+    weighted = "a cat (sleeping), (best quality:1.3)"
+    tokenizer = hidream.HiDreamTokenizer(tokenizer_data={"clip_l_max_length": 248, "clip_g_max_length": 248})
+    for clip_positions in (248, 77):  # HiDream's long CLIP files (ComfyUI reads the positions off the file), 77
+        tokenizer.clip_l.max_length = tokenizer.clip_g.max_length = clip_positions
+        for caption in ("a red circle on a blue background", weighted, long):
+            ours = {k: [t for t, _ in chunks[0]] for k, chunks in
+                    adapters.diffusers_tokens(tokenizer, caption).items()}
+            assert ours["l"] == ours["g"] == diffusers(clip, caption, min(128, clip_positions)), caption
+            assert ours["t5xxl"] == diffusers(t5, caption), caption
+            assert ours["llama"] == diffusers(llama, caption), caption
+    assert diffusers(clip, long)[-1] == 49407 and 49407 not in diffusers(clip, long)[:-1]  # cut, then ended
+
+    comfy_own = tokenizer.tokenize_with_weights(weighted)
+    assert {w for _, w in comfy_own["l"][0]} != {1.0}  # ComfyUI weights "(best quality:1.3)"
+    if int(transformers.__version__.split(".")[0]) >= 5:  # its LlamaTokenizerFast loses the spaces
+        assert [t for t, _ in tokenizer.tokenize_with_weights("a red circle")["llama"][0]][:4] != \
+            diffusers(llama, "a red circle")[:4]
 
 
 def test_comfy_hidream_conditioning_maps_onto_prompt_embeds(pack):

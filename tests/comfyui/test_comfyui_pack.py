@@ -9,10 +9,11 @@ NODES = {
     "HiDreamLoKrAdvancedSettings", "HiDreamLoKrMissingModelFiles",
 }
 # The Train node before the settings nodes had 28 widgets; every one is still a setting, on the node or on one of
-# the settings nodes, with the default it had.
+# the settings nodes, with TrainConfig's default (SimpleTuner's where it has one: since then lr_warmup_steps 0, not
+# 100; gradient_checkpointing off, a step that runs out of memory being retried with it on).
 FIRST_LAYOUT_DEFAULTS = {
     "max_train_steps": 1000, "learning_rate": 1e-4, "optimizer": "adamw", "lr_scheduler": "constant_with_warmup",
-    "lr_warmup_steps": 100, "train_batch_size": 1, "gradient_accumulation_steps": 1, "gradient_checkpointing": True,
+    "lr_warmup_steps": 0, "train_batch_size": 1, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
     "mixed_precision": "bf16", "flow_schedule_shift": 3.0, "flow_schedule_auto_shift": False,
     "hidream_use_load_balancing_loss": False, "hidream_load_balancing_loss_weight": 0.01,
     "caption_dropout_probability": 0.0, "seed": 42, "output_name": "hidream_lokr", "validation_prompt": "",

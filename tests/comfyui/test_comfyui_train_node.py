@@ -141,9 +141,33 @@ def test_settings_that_do_not_change_what_trains_leave_the_fingerprint_alone(pac
     key = settings.run_fingerprint("m", "d", ["t", "i"], {"factor": 16}, base)
     for name, value in (("validation_prompt", "other"), ("validation_step_interval", 7),
                         ("validation_num_inference_steps", 3), ("checkpoint_step_interval", 9),
-                        ("gradient_checkpointing", False), ("offload_blocks", True), ("max_train_steps", 5),
+                        ("gradient_checkpointing", True), ("offload_blocks", True), ("max_train_steps", 5),
                         ("output_name", "x"), ("resume_from_checkpoint", "latest")):
         assert settings.run_fingerprint("m", "d", ["t", "i"], {"factor": 16}, {**base, name: value}) == key, name
     for name, value in (("learning_rate", 1e-3), ("seed", 1), ("lr_scheduler", "constant"),
                         ("mixed_precision", "no"), ("train_batch_size", 2)):
         assert settings.run_fingerprint("m", "d", ["t", "i"], {"factor": 16}, {**base, name: value}) != key, name
+
+
+def test_every_node_default_is_train_configs(pack, tmp_path):
+    """One set of defaults: the Train node and its settings nodes, left as they come, build TrainConfig's own
+    defaults, field by field; the dataset node's widgets start at DatasetConfig's."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    settings = importlib.import_module("hidream_lokr_pack.nodes.train_settings")
+    config = importlib.import_module("hidream_lokr_pack.trainer_core.config")
+    data = SimpleNamespace(datasets=(config.DatasetConfig(instance_data_dir=tmp_path),), cache_dir=tmp_path)
+    built = settings.train_config_from_settings(dict(settings.DEFAULTS), data, tmp_path, tmp_path / "lycoris.json",
+                                                None, "cpu", None)
+    core = config.TrainConfig(pretrained_model_name_or_path=tmp_path, datasets=[])
+    compared = [f.name for f in dataclasses.fields(core) if f.name in settings.ALL_SETTINGS
+                and f.name != "resume_from_checkpoint"]  # the node's resume choice is not a path (run_store)
+    assert len(compared) == len(settings.ALL_SETTINGS) - 2  # all but output_name and the resume choice
+    assert {n: (getattr(built, n), getattr(core, n)) for n in compared if getattr(built, n) != getattr(core, n)} == {}
+
+    datasets = importlib.import_module("hidream_lokr_pack.nodes.datasets")
+    fields = {f.name: f.default for f in dataclasses.fields(config.DatasetConfig)}
+    widgets = {i.id: i.default for i in datasets.ImageDataset.define_schema().inputs if i.id in fields}
+    assert widgets.pop("instance_prompt") == "" and fields["instance_prompt"] is None  # "" is "none" there
+    assert len(widgets) >= 8 and widgets == {name: fields[name] for name in widgets}

@@ -21,8 +21,10 @@ from .lora import PeftLoraAdapter
 class Adapter(Protocol):
     """What training needs of an adapter. `parameters()` train, `module` holds them (for the EMA), `save(path)` and
     `load_weights(path)` (exact inverses for float32 weights), `applied(strength)` (a context in which the model
-    samples with the adapter at that strength, merged where possible), `remove()` (hand the model back without
-    it), `mergeable` (False: sampling runs it unmerged), `kind` ("lokr" or "lora", recorded in checkpoints)."""
+    samples with the adapter at that strength, merged where possible), `disabled()` (a context in which the
+    training forward runs as the base model, nothing merged: regularisation targets), `remove()` (hand the model
+    back without it), `mergeable` (False: sampling runs it unmerged), `kind` ("lokr" or "lora", recorded in
+    checkpoints)."""
 
     kind: str
     module: nn.Module
@@ -35,6 +37,8 @@ class Adapter(Protocol):
     def load_weights(self, path: Path) -> None: ...
 
     def applied(self, strength: float) -> contextlib.AbstractContextManager: ...
+
+    def disabled(self) -> contextlib.AbstractContextManager: ...
 
     def remove(self) -> None: ...
 

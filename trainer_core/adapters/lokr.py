@@ -267,6 +267,18 @@ def is_mergeable(network) -> bool:
 
 
 @contextlib.contextmanager
+def lokr_multiplier(network, multiplier: float) -> Iterator[None]:
+    """The bypass hooks at `multiplier` (0: each adapted layer adds exactly nothing), the previous ones after."""
+    previous = [lora.multiplier for lora in network.loras]
+    network.set_multiplier(multiplier)
+    try:
+        yield
+    finally:
+        for lora, m in zip(network.loras, previous):
+            lora.multiplier = m
+
+
+@contextlib.contextmanager
 def lokr_applied(network, strength: float = 1.0) -> Iterator[str]:
     """Run the wrapped model with the LoKr at `strength` exactly as it trained, then restore the exact prior state.
 
@@ -276,13 +288,8 @@ def lokr_applied(network, strength: float = 1.0) -> Iterator[str]:
     "bypass".
     """
     if not is_mergeable(network):
-        previous = [lora.multiplier for lora in network.loras]
-        network.set_multiplier(strength)
-        try:
+        with lokr_multiplier(network, strength):
             yield "bypass"
-        finally:
-            for lora, m in zip(network.loras, previous):
-                lora.multiplier = m
         return
 
     # One layer at a time, originals parked in CPU memory: at HiDream-I1 size the attention weights are ~9 GiB in
@@ -390,6 +397,9 @@ class LokrAdapter:
 
     def applied(self, strength: float):
         return lokr_applied(self.network, strength)
+
+    def disabled(self):
+        return lokr_multiplier(self.network, 0.0)
 
     def remove(self) -> None:
         remove_lokr(self.network)

@@ -101,6 +101,10 @@ class PeftLoraAdapter:
                 elif strength != 1.0:
                     layer.unscale_layer(strength)
 
+    def disabled(self):
+        """PEFT's own switch: the LoRA layers run their base layer alone."""
+        return self.applied(0.0)
+
     def remove(self) -> None:
         """Put every wrapped Linear back in its place (the caller's model leaves without LoRA layers)."""
         for layer in self._layers():

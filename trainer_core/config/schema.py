@@ -15,6 +15,9 @@ ResolutionType = Literal["pixel_area", "pixel"]
 CropStyle = Literal["center", "random"]
 CropAspect = Literal["square", "preserve"]
 DatasetType = Literal["image", "eval"]
+# HiDream's VAE downsamples by 8 and its transformer patchifies 2x2 latents: one image token is 16x16 pixels, so
+# every training bucket and every sampled size is a multiple of 16.
+BUCKET_STEP = 16
 
 
 class ConfigError(ValueError):
@@ -25,9 +28,11 @@ class ConfigError(ValueError):
 class DatasetConfig:
     """One image folder and how to turn it into training samples (one entry of a multidatabackend list).
 
-    `repeats` follows SimpleTuner: 0 means every image is seen once per epoch, N means N + 1 times.
-    `resolution` is a side length in pixels: with `pixel_area` the bucket area is resolution², aspect kept;
-    with `pixel` the short side is scaled to `resolution`.
+    Keys and meanings are SimpleTuner's (data/buckets.py says how each shapes the buckets). `repeats`: 0 means
+    every image is seen once per epoch, N means N + 1 times. `resolution` is a side length in pixels (a multiple of
+    16): with `pixel_area` the bucket area is about resolution², aspect kept; with `pixel` the short side is
+    `resolution`. `is_regularisation_data`: SimpleTuner's prior preservation for adapters, these images are
+    trained towards what the base model (adapter off) predicts for them, not towards the image itself.
     """
 
     instance_data_dir: Path
@@ -39,14 +44,46 @@ class DatasetConfig:
     is_regularisation_data: bool = False
     resolution: int = 1024
     resolution_type: ResolutionType = "pixel_area"
-    minimum_image_size: int = 0
-    maximum_image_size: Optional[int] = None
+    minimum_image_size: int = 0  # pixel: both sides; pixel_area: the area (and both sides of square crops) ^2
+    maximum_image_size: Optional[int] = None  # with crop: larger images are first resized to target_downsample_size
     crop: bool = False
     crop_style: CropStyle = "center"
     crop_aspect: CropAspect = "square"
-    target_downsample_size: Optional[int] = None  # images over maximum_image_size shrink to this short side first
+    target_downsample_size: Optional[int] = None
+    aspect_bucket_rounding: int = 2  # decimals of the aspect ratio buckets are made from (SimpleTuner's key)
     dataset_type: DatasetType = "image"  # "eval": held out, scored for eval loss, never trained on
     cache_dir_vae: Optional[Path] = None  # this dataset's latent cache (default: the run's cache dir)
+
+    def validate(self) -> None:
+        """Settings no image can make work, refused before any file is read; each error names the fix."""
+        where = f"dataset '{self.id}'"
+        choices = {"caption_strategy": CaptionStrategy, "resolution_type": ResolutionType, "crop_style": CropStyle,
+                   "crop_aspect": CropAspect, "dataset_type": DatasetType}
+        for name, kind in choices.items():
+            if getattr(self, name) not in typing.get_args(kind):
+                extra = (" (SimpleTuner's 'area', in megapixels, is read from config files as pixel_area)"
+                         if name == "resolution_type" else "")
+                raise ConfigError(f"{where}: {name} must be one of {', '.join(typing.get_args(kind))}, got "
+                                  f"{getattr(self, name)!r}{extra}")
+        if self.caption_strategy == "instanceprompt" and not (self.instance_prompt or "").strip():
+            raise ConfigError(f"{where}: caption_strategy 'instanceprompt' needs a non-empty instance_prompt")
+        if self.resolution < BUCKET_STEP or self.resolution % BUCKET_STEP:
+            nearest = max(BUCKET_STEP, round(self.resolution / BUCKET_STEP) * BUCKET_STEP)
+            raise ConfigError(f"{where}: resolution {self.resolution} must be a multiple of {BUCKET_STEP} pixels "
+                              f"(one image token), at least {BUCKET_STEP}: try {nearest}")
+        for name in ("repeats", "minimum_image_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}: {name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("maximum_image_size", "target_downsample_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{where}: {name} must be a positive number of pixels (or unset), got "
+                                  f"{getattr(self, name)}")
+        if self.maximum_image_size and not self.target_downsample_size:
+            raise ConfigError(f"{where}: maximum_image_size needs target_downsample_size, the size images over it "
+                              "are resized to before the crop (as SimpleTuner requires); set both, or neither")
+        if not 1 <= self.aspect_bucket_rounding <= 9:
+            raise ConfigError(f"{where}: aspect_bucket_rounding must be 1 to 9 decimals, got "
+                              f"{self.aspect_bucket_rounding}")
 
 
 # *-quanto: optimum-quanto weights (dequantised for every matmul); *-scaled: 8-bit weights feeding 8-bit matmuls
@@ -77,7 +114,7 @@ class SamplingConfig:
     num_inference_steps: int = 30
     guidance: float = 5.0
     guidance_rescale: float = 0.0  # 0..1: rescale the CFG velocity towards the conditional one's std
-    shift: float = 3.0
+    shift: float = 3.0  # HiDream-I1-Full's scheduler flow_shift (its scheduler_config.json)
     seed: int = 42
     scheduler: Literal["unipc", "euler"] = "unipc"
     lokr_strength: float = 1.0
@@ -85,9 +122,9 @@ class SamplingConfig:
 
     def validate(self) -> None:
         for side, value in (("width", self.width), ("height", self.height)):
-            if value <= 0 or value % 16:
-                raise ConfigError(f"sampling {side} {value} must be a positive multiple of 16 "
-                                  f"(try {max(16, round(value / 16) * 16)})")
+            if value <= 0 or value % BUCKET_STEP:
+                raise ConfigError(f"sampling {side} {value} must be a positive multiple of {BUCKET_STEP} "
+                                  f"(try {max(BUCKET_STEP, round(value / BUCKET_STEP) * BUCKET_STEP)})")
         if self.num_inference_steps < 1:
             raise ConfigError("num_inference_steps must be at least 1")
         if not 0.0 <= self.guidance_rescale <= 1.0:
@@ -110,14 +147,21 @@ class NoiseSchedule:
     uniform: bool = False
 
 
+# SimpleTuner's gradient clipping defaults: every gradient element clipped to +-2.0 ("value"; "norm" rescales the
+# whole gradient to that norm instead).
+DEFAULT_MAX_GRAD_NORM = 2.0
+DEFAULT_GRAD_CLIP_METHOD = "value"
+GradClipMethod = Literal["norm", "value"]
+
+
 @dataclass(frozen=True)
 class StepSettings:
     """What one optimizer step does besides the forward and backward."""
 
     gradient_accumulation_steps: int = 1
     caption_dropout_probability: float = 0.0
-    max_grad_norm: float = 1.0
-    grad_clip_method: Literal["norm", "value"] = "norm"
+    max_grad_norm: float = DEFAULT_MAX_GRAD_NORM
+    grad_clip_method: GradClipMethod = DEFAULT_GRAD_CLIP_METHOD
     use_load_balancing_loss: bool = False
     max_consecutive_nonfinite_steps: int = 5
     recover_from_out_of_memory: bool = True
@@ -148,20 +192,21 @@ class TrainConfig:
     lora_alpha: Optional[float] = None  # None: = lora_rank (scale 1)
     init_lokr_norm: Optional[float] = None
     init_lokr_weights: Optional[Path] = None  # start from this LoKr file instead of LyCORIS' initialisation
-    # Length: max_train_steps wins when > 0; otherwise num_train_epochs x optimizer steps per epoch.
-    max_train_steps: int = 100
+    # Length: max_train_steps wins when > 0; otherwise num_train_epochs x optimizer steps per epoch. (SimpleTuner
+    # without either trains one epoch; here, as on the Train node, 1000 steps.)
+    max_train_steps: int = 1000
     num_train_epochs: int = 0
     learning_rate: float = 1e-4
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     optimizer: str = "adamw"
     adam_weight_decay: float = 1e-2
-    lr_scheduler: LrScheduler = "constant"
+    lr_scheduler: LrScheduler = "constant_with_warmup"  # "constant" with lr_warmup_steps > 0 warms up too
     lr_warmup_steps: int = 0
     lr_num_cycles: int = 1  # cosine_with_restarts
-    lr_power: float = 1.0  # polynomial
-    max_grad_norm: float = 1.0
-    grad_clip_method: Literal["norm", "value"] = "norm"
+    lr_power: float = 0.8  # polynomial
+    max_grad_norm: float = DEFAULT_MAX_GRAD_NORM  # 0: no clipping
+    grad_clip_method: GradClipMethod = DEFAULT_GRAD_CLIP_METHOD
     seed: int = 42
     mixed_precision: MixedPrecision = "bf16"
     base_model_precision: Precision = "no_change"
@@ -178,7 +223,6 @@ class TrainConfig:
     flow_use_uniform_schedule: bool = False
     hidream_use_load_balancing_loss: bool = False
     hidream_load_balancing_loss_weight: float = 0.01
-    aspect_bucket_rounding: Optional[int] = None  # accepted; buckets here are exact multiples of 16 pixels
     vae_batch_size: int = 1
     use_ema: bool = False
     ema_decay: float = 0.995
@@ -190,7 +234,7 @@ class TrainConfig:
     validation_guidance: float = 3.0
     validation_guidance_rescale: float = 0.0
     validation_seed: int = 42
-    validation_step_interval: int = 0  # 0: validate only at the end
+    validation_step_interval: int = 100  # 0: validate only at the end
     validation_noise_scheduler: Literal["unipc", "euler"] = "unipc"
     validation_lycoris_strength: float = 1.0
     validation_torch_compile: bool = False  # compiles the transformer for validation on CUDA only
@@ -199,8 +243,8 @@ class TrainConfig:
     num_eval_images: int = 4  # held-out training images scored for eval loss when no dataset_type eval exists
     eval_steps_interval: int = 0  # 0: no eval loss
     eval_timesteps: int = 4  # fixed sigmas, evenly spaced in (0, 1), at which each eval image is scored
-    checkpoint_step_interval: int = 0  # 0: no checkpoints
-    checkpoints_total_limit: Optional[int] = None  # None: keep every checkpoint
+    checkpoint_step_interval: int = 500  # 0: no checkpoints
+    checkpoints_total_limit: Optional[int] = 5  # None: keep every checkpoint
     resume_from_checkpoint: Optional[str] = None  # "latest", a checkpoint-<step> name, or a path
     report_to: ReportTo = "none"  # a JSONL scalar log is always written; "tensorboard" adds event files
     tracker_run_name: str = "hidream-lokr"
@@ -238,6 +282,8 @@ class TrainConfig:
             raise ConfigError("no datasets configured: give at least one dataset with an instance_data_dir")
         if not any(d.dataset_type == "image" for d in self.datasets):
             raise ConfigError("every dataset is dataset_type eval: at least one dataset must be for training")
+        for dataset in self.datasets:
+            dataset.validate()
         check_model_choice(self.model_family, self.model_type, self.model_flavour, self.lora_type)
         if Path(self.pretrained_model_name_or_path).suffix.lower() in (".safetensors", ".sft"):
             raise ConfigError(
@@ -262,8 +308,7 @@ class TrainConfig:
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(f"checkpoints_total_limit must be at least 1 (or unset), got "
                               f"{self.checkpoints_total_limit}")
-        if not (self.learning_rate > 0) or self.learning_rate != self.learning_rate:
-            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        self._validate_ranges()
         if self.distributed_mode not in ("ddp", "fsdp"):
             raise ConfigError(f"distributed_mode must be 'ddp' or 'fsdp', got {self.distributed_mode!r}")
         if not self.distributed_timeout_seconds > 0:
@@ -305,17 +350,42 @@ class TrainConfig:
             except ConfigError as exc:
                 raise ConfigError(f"validation settings (validation_resolution {width}x{height}): {exc}") from None
 
+    def _validate_ranges(self) -> None:
+        """Numbers no run can use (NaN fails every comparison below, so it is refused too)."""
+        positive = {
+            "learning_rate": "e.g. 1e-4 for AdamW, 2e-5 to 4e-5 for Lion (the quickstart's LoKr rates)",
+            "flow_schedule_shift": "HiDream-I1-Full was trained with 3.0; the quickstart suggests starting near "
+                                   "1.0 (shift k maps sigma to k*sigma / (1 + (k-1)*sigma): k <= 0 gives no noise)",
+            "flow_sigmoid_scale": "1.0 is SimpleTuner's default (sigma = sigmoid(scale * n), n ~ N(0, 1))",
+        }
+        for name, hint in positive.items():
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)}: {hint}")
+        not_negative = {
+            "max_grad_norm": "0 turns clipping off", "adam_weight_decay": "0 turns weight decay off",
+            "hidream_load_balancing_loss_weight": "the quickstart's default is 0.01",
+            "validation_guidance": "1 or less samples without classifier-free guidance",
+        }
+        for name, hint in not_negative.items():
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)} ({hint})")
+        for name in ("init_lokr_norm", "lora_alpha"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive (or unset), got {getattr(self, name)}")
+
     @property
     def validation_resolutions(self) -> list[Resolution]:
         """Every validation size as (width, height); SimpleTuner's comma-separated string is parsed here."""
         return parse_resolutions(self.validation_resolution)
 
-    def validation_sampling(self) -> SamplingConfig:
+    def validation_sampling(self, shift: float = SamplingConfig.shift) -> SamplingConfig:
+        """How validation samples. `shift` is the model's own sampling shift (its scheduler config, read by the run:
+        `hidream.scheduler_shift`), as the pipeline samples; never the training flow_schedule_shift."""
         width, height = self.validation_resolutions[0]
         return SamplingConfig(prompt=self.validation_prompt or "", negative_prompt=self.validation_negative_prompt,
                               width=width, height=height, num_inference_steps=self.validation_num_inference_steps,
                               guidance=self.validation_guidance, guidance_rescale=self.validation_guidance_rescale,
-                              shift=self.flow_schedule_shift, seed=self.validation_seed,
+                              shift=shift, seed=self.validation_seed,
                               scheduler=self.validation_noise_scheduler, lokr_strength=self.validation_lycoris_strength,
                               cuda_graphs=self.cuda_graphs)
 
@@ -324,9 +394,11 @@ class TrainConfig:
                              sigmoid_scale=self.flow_sigmoid_scale, uniform=self.flow_use_uniform_schedule)
 
     def step_settings(self) -> StepSettings:
+        # As SimpleTuner: Prodigy (which sizes its own steps) is never clipped.
+        clip = 0.0 if self.optimizer.lower() == "prodigy" else self.max_grad_norm
         return StepSettings(gradient_accumulation_steps=self.gradient_accumulation_steps,
                             caption_dropout_probability=self.caption_dropout_probability,
-                            max_grad_norm=self.max_grad_norm, grad_clip_method=self.grad_clip_method,
+                            max_grad_norm=clip, grad_clip_method=self.grad_clip_method,
                             use_load_balancing_loss=self.hidream_use_load_balancing_loss,
                             max_consecutive_nonfinite_steps=self.max_consecutive_nonfinite_steps,
                             recover_from_out_of_memory=self.recover_from_out_of_memory)

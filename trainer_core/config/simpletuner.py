@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import typing
 from pathlib import Path
 from typing import Any, Optional
 
 from .json_files import read_json_file
-from .schema import ConfigError, DatasetConfig, TrainConfig, check_model_choice, parse_resolutions
+from .schema import BUCKET_STEP, ConfigError, DatasetConfig, TrainConfig, check_model_choice, parse_resolutions
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ def read_backend_entries(entries: list, base: Path, defaults: dict) -> BackendSe
                 values[key] = value
             elif key not in _DATASET_IGNORED:
                 settings.unknown_keys.append(f"dataset '{ident}' {key}")
+        if str(values.get("resolution_type", "")).strip() == "area":
+            values = _area_as_pixel_area(values, ident)
         kwargs = {k: coerce(v, hints[k], f"dataset '{ident}' {k}") for k, v in values.items()}
         kwargs["instance_data_dir"] = _resolve(entry["instance_data_dir"], base)
         kwargs["id"] = ident
@@ -164,8 +167,38 @@ def read_backend_entries(entries: list, base: Path, defaults: dict) -> BackendSe
     return settings
 
 
-# Keys read for the datasets' defaults (SimpleTuner lets config.json set them for every dataset).
-_DATASET_DEFAULT_KEYS = ("resolution", "resolution_type", "minimum_image_size")
+# Keys read for the datasets' defaults (SimpleTuner lets config.json set them for every dataset; its
+# aspect_bucket_rounding is a global setting only).
+_DATASET_DEFAULT_KEYS = ("resolution", "resolution_type", "minimum_image_size", "maximum_image_size",
+                         "target_downsample_size", "caption_strategy", "aspect_bucket_rounding")
+# SimpleTuner reads these round megapixel values of resolution_type "area" as these pixel edges.
+_AREA_EDGES = {0.25: 512, 0.5: 768, 1.0: 1024, 2.0: 1536, 4.0: 2048}
+_AREA_SIZE_KEYS = ("minimum_image_size", "maximum_image_size", "target_downsample_size")
+
+
+def _area_as_pixel_area(values: dict, ident: str) -> dict:
+    """SimpleTuner's resolution_type "area" (sizes in megapixels) as the same buckets in pixel_area terms: the
+    resolution becomes the square's edge (its round values as SimpleTuner maps them, 1.0 -> 1024), rounded to
+    the 16 px step; minimum/maximum/target sizes become the edges of squares of their area."""
+    def edge(key: str) -> int:
+        megapixels = coerce(values[key], float, f"dataset '{ident}' {key}")
+        if megapixels <= 0:
+            raise ConfigError(f"dataset '{ident}' {key}: with resolution_type area it is in megapixels and must be "
+                              f"positive, got {values[key]!r}")
+        if key == "resolution":
+            mapped = next((px for mp, px in _AREA_EDGES.items() if abs(megapixels - mp) < 0.05), None)
+            if mapped is not None:
+                return mapped
+            return max(BUCKET_STEP, round(math.sqrt(megapixels * 1e6) / BUCKET_STEP) * BUCKET_STEP)
+        return round(math.sqrt(megapixels * 1e6))
+
+    out = dict(values, resolution_type="pixel_area")
+    for key in ("resolution", *_AREA_SIZE_KEYS):
+        if out.get(key) not in (None, "", 0, "0"):
+            out[key] = edge(key)
+    logger.info("dataset '%s': resolution_type area %s megapixels read as pixel_area %s px", ident,
+                values.get("resolution"), out.get("resolution"))
+    return out
 
 
 def train_config_from_dict(data: dict, base: Path = Path(".")) -> TrainConfig:

@@ -28,20 +28,14 @@ import torch
 from PIL import Image, ImageOps
 
 from ..config.schema import ConfigError, DatasetConfig
+from .buckets import (MAX_BUCKET_ASPECT, aspect_bucket, bucket_for_size, check_resolution_fits, image_tokens,
+                      is_over, is_under_minimum)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-# HiDream's VAE downsamples by 8 and the transformer patchifies 2x2 latents, so one token covers 16 px.
-BUCKET_STEP = 16
 
 CAPTION_EXTENSION = ".txt"
 # Both HiDream text paths stop at 128 tokens; far longer captions only cost memory and cache-key hashing.
 MAX_CAPTION_CHARS = 8192
-# Buckets further from square than this are skipped: a 20000x16 strip would become a 1-token-tall bucket wider
-# than the model's positional range, and no prompt describes such an image usefully.
-MAX_BUCKET_ASPECT = 4.0
-_RESOLUTION_TYPES = ("pixel_area", "pixel")
-_CROP_STYLES = ("center", "random")
-_CROP_ASPECTS = ("square", "preserve")
 _WHITE = (255, 255, 255)
 
 
@@ -108,20 +102,26 @@ class SkippedFile:
 
 @dataclass
 class DiscoveryReport:
-    """What `discover_dataset` used, what it changed on the way (`notes`) and what it left out."""
+    """What `discover_dataset` used, what it changed on the way (`notes`, `shrunk`) and what it left out."""
 
     dataset_id: str
     used: int
     skipped: list[SkippedFile] = field(default_factory=list)
     notes: list[SkippedFile] = field(default_factory=list)  # used files, with what was done to them
+    # (bucket by SimpleTuner's rules, the bucket it was shrunk to) -> images, when over the transformer's limit
+    shrunk: dict[tuple[tuple[int, int], tuple[int, int]], int] = field(default_factory=dict)
+    max_tokens: Optional[int] = None  # the transformer's image-token limit the buckets were fitted under
 
     def format(self) -> str:
-        """Human-readable summary, one skipped (then one noted) file per line."""
+        """Human-readable summary: each shrunk bucket once, then one skipped (then one noted) file per line."""
         noun = "image" if self.used == 1 else "images"
         head = f"dataset '{self.dataset_id}': {self.used} {noun} used, {len(self.skipped)} skipped"
-        if not self.skipped and not self.notes:
+        if not self.skipped and not self.notes and not self.shrunk:
             return head + "."
-        lines = [f"  {display_path(item.path)}: {item.reason}" for item in self.skipped]
+        lines = [f"  {count} image{'s' if count > 1 else ''}: bucket {a[0]}x{a[1]} ({image_tokens(a)} image "
+                 f"tokens) shrunk to {b[0]}x{b[1]} ({image_tokens(b)}), the transformer takes at most "
+                 f"{self.max_tokens}" for (a, b), count in sorted(self.shrunk.items())]
+        lines += [f"  {display_path(item.path)}: {item.reason}" for item in self.skipped]
         lines += [f"  {display_path(item.path)} (used): {item.reason}" for item in self.notes]
         return head + ":\n" + "\n".join(lines)
 
@@ -144,71 +144,6 @@ class _UnusableImage(Exception):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _round_to_step(value: float) -> int:
-    """Nearest positive multiple of BUCKET_STEP (half rounds up, never below one step)."""
-    return max(BUCKET_STEP, int(math.floor(value / BUCKET_STEP + 0.5)) * BUCKET_STEP)
-
-
-def _floor_to_step(value: int) -> int:
-    return max(BUCKET_STEP, (value // BUCKET_STEP) * BUCKET_STEP)
-
-
-def _cover_size(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, int]:
-    """Smallest aspect-preserving size of a (width, height) image that covers `bucket` on both sides.
-
-    One side equals the bucket side exactly; the other is >= its bucket side.
-    """
-    bucket_w, bucket_h = bucket
-    # Compare bucket_w / width with bucket_h / height in integers to avoid float ties.
-    if bucket_w * height >= bucket_h * width:
-        return bucket_w, max(bucket_h, round(height * bucket_w / width))
-    return max(bucket_w, round(width * bucket_h / height)), bucket_h
-
-
-def bucket_for_size(
-    width: int,
-    height: int,
-    resolution: int,
-    resolution_type: str,
-    crop: bool,
-    crop_aspect: str,
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Choose the training size of an image of (width, height) pixels (already EXIF-oriented).
-
-    Returns `(bucket, resize_to)`, both (width, height):
-      - `bucket`: the final training size; both sides are positive multiples of BUCKET_STEP.
-      - `resize_to`: the size the image is resized to so it covers the bucket (aspect kept); the bucket
-        is then cropped out of it.
-
-    Rules: `crop` with `crop_aspect="square"` gives a (R, R) bucket, R = resolution floored to a multiple
-    of 16. Otherwise the bucket keeps the image aspect: `pixel_area` targets an area of resolution², and
-    `pixel` scales the short side to `resolution`. Small images are upscaled to cover the bucket.
-    """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    if resolution < BUCKET_STEP:
-        raise ConfigError(f"resolution must be at least {BUCKET_STEP} pixels, got {resolution}")
-    if resolution_type not in _RESOLUTION_TYPES:
-        raise ConfigError(f"resolution_type must be one of {list(_RESOLUTION_TYPES)}, got {resolution_type!r}")
-    if crop_aspect not in _CROP_ASPECTS:
-        raise ConfigError(f"crop_aspect must be one of {list(_CROP_ASPECTS)}, got {crop_aspect!r}")
-
-    if crop and crop_aspect == "square":
-        side = _floor_to_step(resolution)
-        bucket = (side, side)
-    elif resolution_type == "pixel_area":
-        area = resolution * resolution
-        bucket_w = _round_to_step(math.sqrt(area * width / height))
-        bucket = (bucket_w, _round_to_step(area / bucket_w))
-    else:  # "pixel": short side -> resolution
-        short, long = min(width, height), max(width, height)
-        bucket_short = _round_to_step(resolution)
-        bucket_long = _round_to_step(resolution * long / short)
-        bucket = (bucket_long, bucket_short) if width >= height else (bucket_short, bucket_long)
-
-    return bucket, _cover_size(width, height, bucket)
-
-
 def _crop_box(
     resize_to: tuple[int, int], bucket: tuple[int, int], style: str, rng: Optional[random.Random]
 ) -> CropBox:
@@ -220,14 +155,6 @@ def _crop_box(
     else:
         left, top = spare_w // 2, spare_h // 2
     return CropBox(left, top, left + bucket[0], top + bucket[1])
-
-
-def _limit_short_side(width: int, height: int, maximum: Optional[int]) -> tuple[int, int]:
-    """Downscale (width, height) so the short side is <= `maximum`; never upscales."""
-    if not maximum or min(width, height) <= maximum:
-        return width, height
-    scale = maximum / min(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -348,27 +275,15 @@ def _caption_for(path: Path, config: DatasetConfig, notes: list[str]) -> Optiona
     return None
 
 
-def _check_dataset_config(config: DatasetConfig, root: Path) -> None:
+def _check_dataset_config(config: DatasetConfig, root: Path, max_tokens: Optional[int]) -> None:
     """Reject settings that would fail for every image, before touching any file."""
+    config.validate()
     if not root.exists():
         raise ConfigError(f"dataset '{config.id}': instance_data_dir {str(root)!r} does not exist")
     if not root.is_dir():
         raise ConfigError(f"dataset '{config.id}': instance_data_dir {str(root)!r} is not a directory")
-    if config.caption_strategy not in ("filename", "textfile", "instanceprompt"):
-        raise ConfigError(
-            f"dataset '{config.id}': caption_strategy must be 'filename', 'textfile' or 'instanceprompt', "
-            f"got {config.caption_strategy!r}"
-        )
-    if config.caption_strategy == "instanceprompt" and not (config.instance_prompt or "").strip():
-        raise ConfigError(
-            f"dataset '{config.id}': caption_strategy 'instanceprompt' needs a non-empty instance_prompt"
-        )
-    if config.crop_style not in _CROP_STYLES:
-        raise ConfigError(
-            f"dataset '{config.id}': crop_style must be one of {list(_CROP_STYLES)}, got {config.crop_style!r}"
-        )
-    if config.repeats < 0:
-        raise ConfigError(f"dataset '{config.id}': repeats must be >= 0, got {config.repeats}")
+    if max_tokens is not None:
+        check_resolution_fits(config.resolution, max_tokens, f"dataset '{config.id}'")
 
 
 def _missing_captions_error(config: DatasetConfig, missing: list[Path]) -> ConfigError:
@@ -381,41 +296,42 @@ def _missing_captions_error(config: DatasetConfig, missing: list[Path]) -> Confi
     )
 
 
-def discover_dataset(config: DatasetConfig, seed: int = 0) -> ImageDataset:
+def discover_dataset(config: DatasetConfig, seed: int = 0, max_tokens: Optional[int] = None) -> ImageDataset:
     """Find every usable image under `config.instance_data_dir` and fix its caption, bucket and crop.
 
     `seed` only affects `crop_style="random"` offsets, which are derived from (seed, dataset id, relative
-    path) so they are identical on every run with the same seed.
+    path) so they are identical on every run with the same seed. `max_tokens` is the transformer's image-token
+    limit (`hidream.image_token_limit`): a bucket over it is shrunk (and said so in the report), a resolution
+    whose square bucket is over it is a ConfigError; None: no limit.
     """
     root = Path(config.instance_data_dir).expanduser()
-    _check_dataset_config(config, root)
+    _check_dataset_config(config, root, max_tokens)
 
     samples: list[TrainingSample] = []
-    skipped: list[SkippedFile] = []
-    noted: list[SkippedFile] = []
+    report = DiscoveryReport(dataset_id=config.id, used=0, max_tokens=max_tokens)
     missing_captions: list[Path] = []
     for path in _walk_files(root):
         suffix = path.suffix.lower()
         if suffix == CAPTION_EXTENSION:
             continue
         if suffix not in IMAGE_EXTENSIONS:
-            skipped.append(SkippedFile(path, f"unsupported file type {suffix or '(no extension)'}"))
+            report.skipped.append(SkippedFile(path, f"unsupported file type {suffix or '(no extension)'}"))
             continue
         notes: list[str] = []
         try:
-            sample = _make_sample(path, root, config, seed, notes)
+            sample = _make_sample(path, root, config, seed, notes, max_tokens, report.shrunk)
         except _UnusableImage as exc:
-            skipped.append(SkippedFile(path, str(exc)))
+            report.skipped.append(SkippedFile(path, str(exc)))
             continue
         if sample is None:
             missing_captions.append(path)
             continue
         samples.append(sample)
-        noted.extend(SkippedFile(path, note) for note in notes)
+        report.notes.extend(SkippedFile(path, note) for note in notes)
 
     if missing_captions:
         raise _missing_captions_error(config, missing_captions)
-    report = DiscoveryReport(dataset_id=config.id, used=len(samples), skipped=skipped, notes=noted)
+    report.used = len(samples)
     if not samples:
         raise ConfigError(
             f"dataset '{config.id}': no usable images in instance_data_dir {str(root)!r} "
@@ -424,33 +340,36 @@ def discover_dataset(config: DatasetConfig, seed: int = 0) -> ImageDataset:
     return ImageDataset(config=config, samples=samples, report=report)
 
 
-def _make_sample(path: Path, root: Path, config: DatasetConfig, seed: int, notes: list[str]
-                 ) -> Optional[TrainingSample]:
+def _make_sample(path: Path, root: Path, config: DatasetConfig, seed: int, notes: list[str],
+                 max_tokens: Optional[int], shrunk: dict) -> Optional[TrainingSample]:
     """Build the sample for one image file; None when its caption file is missing (reported by caller).
-    What was changed to make it usable (caption cleaning, first frame of an animation) goes to `notes`."""
+    What was changed to make it usable (caption cleaning, first frame of an animation) goes to `notes`, a bucket
+    fitted under `max_tokens` is counted in `shrunk` ((bucket, fitted) -> images)."""
     width, height, frames = _probe_image(path)
     if frames > 1:
         notes.append(f"animated ({frames} frames): the first frame is used")
-    minimum = config.minimum_image_size or 0
-    if minimum and min(width, height) < minimum:
-        raise _UnusableImage(f"smaller than minimum_image_size ({width}x{height} < {minimum})")
+    square_crop = config.crop and config.crop_aspect == "square"
+    if is_under_minimum(width, height, config.minimum_image_size, config.resolution_type, square_crop):
+        minimum = config.minimum_image_size
+        what = f"{minimum}" if config.resolution_type == "pixel" else f"{minimum}x{minimum} in area"
+        raise _UnusableImage(f"smaller than minimum_image_size ({width}x{height} < {what})")
 
     caption = _caption_for(path, config, notes)
     if caption is None:
         return None
 
-    if config.maximum_image_size and config.target_downsample_size and min(width, height) > config.maximum_image_size:
-        # SimpleTuner's meaning: an image over maximum_image_size is first shrunk to target_downsample_size.
-        width, height = _limit_short_side(width, height, config.target_downsample_size)
-    else:
-        width, height = _limit_short_side(width, height, config.maximum_image_size)
-    bucket, resize_to = bucket_for_size(
-        width, height, config.resolution, config.resolution_type, config.crop, config.crop_aspect
-    )
-    aspect = max(bucket) / min(bucket)
-    if aspect > MAX_BUCKET_ASPECT:
+    # SimpleTuner's maximum_image_size / target_downsample_size: only crops first resize a large image to the
+    # target, so the bucket is cut out of that rather than out of the image just covering it.
+    downsample = (config.target_downsample_size if config.crop and config.maximum_image_size and
+                  is_over(width, height, config.maximum_image_size, config.resolution_type) else None)
+    rules = (config.resolution, config.resolution_type, config.crop, config.crop_aspect, config.aspect_bucket_rounding)
+    bucket, resize_to = bucket_for_size(width, height, *rules, max_tokens=max_tokens, downsample_to=downsample)
+    if max(bucket) / min(bucket) > MAX_BUCKET_ASPECT:
         raise _UnusableImage(f"aspect ratio {width}x{height} is beyond {MAX_BUCKET_ASPECT:g}:1; crop it, or set "
                              "crop: true with crop_aspect: square")
+    unlimited = aspect_bucket(width, height, *rules)
+    if unlimited != bucket:
+        shrunk[(unlimited, bucket)] = shrunk.get((unlimited, bucket), 0) + 1
     relative = path.relative_to(root).as_posix()
     # A string seed is hashed with SHA-512 by `random`, so it does not depend on PYTHONHASHSEED.
     rng = random.Random(f"{seed}\0{config.id}\0{relative}") if config.crop else None

@@ -9,9 +9,10 @@ fp8 layers (single_file.py). With `stream_blocks` the model stays in CPU memory 
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 from ..config.schema import SCALED_PRECISIONS, ConfigError
 from ..quant import check_precision_supported, quantize_frozen, quantize_scaled
 from .models import HiDreamModelPaths, load_transformer
-from .single_file import FP8_DTYPES, load_transformer_file, stored_weight_dtype
+from .single_file import FP8_DTYPES, load_transformer_file, stored_weight_dtype, transformer_file_config
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,32 @@ def load_frozen_transformer(paths: Optional[HiDreamModelPaths], precision: str, 
     elif not stream_blocks:
         transformer.to(device)
     return transformer.requires_grad_(False)
+
+
+def image_token_limit(config: Mapping) -> int:
+    """The most image tokens a HiDream transformer with this config takes, diffusers' `max_seq`: its
+    `max_resolution` (latent height, width) over patch_size^2. 4096 (1024x1024 px) for HiDream-I1 Full, Dev and
+    Fast; 1024 (512x512 px) for the embedded tiny model. A non-square input is padded to it, more cannot run."""
+    height, width = config.get("max_resolution") or (128, 128)  # diffusers' own default
+    patch = config.get("patch_size") or 2
+    return height * width // (patch * patch)
+
+
+def transformer_config(paths: Optional[HiDreamModelPaths], transformer_file: Optional[Path] = None) -> dict:
+    """The diffusers config of the transformer `load_frozen_transformer` would load, read without loading it (a
+    file's header, or config.json), so the data can be fitted to the model before anything is cached."""
+    if transformer_file is not None and Path(transformer_file).is_file():
+        return transformer_file_config(Path(transformer_file))
+    folder = Path(transformer_file) if transformer_file is not None else \
+        (paths.model_dir / "transformer" if paths is not None else None)
+    config_file = folder / "config.json" if folder is not None else None
+    if config_file is None or not config_file.is_file():
+        raise ConfigError(f"no transformer config.json at {folder}: give a HiDream-I1 diffusers folder (with "
+                          "transformer/config.json) or a transformer file")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the transformer config {config_file}: {err}") from err
 
 
 def _load_transformer_folder(folder: Path, dtype: torch.dtype, device) -> nn.Module:

@@ -250,6 +250,24 @@ def load_text_encoders(
     return encoders.to(device)
 
 
+def scheduler_shift(model_dir: Path) -> Optional[float]:
+    """The sampling shift the model folder's scheduler/scheduler_config.json gives its pipeline: `flow_shift` of
+    HiDream-I1-Full's UniPC (3.0), `shift` of a FlowMatch scheduler (Dev's 6.0); None when the folder says none.
+
+    diffusers' HiDreamImagePipeline samples with it as configured; HiDream's own pipeline (and SimpleTuner's copy)
+    passes exp(1.15) = 3.16 at 4096 image tokens instead (docs/simpletuner.md). Training's flow_schedule_shift is
+    a training setting and never the sampler's."""
+    config_file = Path(model_dir) / "scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("flow_shift", "shift"):
+        if isinstance(config.get(key), (int, float)) and config[key] > 0:
+            return float(config[key])
+    return None
+
+
 def load_scheduler(paths: HiDreamModelPaths) -> SchedulerMixin:
     """The scheduler saved in scheduler/, as the class its config names (UniPC or FlowMatchEuler for HiDream)."""
     folder = paths.model_dir / "scheduler"

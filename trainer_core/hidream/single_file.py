@@ -107,6 +107,28 @@ def transformer_config(weights: Mapping[str, Any], path: Path) -> dict:
                       f"{Path(path).with_suffix('.json').name}")
 
 
+def transformer_file_config(path: Path) -> dict:
+    """The diffusers config of the transformer file `path`, from its header alone (no weight is read)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"transformer file not found: {path}")
+    with safe_open(str(path), framework="pt", device="cpu") as file:
+        shapes = {name: file.get_slice(key).get_shape() for name, key in _weight_names(file, path).items()}
+    return transformer_config(shapes, path)
+
+
+def _weight_names(file, path: Path) -> dict[str, str]:
+    """diffusers name -> the file's key, for every weight of an open safetensors transformer file."""
+    keys = list(file.keys())
+    prefix = next((p for p in PREFIXES if p + _MARKER_KEY in keys), "")
+    if prefix + _MARKER_KEY not in keys:
+        raise ConfigError(f"{path.name} is not a HiDream-I1 transformer file (no {_MARKER_KEY}): pick a "
+                          "hidream_i1_*.safetensors from models/diffusion_models")
+    return {k[len(prefix):]: k for k in keys if k.startswith(prefix) and k != prefix + SCALED_FP8_MARKER}
+
+
 def load_transformer_file(path: Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
                           precision: str = "no_change"):
     """A diffusers HiDreamImageTransformer2DModel with the file's weights, read one tensor at a time.
@@ -124,12 +146,7 @@ def load_transformer_file(path: Path, dtype: torch.dtype = torch.bfloat16, devic
     if not path.is_file():
         raise ConfigError(f"transformer file not found: {path}")
     with safe_open(str(path), framework="pt", device="cpu") as file:
-        keys = list(file.keys())
-        prefix = next((p for p in PREFIXES if p + _MARKER_KEY in keys), "")
-        if prefix + _MARKER_KEY not in keys:
-            raise ConfigError(f"{path.name} is not a HiDream-I1 transformer file (no {_MARKER_KEY}): pick a "
-                              "hidream_i1_*.safetensors from models/diffusion_models")
-        names = {k[len(prefix):]: k for k in keys if k.startswith(prefix) and k != prefix + SCALED_FP8_MARKER}
+        names = _weight_names(file, path)
         shapes = {name: file.get_slice(key).get_shape() for name, key in names.items()}
         config = transformer_config(shapes, path)
         with init_empty_weights():

@@ -62,7 +62,7 @@ class Validation:
             return
         self.done.add(step)
         ctx.phase("validating")
-        settings = self.config.validation_sampling()
+        settings = self.config.validation_sampling(data.sampling_shift)
         if step == 0:  # the benchmark image is the base model's, whatever the LoKr's initialisation
             settings = replace(settings, lokr_strength=0.0)
         resolutions = self.config.validation_resolutions

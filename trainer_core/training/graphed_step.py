@@ -142,6 +142,10 @@ class GraphedTrainStep:
             return pending
         device = train_step.device
         loaded = [load() for load in micro_batches]
+        if any(mb.regularisation is not None for mb in loaded):  # two forwards: run as the plain step
+            pending = train_step.launch([lambda mb=mb: mb for mb in loaded], step)
+            self._host_lrs()
+            return pending
         loaded = [MicroBatch(mb.latents.to(device), mb.embeds.to(device=device)) for mb in loaded]
         draws = [tuple(t.to(device) for t in train_step.noise.draw(mb.latents)) for mb in loaded]
         inputs = [t for mb, (noise, sigmas) in zip(loaded, draws)

@@ -55,7 +55,8 @@ class ModelComponents:
     config's model paths. The caller keeps ownership: the LoKr is removed from a given transformer after training.
 
     text_encoder / image_encoder fill the caches and their `identity` keys them; decode_latents turns scaled
-    latents (B, 16, h, w) into images for validation.
+    latents (B, 16, h, w) into images for validation; sampling_shift is the model's own sampling shift (its
+    scheduler config; None: read from the config's model folder, else HiDream-I1-Full's 3.0).
     """
 
     transformer: Optional[torch.nn.Module] = None
@@ -63,6 +64,7 @@ class ModelComponents:
     text_encoder: Optional[TextEncoder] = None
     image_encoder: Optional[ImageEncoder] = None
     decode_latents: Optional[Callable[[torch.Tensor], list[Image.Image]]] = None
+    sampling_shift: Optional[float] = None
 
 
 @dataclass

@@ -37,8 +37,10 @@ def draw_micro_batches(batch_iter: Iterator[list[TrainingSample]], state: TrainS
         drawn.append((ctx.ranks.shard(batch), ctx.ranks.shard(dropped)))
 
     def loader(samples: list[TrainingSample], dropped: list[bool]) -> Callable[[], MicroBatch]:
+        regularisation = [s.is_regularisation for s in samples]
         return lambda: MicroBatch(data.load_latents(samples).to(ctx.device),
-                                  data.text_cache.load(["" if d else s.caption for s, d in zip(samples, dropped)]))
+                                  data.text_cache.load(["" if d else s.caption for s, d in zip(samples, dropped)]),
+                                  torch.tensor(regularisation, device=ctx.device) if any(regularisation) else None)
 
     return [loader(samples, dropped) for samples, dropped in drawn]
 

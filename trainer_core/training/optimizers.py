@@ -107,8 +107,12 @@ def _bitsandbytes_optimizer(name: str, params, lr: float, decay: float, device: 
 
 
 def build_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """diffusers' schedule of the name `config.lr_scheduler`, over `total_steps` optimizer steps."""
+    """diffusers' schedule of the name `config.lr_scheduler`, over `total_steps` optimizer steps. As SimpleTuner
+    reads it, "constant" with lr_warmup_steps > 0 warms up (diffusers' "constant" would ignore the warm-up)."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+    name = config.lr_scheduler
+    if name == "constant" and config.lr_warmup_steps > 0:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=config.lr_warmup_steps,
                          num_training_steps=total_steps, num_cycles=config.lr_num_cycles, power=config.lr_power)

@@ -17,11 +17,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..config.schema import TrainConfig
+from ..config.schema import ConfigError, SamplingConfig, TrainConfig
 from ..data.cache import CacheStats, ImageEncoder, LatentCache, TextEmbeddingCache, VaeImageEncoder
+from ..data.buckets import fit_to_token_limit, image_tokens, largest_square_side
 from ..data.datasets import BucketBatches, ImageDataset, TrainingSample, check_enough_samples, discover_dataset
+from ..hidream.forward import hidream_transformer
+from ..hidream.frozen import image_token_limit, transformer_config
 from ..hidream.models import (HiDreamModelPaths, component_identity, load_text_encoders, load_vae,
-                              resolve_model_paths, text_encoders_identity)
+                              resolve_model_paths, scheduler_shift, text_encoders_identity)
 from ..hidream.vae import latents_to_images
 from ..quant import quantize_frozen
 from ..util.device import release_memory
@@ -47,22 +50,27 @@ class TrainingData:
     decode_latents: Callable[[torch.Tensor], list[Image.Image]]
     model_paths: Optional[HiDreamModelPaths]  # None when the front end gave every model
     latent_stats: CacheStats = field(default_factory=CacheStats)
+    sampling_shift: float = SamplingConfig.shift  # the model's own (scheduler config), what validation samples with
 
     def load_latents(self, batch: list[TrainingSample]) -> torch.Tensor:
         return torch.stack([self.latent_caches[s.dataset_id].load([s])[0] for s in batch])
 
 
-def discover(config: TrainConfig, world_size: int = 1
+def discover(config: TrainConfig, world_size: int = 1, max_tokens: Optional[int] = None
              ) -> tuple[list[ImageDataset], list[TrainingSample], BucketBatches]:
     """Find the training and eval samples and check there are enough, before any model is loaded.
 
-    Eval samples come from dataset_type eval datasets; without one (and with eval_steps_interval set),
-    num_eval_images training images are held out (seeded choice) and never trained on.
+    Buckets are fitted under `max_tokens`, the transformer's image-token limit. Eval samples come from
+    dataset_type eval datasets; without one (and with eval_steps_interval set), num_eval_images training images
+    are held out (seeded choice) and never trained on.
     """
     config.validate()
-    found = [discover_dataset(d, seed=config.seed) for d in config.datasets]
+    found = [discover_dataset(d, seed=config.seed, max_tokens=max_tokens) for d in config.datasets]
     for ds in found:
         logger.info(ds.report.format())
+        if ds.config.is_regularisation_data:
+            logger.info("dataset '%s' is regularisation data (SimpleTuner's prior preservation): its images are "
+                        "trained towards what the base model, adapter off, predicts for them", ds.config.id)
     datasets = [ds for ds in found if ds.config.dataset_type == "image"]
     eval_samples = [s for ds in found if ds.config.dataset_type == "eval" for s in ds.samples]
     if config.eval_steps_interval and not eval_samples and config.num_eval_images:
@@ -109,14 +117,20 @@ def _progress_to(bar: tqdm) -> Callable[[int, int], None]:
 def prepare_data(config: TrainConfig, ctx: RunContext, given: ModelComponents) -> TrainingData:
     """Discover the data, resolve the run's length and fill both caches (rank 0 fills, the others then read)."""
     ctx.phase("discovering data")
-    datasets, eval_samples, batches = discover(config, ctx.ranks.world_size)
+    needs_files = None in (given.transformer, given.text_encoder, given.image_encoder, given.decode_latents)
+    try:  # the model's files and its token limit (its config), which the buckets are fitted under
+        paths = resolve_model_paths(config.pretrained_model_name_or_path, config.pretrained_llama_path,
+                                    require_text_encoders=given.text_encoder is None,
+                                    require_transformer=config.pretrained_transformer_model_name_or_path is None
+                                    ) if needs_files else None
+        max_tokens = transformer_token_limit(config, given, paths)
+    except ConfigError:
+        discover(config, ctx.ranks.world_size)  # what is wrong with the data is still said first
+        raise
+    check_validation_sizes(config, max_tokens)
+    datasets, eval_samples, batches = discover(config, ctx.ranks.world_size, max_tokens)
     total_steps = resolve_total_steps(config, batches.batches_per_epoch())
     prompts = validation_prompts(config.validation_prompt, config.user_prompt_library)
-    needs_files = None in (given.transformer, given.text_encoder, given.image_encoder, given.decode_latents)
-    paths = resolve_model_paths(config.pretrained_model_name_or_path, config.pretrained_llama_path,
-                                require_text_encoders=given.text_encoder is None,
-                                require_transformer=config.pretrained_transformer_model_name_or_path is None
-                                ) if needs_files else None
 
     ctx.phase("caching text embeddings")
     captions = [s.caption for ds in datasets for s in ds.samples] + [s.caption for s in eval_samples]
@@ -134,7 +148,43 @@ def prepare_data(config: TrainConfig, ctx: RunContext, given: ModelComponents) -
     return TrainingData(datasets=datasets, eval_samples=eval_samples, batches=batches, total_steps=total_steps,
                         prompts=prompts, text_cache=text_cache, latent_caches=latent_caches,
                         decode_latents=given.decode_latents or _vae_decoder(vae, config, ctx.device),
-                        model_paths=paths, latent_stats=latent_stats)
+                        model_paths=paths, latent_stats=latent_stats, sampling_shift=sampling_shift(config, given))
+
+
+def transformer_token_limit(config: TrainConfig, given: ModelComponents,
+                            paths: Optional[HiDreamModelPaths]) -> int:
+    """The image-token limit of the transformer this run trains (the one given, or the config of the one it will
+    load), known before any data is cached."""
+    if given.transformer is not None:
+        return image_token_limit(hidream_transformer(given.transformer).config)
+    return image_token_limit(transformer_config(paths, config.pretrained_transformer_model_name_or_path))
+
+
+def sampling_shift(config: TrainConfig, given: ModelComponents) -> float:
+    """The shift validation samples with: the model's own scheduler's (given by the front end, or read from the
+    model folder), else HiDream-I1-Full's."""
+    shift = given.sampling_shift or scheduler_shift(config.pretrained_model_name_or_path)
+    return shift or SamplingConfig.shift
+
+
+def check_validation_sizes(config: TrainConfig, max_tokens: int) -> None:
+    """A non-square validation size over the transformer's limit cannot be sampled (its padding has no room):
+    refused before any caching. A square one runs unpadded, beyond what the model was trained at: said once."""
+    if not config.validation_prompt and not config.user_prompt_library:
+        return
+    for width, height in config.validation_resolutions:
+        tokens = image_tokens((width, height))
+        if tokens <= max_tokens:
+            continue
+        side = largest_square_side(max_tokens)
+        if width != height:
+            fits = fit_to_token_limit((width, height), width / height, max_tokens)
+            raise ConfigError(f"validation_resolution {width}x{height} is {tokens} image tokens; this transformer "
+                              f"pads non-square pictures to at most {max_tokens} ({side}x{side} px in area): use "
+                              f"a size with width x height <= {side * side} pixels, e.g. {fits[0]}x{fits[1]}")
+        logger.warning("validation_resolution %dx%d is %d image tokens, more than the %d (%dx%d px) this "
+                       "transformer was made for: it samples unpadded, slowly, and may not draw well", width, height,
+                       tokens, max_tokens, side, side)
 
 
 def _text_encoder_precisions(config: TrainConfig) -> list[str]:

@@ -100,7 +100,8 @@ def new_train_step(config: TrainConfig, ctx: RunContext, trained: TrainingModel,
     noise = NoiseSampler(state.noise_generator, config.noise_schedule(), ctx.ranks)
     step = TrainStep(trained.model, trained.adapter.parameters(), state.optimizer, trained.load_balancing,
                      config.step_settings(), noise, ranks=ctx.ranks, sharded=ctx.sharded, ema=state.ema,
-                     lr_schedule=state.lr_schedule, lower_memory=lambda: _lower_memory_setting(config, ctx, trained))
+                     lr_schedule=state.lr_schedule, lower_memory=lambda: _lower_memory_setting(config, ctx, trained),
+                     adapter_off=trained.adapter.disabled)
     if config.cuda_graphs:  # each bucket's step captured once and replayed (graphed_step.py); says why if not
         from .graphed_step import GraphedTrainStep
 
@@ -158,5 +159,3 @@ def _log_accepted_settings(config: TrainConfig) -> None:
     if config.validation_torch_compile:
         logger.info("validation_torch_compile is not applied: validation merges the LoKr into the weights, which "
                     "would recompile the model at every validation")
-    if config.aspect_bucket_rounding is not None:
-        logger.info("aspect_bucket_rounding is not needed: buckets here are exact multiples of 16 pixels")

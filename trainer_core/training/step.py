@@ -1,6 +1,7 @@
 """One optimizer step of LoKr training, the same function in the trainer's loop and in the benchmark.
 
     for each micro-batch:  noise, sigma -> x_sigma -> predict_flow -> (pred - (noise - x0))^2 (+ MoE aux) -> backward
+                           (regularisation samples: target = the base model's own prediction, adapter off)
     then:                  gradients averaged (FSDP) -> clipped -> optimizer step (skipped if non-finite) -> EMA
 
 The logged numbers (losses, gradient norm) stay on the device. Where the optimizer allows it (guarded_update.py:
@@ -25,7 +26,7 @@ from ..config.schema import NoiseSchedule, StepSettings
 from ..hidream.embeds import PromptEmbeds
 from ..hidream.flow_matching import (LoadBalancingLoss, flow_matching_loss, flow_matching_target, noisy_latents,
                                      resolution_shift, sample_sigmas, shift_sigmas)
-from ..hidream.forward import predict_flow
+from ..hidream.forward import hidream_transformer, predict_flow
 from ..util.device import peak_memory_bytes, release_memory
 from .distributed import DistributedContext, average_gradients
 from .guarded_update import GuardedUpdate
@@ -36,10 +37,12 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class MicroBatch:
     """This rank's slice of one micro-batch: latents (B, 16, h, w) float32 on the device and their captions'
-    conditioning (captions dropped to "" already applied)."""
+    conditioning (captions dropped to "" already applied). `regularisation` (B,) bool marks samples of
+    is_regularisation_data datasets (None: there are none)."""
 
     latents: torch.Tensor
     embeds: PromptEmbeds
+    regularisation: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -111,39 +114,60 @@ class NoiseSampler:
 
 
 def flow_matching_losses(model: nn.Module, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-                         embeds: PromptEmbeds, load_balancing: LoadBalancingLoss, add_load_balancing: bool
+                         embeds: PromptEmbeds, load_balancing: LoadBalancingLoss, add_load_balancing: bool,
+                         target: Optional[torch.Tensor] = None
                          ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(loss to backpropagate, flow-matching loss, MoE load-balancing loss or None) of one micro-batch.
 
-    The load-balancing loss is added with its gradient and weighted once (inside LoadBalancingLoss) when
-    `add_load_balancing`; it is computed and returned for logging either way.
+    `target` is what the prediction is trained towards: None for the flow noise - x0 (`regularised_target` gives
+    the one of a batch with regularisation samples). The load-balancing loss is added with its gradient and
+    weighted once (inside LoadBalancingLoss) when `add_load_balancing`; it is computed and returned for logging
+    either way.
     """
     load_balancing.clear()
     prediction = predict_flow(model, noisy_latents(latents, noise, sigmas), sigmas * 1000.0, embeds)
-    flow_loss = flow_matching_loss(prediction, flow_matching_target(latents, noise))
+    flow_loss = flow_matching_loss(prediction, flow_matching_target(latents, noise) if target is None else target)
     lb_loss = load_balancing.take()
     loss = flow_loss + lb_loss if add_load_balancing and lb_loss is not None else flow_loss
     return loss, flow_loss.detach(), (lb_loss.detach() if lb_loss is not None else None)
+
+
+def regularised_target(model: nn.Module, micro: MicroBatch, noise: torch.Tensor, sigmas: torch.Tensor,
+                       adapter_off: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """The training target of a micro-batch holding regularisation samples, (B, C, h, w) float32: for those, what
+    the base model (the adapter switched off, no gradient) predicts for the same noisy latents and caption; for
+    the others, the flow noise - x0. SimpleTuner's prior preservation for LoRA / LyCORIS training
+    (trainer.py, `_prepare_regularisation_parent_targets`): it keeps the adapter from changing what the model
+    already draws for such captions. Run before the training forward, so the MoE gates' losses are the latter's."""
+    flow = flow_matching_target(micro.latents, noise).float()
+    with torch.no_grad(), adapter_off():
+        # The transformer itself, not DDP around it: a forward without gradient has nothing to synchronise.
+        base = predict_flow(hidream_transformer(model), noisy_latents(micro.latents, noise, sigmas), sigmas * 1000.0,
+                            micro.embeds)
+    return torch.where(micro.regularisation.view(-1, 1, 1, 1), base.float(), flow)
 
 
 class TrainStep:
     """Forward, backward and update of the adapter for one optimizer step.
 
     `model` is what the forward calls (the transformer, or DDP over it); `params` the adapter's trainable
-    weights; `micro_batches` are functions that load one micro-batch each. `lower_memory` is asked, after the device ran out of memory, for a setting that needs less (it
-    switches it on and names it, or returns None and the error propagates). A step retried that way runs on the
-    same micro-batches and noise.
+    weights; `micro_batches` are functions that load one micro-batch each. `lower_memory` is asked, after the
+    device ran out of memory, for a setting that needs less (it switches it on and names it, or returns None and
+    the error propagates). A step retried that way runs on the same micro-batches and noise. `adapter_off` is a
+    context in which the model runs without the adapter (the regularisation samples' targets).
     """
 
     def __init__(self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
                  load_balancing: LoadBalancingLoss, settings: StepSettings, noise: "NoiseSource",
                  ranks: DistributedContext = DistributedContext(), sharded: bool = False,
                  ema: Optional[AdapterEMA] = None, lr_schedule=None,
-                 lower_memory: Optional[Callable[[], Optional[str]]] = None):
+                 lower_memory: Optional[Callable[[], Optional[str]]] = None,
+                 adapter_off: Optional[Callable[[], contextlib.AbstractContextManager]] = None):
         self.model, self.params, self.optimizer = model, list(params), optimizer
         self.load_balancing, self.settings, self.noise = load_balancing, settings, noise
         self.ranks, self.sharded, self.ema, self.lr_schedule = ranks, sharded, ema, lr_schedule
         self.lower_memory = lower_memory or (lambda: None)
+        self.adapter_off = adapter_off
         self.nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
         self.update = GuardedUpdate(optimizer, self.params, ema)
@@ -164,12 +188,17 @@ class TrainStep:
             device = micro.latents.device
             sums = torch.zeros(3, dtype=torch.float64, device=device) if sums is None else sums
             noise, sigmas = self.noise.draw(micro.latents)
+            target = None
+            if micro.regularisation is not None:
+                if self.adapter_off is None:
+                    raise RuntimeError("regularisation samples need the step's adapter_off context")
+                target = regularised_target(self.model, micro, noise, sigmas, self.adapter_off)
             # DDP averages gradients once per optimizer step, not per micro-batch.
             sync = self.model.no_sync() if hasattr(self.model, "no_sync") and i < n - 1 else contextlib.nullcontext()
             with sync:
                 loss, flow_loss, lb_loss = flow_matching_losses(
                     self.model, micro.latents, noise, sigmas, micro.embeds, self.load_balancing,
-                    self.settings.use_load_balancing_loss)
+                    self.settings.use_load_balancing_loss, target)
                 (loss / n).backward()
             parts = [loss.detach(), flow_loss, lb_loss if lb_loss is not None else torch.zeros((), device=device)]
             sums += torch.stack([p.to(torch.float64) for p in parts]) / n
@@ -242,6 +271,10 @@ class TrainStep:
         return torch.cat([losses, total_norm.to(losses).reshape(1)])  # loss, flow, lb, grad norm
 
     def _clip(self, total_norm: torch.Tensor) -> None:
+        """SimpleTuner's clipping: "value" clamps every gradient element to +-max_grad_norm, "norm" rescales the
+        whole gradient to at most that norm; max_grad_norm 0 does neither."""
+        if self.settings.max_grad_norm <= 0:
+            return
         if self.settings.grad_clip_method == "value":
             torch.nn.utils.clip_grad_value_(self.params, self.settings.max_grad_norm)
         else:
