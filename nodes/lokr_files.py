@@ -8,7 +8,7 @@ import folder_paths
 
 from ..trainer_core.config import ConfigError
 from .compat import io
-from .paths import new_lora_file
+from .paths import checked_output_name, new_lora_file
 from .types import CATEGORY, LoKrHandle, LoKrType
 
 
@@ -30,6 +30,15 @@ class SaveLoKr(io.ComfyNode):
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix: str) -> bool | str:
+        """Checked when the graph is queued: the file name may not leave output/loras."""
+        try:
+            checked_output_name(filename_prefix, "filename_prefix", subfolders=True)
+        except ConfigError as exc:
+            return str(exc)
+        return True
 
     @classmethod
     def execute(cls, lokr: LoKrHandle, filename_prefix: str) -> io.NodeOutput:

@@ -25,7 +25,7 @@ from ..trainer_core.util import quiet_libraries
 from . import run_store
 from .compat import cancel_requested, current_prompt_id, interrupt_exception, io, progress_bar, raise_interrupt
 from .lokr_config import LoKrSettings
-from .paths import new_run_dir
+from .paths import new_run_dir, run_folder_name
 from .run_registry import REGISTRY, TrainingRun
 from .train_settings import (ESSENTIALS, GROUPS, INIT_LOKR_FIELD, RESUME_CHOICES, RESUME_FIELD, TRAIN_LAYOUT,
                              config_as_json, merged_settings, run_fingerprint, train_config_from_settings)
@@ -191,13 +191,15 @@ class TrainHiDreamLoKr(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, resume_from_checkpoint: str = "") -> bool | str:
-        """The resume choice (its list is only what was on disk when the page loaded; a path is fine too)."""
+    def validate_inputs(cls, resume_from_checkpoint: str = "", output_name: str = "hidream_lokr") -> bool | str:
+        """Checked when the graph is queued, before anything runs: the run name (it becomes a folder under
+        output/hidream_lokr) and the resume choice (its list is only what was on disk when the page loaded; a
+        checkpoint of the pack's runs given by path is fine too)."""
         choice = (resume_from_checkpoint or "").strip()
-        if not choice or choice in RESUME_CHOICES or choice in ("none", "new"):
-            return True
         try:
-            run_store._resolve_checkpoint_choice(choice)
+            run_folder_name(output_name or "hidream_lokr")
+            if choice and choice not in RESUME_CHOICES and choice not in ("none", "new"):
+                run_store._resolve_checkpoint_choice(choice)
         except ConfigError as exc:
             return str(exc)
         return True
