@@ -15,6 +15,7 @@ Tested: ComfyUI 0.3.75 with frontends 1.32.9 (the one it pins) and 1.58.1.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from typing import Any, Callable, Optional
@@ -60,6 +61,31 @@ def interrupt_exception() -> type:
 def cancel_requested() -> bool:
     """Whether the user pressed Cancel, without consuming the flag."""
     return bool(_model_management().processing_interrupted())
+
+
+@contextlib.contextmanager
+def comfy_training():
+    """Tell ComfyUI's memory manager that a training runs, for as long as the block runs, whatever ends it.
+
+    Newer ComfyUI has the flag `comfy.model_management.in_training` (its own trainer sets it; its ops then keep
+    autograd-friendly code paths and its memory manager knows weights may be in use by a backward pass). ComfyUI
+    0.3.75 has no such flag: nothing is set there."""
+    mm = _model_management()
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
+def free_memory_estimate(device) -> float:
+    """ComfyUI's figure of free memory on `device`, in GiB: an estimate (newer ComfyUI does not count what its
+    idle dynamic models hold and will give back), so people are told "about"."""
+    return _model_management().get_free_memory(device) / 2**30
 
 
 def raise_interrupt() -> None:
@@ -119,3 +145,70 @@ def add_prompt_handler(handler: Callable[[dict], dict]) -> bool:
 def routes() -> Any:
     server = prompt_server()
     return None if server is None else server.routes
+
+
+# ---------------------------------------------------------------------------------------------- LoRA application
+
+def bypass_reason(model) -> Optional[str]:
+    """Why a LoKr should run beside `model`'s weights instead of being merged into them (None: merging is fine).
+
+    A dynamic model (newer ComfyUI's Dynamic VRAM: `is_dynamic()`) has no fixed weights to patch; 8-bit or
+    otherwise quantised weights would be rounded again with the LoKr merged in (ComfyUI's own trainer and loader
+    bypass for both)."""
+    import torch
+
+    if callable(getattr(model, "is_dynamic", None)) and model.is_dynamic():
+        return "a dynamic model (Dynamic VRAM)"
+    diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
+    for p in diffusion_model.parameters() if diffusion_model is not None else ():
+        if p.dtype.itemsize == 1 or type(p).__name__ == "QuantizedTensor":
+            return f"{p.dtype} weights" if type(p).__name__ != "QuantizedTensor" else "quantised weights"
+    return None
+
+
+def apply_lora(model, lora: dict, strength: float, bypass: bool):
+    """`model` (a ModelPatcher) with `lora` (a LoRA file's keys and tensors) added, as a new clone.
+
+    Merged: comfy.sd.load_lora_for_models, what LoraLoaderModelOnly does. Bypass (the weights are never changed):
+    comfy.sd.load_bypass_lora_for_models where this ComfyUI has it (newer releases: the adapter's own forward
+    beside the layer's); on ComfyUI without it (0.3.75), ComfyUI's weight wrappers add the same delta to each
+    weight as it is cast for a forward pass (what its own TrainLoraNode does there), so the stored weights stay
+    as loaded."""
+    import comfy.sd
+
+    if not bypass:
+        return comfy.sd.load_lora_for_models(model, None, lora, strength, 0)[0]
+    native = getattr(comfy.sd, "load_bypass_lora_for_models", None)
+    if native is not None:
+        return native(model, None, lora, strength, 0)[0]
+    return _weight_wrapper_bypass(model, lora, strength)
+
+
+def _weight_wrapper_bypass(model, lora: dict, strength: float):
+    import functools
+
+    import comfy.lora
+    import comfy.lora_convert
+
+    import comfy.utils
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map)
+    patched = model.clone()
+    merged = {}
+    for key, patch in loaded.items():
+        module = comfy.utils.get_attr(model.model, key.rsplit(".", 1)[0]) if isinstance(key, str) else None
+        if module is None or not hasattr(module, "weight_function"):  # not a ComfyUI op: no wrapper runs there
+            merged[key] = patch
+            continue
+        patched.add_weight_wrapper(key, functools.partial(_add_delta, [(strength, patch, 1.0, None, None)], key))
+    if merged:
+        patched.add_patches(merged, strength)
+    return patched
+
+
+def _add_delta(patches: list, key: str, weight):
+    """A weight wrapper: `weight` is ComfyUI's fresh compute-dtype copy of the stored weight for this forward."""
+    import comfy.lora
+
+    return comfy.lora.calculate_weight(patches, weight, key)

@@ -147,3 +147,52 @@ def test_settings_that_do_not_change_what_trains_leave_the_fingerprint_alone(pac
     for name, value in (("learning_rate", 1e-3), ("seed", 1), ("lr_scheduler", "constant"),
                         ("mixed_precision", "no"), ("train_batch_size", 2)):
         assert settings.run_fingerprint("m", "d", ["t", "i"], {"factor": 16}, {**base, name: value}) != key, name
+
+
+def test_comfyuis_training_flag_is_up_while_training_and_down_on_every_exit(pack):
+    """comfy.model_management.in_training (newer ComfyUI) is set around the training and put back however it ends;
+    on a ComfyUI without the flag (0.3.75) nothing is added."""
+    import comfy.model_management as mm
+
+    compat = importlib.import_module("hidream_lokr_pack.nodes.compat")
+    had = hasattr(mm, "in_training")
+    if not had:
+        with compat.comfy_training():
+            assert not hasattr(mm, "in_training")
+        mm.in_training = False  # as newer ComfyUI declares it
+    try:
+        with compat.comfy_training():
+            assert mm.in_training is True
+        assert mm.in_training is False
+        for ending in (mm.InterruptProcessingException, RuntimeError, KeyboardInterrupt):
+            with pytest.raises(ending):
+                with compat.comfy_training():
+                    assert mm.in_training is True
+                    raise ending()
+            assert mm.in_training is False
+    finally:
+        if not had:
+            del mm.in_training
+
+
+def test_the_loaded_model_tells_comfyuis_ram_cache_its_size(pack, tmp_path):
+    """HIDREAM_MODEL exposes `_comfy_cache_tensors()`, which newer ComfyUI's RAM-pressure cache sizes an output by:
+    plain CPU tensors adding up to the model's bytes (a quantised base given as its plain parts)."""
+    from trainer_core.hidream import load_transformer, resolve_model_paths
+    from trainer_core.hidream.tiny import build_tiny_model
+    from trainer_core.quant import quantize_frozen
+
+    types = importlib.import_module("hidream_lokr_pack.nodes.types")
+    transformer = load_transformer(resolve_model_paths(build_tiny_model(tmp_path / "tiny")), dtype=torch.float32)
+
+    def cache_bytes(model) -> int:  # what ComfyUI's scanner adds up: each CPU storage once
+        tensors = model._comfy_cache_tensors()
+        assert tensors and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+                               for t in tensors)
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+    full = sum(t.numel() * t.element_size() for t in (*transformer.parameters(), *transformer.buffers()))
+    assert cache_bytes(types.HiDreamModel(transformer=transformer, name="tiny")) == full
+    quantize_frozen(transformer, "int8-quanto")
+    quantised = cache_bytes(types.HiDreamModel(transformer=transformer, name="tiny int8"))
+    assert full / 5 < quantised < full / 2  # int8 weights (+ scales, norms and biases in float)

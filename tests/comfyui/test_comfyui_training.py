@@ -151,6 +151,30 @@ def test_unchanged_requeue_reuses_the_trained_run(comfy, demo_run):
     assert lora_files(comfy) == before_files and run_dirs(comfy, "tiny_demo") == before_runs
 
 
+def test_comfyuis_own_training_nodes_take_the_lora_and_loss_map_outputs(comfy, demo_run):
+    """The Train node's LORA_MODEL and LOSS_MAP outputs into ComfyUI's own Save LoRA Weights and Plot Loss Graph
+    (its Load LoRA Model is checked against the core's prediction in test_comfyui_native_lokr.py): the saved file
+    holds the LoKr's tensors, the plot is drawn from the run's 400 losses. The training itself is served from
+    ComfyUI's cache."""
+    import torch
+    from safetensors.torch import load_file
+
+    graph = load_graph(DEMO)
+    graph["20"] = {"class_type": "SaveLoRA", "inputs": {"lora": [TRAIN, 3], "prefix": "loras/native_save"}}
+    graph["21"] = {"class_type": "LossGraphNode", "inputs": {"loss": [TRAIN, 4], "filename_prefix": "loss"}}
+    entry = comfy.wait(comfy.submit(graph))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (cached,) = messages(entry, "execution_cached")
+    assert TRAIN in cached["nodes"]
+    (saved,) = (comfy.output_dir() / "loras").glob("native_save_*.safetensors")
+    (run,) = run_dirs(comfy, "tiny_demo")[:1]
+    ours = load_file(str(run / "pytorch_lora_weights.safetensors"))
+    theirs = load_file(str(saved))
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    assert len(json.loads((run / "losses.json").read_text())) == STEPS
+    assert entry["outputs"]["21"]["images"], entry["outputs"]
+
+
 def test_changed_dataset_file_retrains(comfy, demo_run):
     """ComfyUI's cache keys on inputs; the dataset node also fingerprints its files, so an edited caption counts."""
     folder = comfy.base_dir / "input" / "hidream_lokr_demo_zorb"
