@@ -2,16 +2,19 @@
 the few server/execution hooks it needs from here, so a ComfyUI release that moves or changes one of them is fixed
 in this file alone.
 
-- The V3 node API comes from a pinned version module (`comfy_api.v0_0_2`, what this pack is written and tested
-  against) where the running ComfyUI has one; ComfyUI's maintainers advise pinning instead of `latest`, which is
-  their development API. Older releases without versioned modules fall back to `comfy_api.latest`.
+- The V3 node API is `comfy_api.latest`: ComfyUI's current API, in every release since 0.3.6x. The versioned
+  modules are no pin: `comfy_api.v0_0_2` re-exports `latest` in the releases read for this pack (0.3.75, and the
+  newer source of comfy_api/v0_0_2/__init__.py), so importing it would only pretend to pin. What the pack relies on
+  is checked instead (`io`, `ui`, `ComfyExtension` here; optional newer parts such as `io.LoraModel`,
+  `comfy.sd.load_bypass_lora_for_models` or `comfy.model_management.in_training` where they are used, with a
+  fallback on ComfyUI without them).
 - Interrupts: ComfyUI 0.3.75 checks the Cancel flag in every ProgressBar update; newer releases throttle those
   updates, so the training asks for the flag itself (`cancel_requested`). `InterruptProcessingException` derives from
   Exception in 0.3.75 and from BaseException later: catch it by name, never with a broad `except Exception`.
 - The prompt server (websocket messages, HTTP routes, prompt hooks) exists only inside a running ComfyUI server;
   outside one (unit tests) the helpers here do nothing.
 
-Tested: ComfyUI 0.3.75 with frontends 1.32.9 (the one it pins) and 1.58.1.
+Tested: ComfyUI 0.3.75 with frontends 1.32.9 (the one it pins) and 1.58.1; newer ComfyUI read, not run.
 """
 from __future__ import annotations
 
@@ -22,21 +25,21 @@ from typing import Any, Callable, Optional
 
 logger = logging.getLogger(__name__)
 
-PINNED_API = "v0_0_2"
 TESTED_COMFYUI = "0.3.75"
 TESTED_FRONTENDS = ("1.32.9", "1.58.1")
+V3_API = "comfy_api.latest"
 
 
 def _import_v3_api():
-    for name in (f"comfy_api.{PINNED_API}", "comfy_api.latest"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if all(hasattr(module, attr) for attr in ("io", "ui", "ComfyExtension")):
-            return name, module
-    raise ImportError("this ComfyUI has no V3 node API (comfy_api.latest): the HiDream LoKr nodes need ComfyUI "
-                      f"0.3.6x or newer (tested on {TESTED_COMFYUI})")
+    try:
+        module = importlib.import_module(V3_API)
+    except ImportError:
+        module = None
+    missing = [attr for attr in ("io", "ui", "ComfyExtension") if not hasattr(module, attr)]
+    if missing:
+        raise ImportError(f"this ComfyUI has no V3 node API ({V3_API} lacks {', '.join(missing)}): the HiDream LoKr "
+                          f"nodes need ComfyUI 0.3.6x or newer (tested on {TESTED_COMFYUI})")
+    return V3_API, module
 
 
 API_MODULE, _api = _import_v3_api()
