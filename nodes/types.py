@@ -47,13 +47,20 @@ class HiDreamModel:
 
     def _comfy_cache_tensors(self) -> list:
         """The tensors this value holds, for newer ComfyUI's RAM-pressure output cache (comfy_execution/caching.py
-        sizes an output by its CPU tensors or this hook; any other object counts as almost nothing, so a model of
-        tens of GB would look free to drop and expensive to nobody). Plain tensors only: a quantised tensor
-        subclass is given as the plain tensors it is made of."""
+        sizes an output by its CPU tensors or this hook; any other object counts as almost nothing, so the cache
+        would misjudge what dropping a model of tens of GB frees). Plain tensors only: a quantised tensor subclass
+        is given as the plain tensors it is made of."""
         modules = [self.transformer]
         modules += list(getattr(self.text_encoder, "modules", lambda: [])())
         modules.append(getattr(self.image_encoder, "vae", None))
         return [t for m in modules if m is not None for p in (*m.parameters(), *m.buffers()) for t in _plain(p)]
+
+    def get_ram_usage(self) -> int:
+        """Bytes of host memory this value holds: what ComfyUI 0.3.75's RAM-pressure cache (--cache-ram) asks an
+        output for (as it asks its own ModelPatcher); each CPU storage counted once."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in self._comfy_cache_tensors() if t.device.type == "cpu"}
+        return sum(storages.values())
 
 
 def _plain(t) -> list:

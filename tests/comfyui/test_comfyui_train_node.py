@@ -176,8 +176,9 @@ def test_comfyuis_training_flag_is_up_while_training_and_down_on_every_exit(pack
 
 
 def test_the_loaded_model_tells_comfyuis_ram_cache_its_size(pack, tmp_path):
-    """HIDREAM_MODEL exposes `_comfy_cache_tensors()`, which newer ComfyUI's RAM-pressure cache sizes an output by:
-    plain CPU tensors adding up to the model's bytes (a quantised base given as its plain parts)."""
+    """HIDREAM_MODEL tells ComfyUI's RAM-pressure cache its size: `_comfy_cache_tensors()` (newer ComfyUI), plain
+    CPU tensors adding up to the model's bytes (a quantised base given as its plain parts), and `get_ram_usage()`
+    (0.3.75's --cache-ram)."""
     from trainer_core.hidream import load_transformer, resolve_model_paths
     from trainer_core.hidream.tiny import build_tiny_model
     from trainer_core.quant import quantize_frozen
@@ -192,7 +193,8 @@ def test_the_loaded_model_tells_comfyuis_ram_cache_its_size(pack, tmp_path):
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     full = sum(t.numel() * t.element_size() for t in (*transformer.parameters(), *transformer.buffers()))
-    assert cache_bytes(types.HiDreamModel(transformer=transformer, name="tiny")) == full
+    model = types.HiDreamModel(transformer=transformer, name="tiny")
+    assert cache_bytes(model) == full == model.get_ram_usage()  # get_ram_usage: what 0.3.75's --cache-ram asks
     quantize_frozen(transformer, "int8-quanto")
     quantised = cache_bytes(types.HiDreamModel(transformer=transformer, name="tiny int8"))
     assert full / 5 < quantised < full / 2  # int8 weights (+ scales, norms and biases in float)
