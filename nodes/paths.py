@@ -112,7 +112,8 @@ def escaping_links(folder: Path, roots: list[Path]) -> list[str]:
         kept = []
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)
-            if not any(is_inside(root, full) for root in roots):
+            # Only a link can lead out: the folders walked are inside (the others are never entered).
+            if os.path.islink(full) and not any(is_inside(root, full) for root in roots):
                 found.append(os.path.relpath(full, folder))
             elif name in dirnames and os.path.realpath(full) not in visited:
                 kept.append(name)
