@@ -334,15 +334,15 @@ def test_interrupt_during_validation_stops_at_the_step_boundary_and_requeue_resu
     assert first["step"] == record["steps_done"] + 1
 
 
-def test_interrupt_while_caching_latents_leaves_only_complete_entries(comfy, events, demo_run, tmp_path):
+def test_interrupt_while_caching_latents_leaves_only_complete_entries(comfy, events, demo_run):
     rng = np.random.default_rng(0)
-    data = tmp_path / "many"
-    data.mkdir()
+    data = comfy.base_dir / "input" / "many_noise"  # a queued prompt reads images from ComfyUI's input folder
+    data.mkdir(parents=True)
     for i in range(240):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"noise_{i:03d}.png")
         (data / f"noise_{i:03d}.txt").write_text(f"noise pattern number {i}")
     graph = load_graph(DEMO)
-    graph["2"]["inputs"].update(folder=str(data), resolution=64)
+    graph["2"]["inputs"].update(folder=data.name, resolution=64)
     graph[TRAIN]["inputs"].update(max_train_steps=2, validation_prompt="", output_name="interrupt_caching")
     graph["4"]["inputs"]["batch_size"] = 1
     prompt_id = comfy.submit(graph)
