@@ -32,23 +32,24 @@ def token_limit(model: HiDreamModel | None) -> int:
     return image_token_limit(model.transformer.config if model is not None else HIDREAM_I1_CONFIG)
 
 
-def text_encoder_for(model: HiDreamModel | None, clip) -> object:
-    """The encoder a text-cache node uses: ComfyUI's CLIP when connected, else the model's own encoders."""
+def text_encoder_for(model: HiDreamModel | None, clip, origin: str | None = None) -> object:
+    """The encoder a text-cache node uses: ComfyUI's CLIP when connected (`origin`: what made it, from the queued
+    prompt, comfy_adapters.graph_origin), else the model's own encoders."""
     if clip is not None:
         from .comfy_adapters import ComfyClipTextEncoder
 
-        return ComfyClipTextEncoder(clip)
+        return ComfyClipTextEncoder(clip, origin)
     if model is not None and model.text_encoder is not None:
         return model.text_encoder
     raise ConfigError("no text encoder: connect a HiDream model loaded with its text encoders, or a CLIP from "
                       "QuadrupleCLIPLoader (the four HiDream text encoders)")
 
 
-def image_encoder_for(model: HiDreamModel | None, vae) -> object:
+def image_encoder_for(model: HiDreamModel | None, vae, origin: str | None = None) -> object:
     if vae is not None:
         from .comfy_adapters import ComfyVaeImageEncoder
 
-        return ComfyVaeImageEncoder(vae)
+        return ComfyVaeImageEncoder(vae, origin)
     if model is not None and model.image_encoder is not None:
         return model.image_encoder
     raise ConfigError("no image encoder: connect a HiDream model loaded with its VAE, or a VAE from VAELoader "
@@ -74,14 +75,16 @@ class CacheTextEmbeddings(io.ComfyNode):
                                       "encoders); wins over the model's encoders when both are connected."),
             ],
             outputs=[DatasetType.Output(display_name="dataset", tooltip="The dataset, its text cache filled")],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
     def execute(cls, dataset: TrainingData, hidream_model: HiDreamModel = None, clip=None) -> io.NodeOutput:
         from ..trainer_core.data import TextEmbeddingCache
 
-        encoder = text_encoder_for(hidream_model, clip)
+        from .comfy_adapters import graph_origin
+
+        encoder = text_encoder_for(hidream_model, clip, graph_origin(cls.hidden.prompt, cls.hidden.unique_id, "clip"))
         captions = [s.caption for s in _samples(dataset)]
         with quiet_libraries(diffusers=False):  # the text encoders' forward passes warn about their attention implementation
             TextEmbeddingCache(dataset.cache_dir / "text", encoder.identity).fill(
@@ -107,7 +110,7 @@ class CacheLatents(io.ComfyNode):
                              tooltip="Images per VAE call (of one bucket)."),
             ],
             outputs=[DatasetType.Output(display_name="dataset", tooltip="The dataset, its latent cache filled")],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -115,7 +118,9 @@ class CacheLatents(io.ComfyNode):
                 batch_size: int = 1) -> io.NodeOutput:
         from ..trainer_core.data import LatentCache
 
-        encoder = image_encoder_for(hidream_model, vae)
+        from .comfy_adapters import graph_origin
+
+        encoder = image_encoder_for(hidream_model, vae, graph_origin(cls.hidden.prompt, cls.hidden.unique_id, "vae"))
         LatentCache(dataset.cache_dir / "latents", encoder.identity).fill(
             _samples(dataset, token_limit(hidream_model)), encoder, batch_size,
             progress=_progress(cls.hidden.unique_id))

@@ -30,8 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
-from typing import Sequence
+import os
+import uuid
+import weakref
+from typing import Optional, Sequence
 
 import torch
 
@@ -45,19 +49,91 @@ LLAMA_TOKENS = 128
 DIFFUSERS_TOKENS = 128
 # HiDreamTokenizer's attribute and CLIP.tokenize's key of each of the four encoders.
 TOKENIZERS = {"l": "clip_l", "g": "clip_g", "t5xxl": "t5xxl", "llama": "llama"}
+_SESSION_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # objects without a better identity
 
 
-def _object_identity(kind: str, obj) -> str:
-    """A stable identity for a ComfyUI model object: the hash of its weights' names, shapes and a sample of values."""
+def comfy_model_identity(kind: str, obj, origin: Optional[str] = None) -> str:
+    """A cache-key identity for a ComfyUI CLIP or VAE object that never reads its weights (under Dynamic VRAM
+    even a sample of a 16 GB Llama's values pages in scattered parts of it).
+
+    In order of preference: `origin`, the graph that made the object (its loaders' file names, sizes and modification
+    times and every setting on the way, `graph_origin`): stable across queues and restarts; else ComfyUI's own
+    record of how to load the model again (`patcher.cached_patcher_init` in newer ComfyUI: the loader and its file
+    paths), plus the patches added since (e.g. a LoRA on the CLIP); else this object itself for this session only
+    (its caches are then not reused by a later session, never wrongly reused).
+    """
     h = hashlib.sha256(kind.encode())
-    sd = obj.get_sd() if hasattr(obj, "get_sd") else {}
-    for name in sorted(sd):
-        t = sd[name]
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        flat = t.detach().reshape(-1)
-        if flat.numel():
-            h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
+    patcher = getattr(obj, "patcher", None)
+    init = getattr(patcher, "cached_patcher_init", None)
+    if origin:
+        h.update(origin.encode())
+    elif init:
+        h.update(json.dumps(_describe(init), sort_keys=True).encode())
+        if getattr(patcher, "patches", None):
+            h.update(str(getattr(patcher, "patches_uuid", "")).encode())
+    else:
+        h.update(_SESSION_IDS.setdefault(obj, uuid.uuid4().hex).encode())
     return f"comfy-{kind}-{h.hexdigest()[:32]}"
+
+
+def _describe(value, depth: int = 0):
+    """A JSON-able description of a loader argument: a file is its name, size and modification time (never its
+    contents); objects are their type (never their address)."""
+    if depth > 6:
+        return "..."
+    if isinstance(value, str):
+        if os.path.isfile(value):
+            stat = os.stat(value)
+            return [os.path.basename(value), stat.st_size, stat.st_mtime_ns]
+        return value
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_describe(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe(v, depth + 1) for k, v in value.items()}
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return type(value).__qualname__ if not isinstance(value, (torch.dtype, torch.device)) else str(value)
+
+
+def graph_origin(prompt: Optional[dict], node_id: Optional[str], input_name: str) -> Optional[str]:
+    """What feeds `input_name` of node `node_id` in the queued prompt, as a stable string: every upstream node's
+    class and settings, with the model files its loaders name described by name, size and modification time.
+    None when the prompt does not show it (no prompt, or the input is not a link)."""
+    from .prompt_hook import MODEL_INPUTS
+
+    node = (prompt or {}).get(str(node_id)) if node_id is not None else None
+    link = ((node or {}).get("inputs") or {}).get(input_name)
+    if not (isinstance(link, list) and len(link) == 2):
+        return None
+    seen: dict[str, object] = {}
+
+    def signature(src: str, depth: int):
+        if src in seen or depth > 64:
+            return src
+        upstream = prompt.get(src) or {}
+        class_type = upstream.get("class_type", "")
+        seen[src] = None
+        inputs = {}
+        for name, value in sorted((upstream.get("inputs") or {}).items()):
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                inputs[name] = [signature(value[0], depth + 1), value[1]]
+            elif name in MODEL_INPUTS.get(class_type, {}) and isinstance(value, str):
+                inputs[name] = _model_file(MODEL_INPUTS[class_type][name], value)
+            else:
+                inputs[name] = value
+        seen[src] = [class_type, inputs]
+        return seen[src]
+
+    return json.dumps([signature(str(link[0]), 0), link[1]], sort_keys=True, default=str)
+
+
+def _model_file(folder: str, name: str):
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder, name)
+    return _describe(path) if path else name
 
 
 def conditioning_to_embeds(cond: torch.Tensor, extras: dict, llama_tokens: int | None = LLAMA_TOKENS) -> PromptEmbeds:
@@ -115,10 +191,10 @@ class ComfyClipTextEncoder:
     """TextEncoder over ComfyUI's CLIP (QuadrupleCLIPLoader): the same text for all four encoders, as
     CLIPTextEncode does, tokenized as diffusers' encode_prompt tokenizes it (`diffusers_tokens`)."""
 
-    def __init__(self, clip) -> None:
+    def __init__(self, clip, origin: Optional[str] = None) -> None:
         self.clip = clip
         # "tokens128": encoded from diffusers' 128-token windows (cache entries of the older ComfyUI tokens differ)
-        self.identity = _object_identity("clip-tokens128", clip)
+        self.identity = comfy_model_identity("clip-tokens128", clip, origin)
         self._warned = False
 
     def _tokens(self, prompt: str) -> dict:
@@ -180,9 +256,10 @@ class ComfyVaeImageEncoder:
     """ImageEncoder over ComfyUI's VAE (VAELoader, ae.safetensors), sampling the posterior with each image's
     generator as the core's diffusers VAE does (ComfyUI's own encode returns its mode)."""
 
-    def __init__(self, vae) -> None:
+    def __init__(self, vae, origin: Optional[str] = None) -> None:
         self.vae = vae
-        self.identity = _object_identity("vae-sampled", vae)  # posterior samples (older cache entries: its mode)
+        # "vae-sampled": posterior samples (older cache entries hold its mode)
+        self.identity = comfy_model_identity("vae-sampled", vae, origin)
 
     def encode(self, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         image = ((pixels.float() + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1)  # (B, H, W, 3) in [0, 1]

@@ -8,8 +8,8 @@ import folder_paths
 
 from ..trainer_core.config import ConfigError
 from .compat import io
-from .paths import new_lora_file
-from .types import CATEGORY, LoKrHandle, LoKrType
+from .paths import checked_output_name, new_lora_file
+from .types import CATEGORY, LoKrHandle, LoKrType, LoraModelType
 
 
 class SaveLoKr(io.ComfyNode):
@@ -30,6 +30,15 @@ class SaveLoKr(io.ComfyNode):
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix: str) -> bool | str:
+        """Checked when the graph is queued: the file name may not leave output/loras."""
+        try:
+            checked_output_name(filename_prefix, "filename_prefix", subfolders=True)
+        except ConfigError as exc:
+            return str(exc)
+        return True
 
     @classmethod
     def execute(cls, lokr: LoKrHandle, filename_prefix: str) -> io.NodeOutput:
@@ -80,9 +89,12 @@ class LoadLoKr(io.ComfyNode):
                         "apply it to a MODEL, or continue training from it.",
             inputs=[io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
                                    tooltip="A LyCORIS LoKr .safetensors from the loras folders.")],
-            outputs=[LoKrType.Output(display_name="lokr", tooltip="The loaded LoKr")],
+            outputs=[LoKrType.Output(display_name="lokr", tooltip="The loaded LoKr"),
+                     LoraModelType.Output(display_name="lora",
+                                          tooltip="The same LoKr as ComfyUI's LORA_MODEL (its Load LoRA Model node)")],
         )
 
     @classmethod
     def execute(cls, lora_name: str) -> io.NodeOutput:
-        return io.NodeOutput(lokr_handle_from_file(Path(folder_paths.get_full_path_or_raise("loras", lora_name))))
+        handle = lokr_handle_from_file(Path(folder_paths.get_full_path_or_raise("loras", lora_name)))
+        return io.NodeOutput(handle, handle.state_dict())

@@ -110,9 +110,10 @@ def missing_model_files(prompt: dict, declared: Optional[dict] = None) -> dict[s
                     found = diffusers_folder(name).is_dir()
                 except ConfigError:
                     found = False
-                if not found:
+                if not found:  # or refused: a path outside ComfyUI's models folders is never looked at
                     missing.setdefault(node_id, []).append(
-                        {"input": input_name, "name": name, "folder": "diffusers", "url": ""})
+                        {"input": input_name, "name": name if len(name) <= 80 else name[:80] + "...",
+                         "folder": "diffusers", "url": ""})
     return missing
 
 
@@ -122,7 +123,7 @@ def describe_missing(files: list[dict]) -> str:
         where = _folder_for_people(f["folder"])
         line = f"{f['name']} -> put it in {where}"
         if f["folder"] == "diffusers":
-            line = f"{f['name']} -> a HiDream-I1 diffusers folder under {where} (or its absolute path)"
+            line = f"{f['name']} -> a HiDream-I1 diffusers folder under {where} (its folder name)"
         if f.get("url"):
             line += f"; download: {f['url']}"
         parts.append(line)

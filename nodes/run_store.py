@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .paths import pack_output_dir, run_folder_name
+from .paths import inside_pack_output, pack_output_dir, run_folder_name, shown
 from .train_settings import RESUME_AUTO, RESUME_LATEST, RESUME_START_OVER
 
 logger = logging.getLogger(__name__)
@@ -149,16 +149,14 @@ def _resolve_checkpoint_choice(choice: str) -> Path:
     from ..trainer_core.config import ConfigError
     from ..trainer_core.training import verify_checkpoint
 
-    path = Path(choice).expanduser()
-    if not path.is_absolute():
-        path = pack_output_dir() / choice
+    path = inside_pack_output(choice, "resume_from_checkpoint")  # refuses paths outside the pack's runs
     if checkpoint_step(path) is None or not path.is_dir():
-        raise ConfigError(f"resume_from_checkpoint {choice!r}: no checkpoint folder {path}. Choose auto, start over, "
-                          f"latest, or one of the listed checkpoints (<run folder>/checkpoint-<step> under "
+        raise ConfigError(f"resume_from_checkpoint {shown(choice)}: no checkpoint folder {path}. Choose auto, "
+                          f"start over, latest, or one of the listed checkpoints (<run folder>/checkpoint-<step> under "
                           f"{pack_output_dir()})")
     problem = verify_checkpoint(path)
     if problem:
-        raise ConfigError(f"resume_from_checkpoint {choice!r}: {path} is not a complete checkpoint ({problem}); "
+        raise ConfigError(f"resume_from_checkpoint {shown(choice)}: {path} is not a complete checkpoint ({problem}); "
                           "choose another one, or auto")
     return path
 

@@ -1,6 +1,7 @@
 """LoKr-merged sampling with the trainer core's transformer, and applying a LoKr to a native ComfyUI MODEL."""
 from __future__ import annotations
 
+import logging
 
 import torch
 
@@ -9,6 +10,8 @@ from ..trainer_core.util import quiet_libraries
 from .compat import io, progress_bar
 from .convert import pil_to_image, scaled_to_raw_latents
 from .types import CATEGORY, HiDreamModel, HiDreamModelType, LoKrHandle, LoKrType
+
+logger = logging.getLogger(__name__)
 
 
 class HiDreamLoKrSampler(io.ComfyNode):
@@ -105,26 +108,38 @@ class HiDreamLoKrSampler(io.ComfyNode):
 
 
 class ApplyLoKrToModel(io.ComfyNode):
+    MODES = ["auto", "merge", "bypass"]
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="HiDreamLoKrApplyToModel",
             display_name="Apply HiDream LoKr to MODEL",
             category=f"{CATEGORY}/sampling",
-            description="Patches a native ComfyUI HiDream MODEL (UNETLoader) with the LoKr, exactly as "
-                        "LoraLoaderModelOnly does with a saved file, so the stock KSampler samples with it.",
+            description="Adds the LoKr to a native ComfyUI HiDream MODEL (UNETLoader), as LoraLoaderModelOnly does "
+                        "with a saved file, so the stock KSampler samples with it. Merged into the weights, or in "
+                        "bypass mode beside them (the weights stay as loaded: for fp8 / quantised models and "
+                        "newer ComfyUI's dynamic models).",
             inputs=[io.Model.Input("model", tooltip="A HiDream-I1 MODEL from UNETLoader / Load Diffusion Model."),
                     LoKrType.Input("lokr", tooltip="The trained or loaded LoKr."),
                     io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.01,
-                                   tooltip="LoKr strength (1 = as trained).")],
-            outputs=[io.Model.Output(display_name="model", tooltip="The MODEL with the LoKr patches added")],
+                                   tooltip="LoKr strength (1 = as trained)."),
+                    io.Combo.Input("mode", options=cls.MODES, default="auto", optional=True,
+                                   tooltip="auto: bypass for fp8 / quantised weights and dynamic models, merge "
+                                           "otherwise. merge: the LoKr is added into the weights. bypass: the "
+                                           "weights stay as loaded and the LoKr is added at each forward pass "
+                                           "(no second rounding of 8-bit weights).")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The MODEL with the LoKr added")],
         )
 
     @classmethod
-    def execute(cls, model, lokr: LoKrHandle, strength: float) -> io.NodeOutput:
-        import comfy.sd
+    def execute(cls, model, lokr: LoKrHandle, strength: float, mode: str = "auto") -> io.NodeOutput:
+        from .compat import apply_lora, bypass_reason
 
         if strength == 0:
             return io.NodeOutput(model)
-        patched, _ = comfy.sd.load_lora_for_models(model, None, lokr.state_dict(), strength, 0)
-        return io.NodeOutput(patched)
+        reason = bypass_reason(model) if mode == "auto" else None
+        bypass = mode == "bypass" or reason is not None
+        if reason:
+            logger.info("HiDream LoKr: bypass mode for %s", reason)
+        return io.NodeOutput(apply_lora(model, lokr.state_dict(), strength, bypass))

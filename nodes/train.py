@@ -23,26 +23,28 @@ import torch
 from ..trainer_core.config import ConfigError
 from ..trainer_core.util import quiet_libraries
 from . import run_store
-from .compat import cancel_requested, current_prompt_id, interrupt_exception, io, progress_bar, raise_interrupt
+from .compat import (cancel_requested, comfy_training, current_prompt_id, free_memory_estimate, interrupt_exception,
+                     io, progress_bar, raise_interrupt)
 from .lokr_config import LoKrSettings
-from .paths import new_run_dir
+from .paths import new_run_dir, run_folder_name
 from .run_registry import REGISTRY, TrainingRun
 from .train_settings import (ESSENTIALS, GROUPS, INIT_LOKR_FIELD, RESUME_CHOICES, RESUME_FIELD, TRAIN_LAYOUT,
                              config_as_json, merged_settings, run_fingerprint, train_config_from_settings)
-from .types import CATEGORY, DatasetType, HiDreamModel, HiDreamModelType, LoKrConfigType, LoKrHandle, LoKrType, TrainingData
+from .types import (CATEGORY, DatasetType, HiDreamModel, HiDreamModelType, LoKrConfigType, LoKrHandle, LoKrType,
+                    LossMapType, LoraModelType, TrainingData)
 
 logger = logging.getLogger(__name__)
 MAIN_PREVIEW = "validation_"  # trainer_core names validation_prompt's images validation_<W>x<H>.png
 
 
 def free_comfy_memory(device: torch.device) -> str:
-    """Ask ComfyUI to unload the models it manages and drop cached allocations; say what is free afterwards."""
+    """Ask ComfyUI to unload the models it manages and drop cached allocations; say about what is free afterwards
+    (ComfyUI's estimate)."""
     import comfy.model_management
 
     comfy.model_management.unload_all_models()
     comfy.model_management.soft_empty_cache()
-    free = comfy.model_management.get_free_memory(device)
-    return f"unloaded ComfyUI's models; {free / 2**30:.1f} GiB free on {device}"
+    return f"unloaded ComfyUI's models; about {free_memory_estimate(device):.1f} GiB free on {device}"
 
 
 def remove_leftover_lokr(transformer: torch.nn.Module) -> int:
@@ -185,19 +187,26 @@ class TrainHiDreamLoKr(io.ComfyNode):
                 io.Image.Output(display_name="loss_curve", tooltip="Training loss per step"),
                 io.Image.Output(display_name="previews",
                                 tooltip="The preview images, in step order (the loss curve when there are none)"),
+                LoraModelType.Output(display_name="lora",
+                                     tooltip="The LoKr as ComfyUI's LORA_MODEL: for its Load LoRA Model and Save "
+                                             "LoRA Weights nodes"),
+                LossMapType.Output(display_name="loss_map",
+                                   tooltip="Loss per step as ComfyUI's LOSS_MAP (its Plot Loss Graph node)"),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
     @classmethod
-    def validate_inputs(cls, resume_from_checkpoint: str = "") -> bool | str:
-        """The resume choice (its list is only what was on disk when the page loaded; a path is fine too)."""
+    def validate_inputs(cls, resume_from_checkpoint: str = "", output_name: str = "hidream_lokr") -> bool | str:
+        """Checked when the graph is queued, before anything runs: the run name (it becomes a folder under
+        output/hidream_lokr) and the resume choice (its list is only what was on disk when the page loaded; a
+        checkpoint of the pack's runs given by path is fine too)."""
         choice = (resume_from_checkpoint or "").strip()
-        if not choice or choice in RESUME_CHOICES or choice in ("none", "new"):
-            return True
         try:
-            run_store._resolve_checkpoint_choice(choice)
+            run_folder_name(output_name or "hidream_lokr")
+            if choice and choice not in RESUME_CHOICES and choice not in ("none", "new"):
+                run_store._resolve_checkpoint_choice(choice)
         except ConfigError as exc:
             return str(exc)
         return True
@@ -276,7 +285,7 @@ class TrainHiDreamLoKr(io.ComfyNode):
         handle = LoKrHandle(path=result.lokr_path, lycoris=lokr_config.lycoris, steps=result.steps_done,
                             metadata={"training_config": config_as_json(config), "steps": str(result.steps_done),
                                       "base_model": hidream_model.name})
-        return node_outputs(handle, result.loss_curve_path, run_previews(output_dir), run)
+        return node_outputs(handle, result.loss_curve_path, run_previews(output_dir), run, result.losses)
 
 
 class TrainingFailed(RuntimeError):
@@ -309,7 +318,7 @@ def run_training(config, hidream_model: HiDreamModel, text_encoder, image_encode
     status, result, error = "failed", None, ""
     try:
         # ComfyUI executes nodes under inference_mode, where nothing records gradients.
-        with torch.inference_mode(False), torch.enable_grad(), quiet_libraries():
+        with torch.inference_mode(False), torch.enable_grad(), quiet_libraries(), comfy_training():
             result = train(config, callbacks, components)
         status = "interrupted" if watch.interrupted else "stopped" if result.stopped else "finished"
     except interrupt_exception():
@@ -362,11 +371,13 @@ def finished_run_outputs(folder: Path, node_id, lokr_config: LoKrSettings) -> io
     handle = LoKrHandle(path=Path(record.get("lokr") or folder / "pytorch_lora_weights.safetensors"),
                         lycoris=lokr_config.lycoris, steps=steps,
                         metadata={"training_config": record.get("config", ""), "steps": str(steps)})
-    return node_outputs(handle, folder / "loss_curve.png", previews, run)
+    return node_outputs(handle, folder / "loss_curve.png", previews, run, losses)
 
 
-def node_outputs(handle: LoKrHandle, curve_path: Path, previews: list[tuple[int, Path]],
-                 run: TrainingRun) -> io.NodeOutput:
+def node_outputs(handle: LoKrHandle, curve_path: Path, previews: list[tuple[int, Path]], run: TrainingRun,
+                 losses: list[float]) -> io.NodeOutput:
+    """lokr, loss curve, previews (IMAGE), and ComfyUI's own LORA_MODEL (the LoKr file's tensors) and LOSS_MAP
+    ({"loss": one float per step since step 1, a resumed run's earlier steps included})."""
     from PIL import Image
 
     from .convert import pil_to_image
@@ -375,4 +386,5 @@ def node_outputs(handle: LoKrHandle, curve_path: Path, previews: list[tuple[int,
     images = pil_to_image([Image.open(p) for _, p in previews]) if previews else curve
     summary = {"run_id": run.run_id, "status": run.status, "run_folder": run.output_dir.name,
                "steps": handle.steps, "message": run.message}
-    return io.NodeOutput(handle, curve, images, ui={"hidream_lokr_run": [summary]})
+    return io.NodeOutput(handle, curve, images, handle.state_dict(), {"loss": [float(x) for x in losses]},
+                         ui={"hidream_lokr_run": [summary]})

@@ -22,6 +22,11 @@ HiDreamModelType = io.Custom("HIDREAM_MODEL")
 DatasetType = io.Custom("HIDREAM_DATASET")
 LoKrConfigType = io.Custom("HIDREAM_LOKR_CONFIG")
 LoKrType = io.Custom("HIDREAM_LOKR")
+# ComfyUI's own training types, for its native nodes (LoraModelLoader, SaveLoRA, LossGraphNode). Newer ComfyUI
+# declares them in comfy_api (io.LoraModel, io.LossMap); 0.3.75 uses io.Custom with the same names, which
+# connects to the same sockets.
+LoraModelType = getattr(io, "LoraModel", None) or io.Custom("LORA_MODEL")
+LossMapType = getattr(io, "LossMap", None) or io.Custom("LOSS_MAP")
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +45,33 @@ class HiDreamModel:
     decode_latents: Optional[Callable] = None
     source: str = ""
     sampling_shift: Optional[float] = None  # its scheduler config's (None: HiDream-I1-Full's 3.0)
+
+    def _comfy_cache_tensors(self) -> list:
+        """The tensors this value holds, for newer ComfyUI's RAM-pressure output cache (comfy_execution/caching.py
+        sizes an output by its CPU tensors or this hook; any other object counts as almost nothing, so the cache
+        would misjudge what dropping a model of tens of GB frees). Plain tensors only: a quantised tensor subclass
+        is given as the plain tensors it is made of."""
+        modules = [self.transformer]
+        modules += list(getattr(self.text_encoder, "modules", lambda: [])())
+        modules.append(getattr(self.image_encoder, "vae", None))
+        return [t for m in modules if m is not None for p in (*m.parameters(), *m.buffers()) for t in _plain(p)]
+
+    def get_ram_usage(self) -> int:
+        """Bytes of host memory this value holds: what ComfyUI 0.3.75's RAM-pressure cache (--cache-ram) asks an
+        output for (as it asks its own ModelPatcher); each CPU storage counted once."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in self._comfy_cache_tensors() if t.device.type == "cpu"}
+        return sum(storages.values())
+
+
+def _plain(t) -> list:
+    """`t` as plain tensors: itself, or the inner tensors of a tensor subclass (optimum-quanto's)."""
+    import torch
+
+    if type(t) in (torch.Tensor, torch.nn.Parameter):
+        return [t]
+    flatten = getattr(t, "__tensor_flatten__", None)
+    return [inner for name in flatten()[0] for inner in _plain(getattr(t, name))] if flatten else []
 
 
 @dataclass(frozen=True)
@@ -65,6 +97,9 @@ class LoKrHandle:
     metadata: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
+        """The file's tensors: {"lycoris_<module path>.lokr_w1" | ".lokr_w2" | ".alpha" ...: tensor} on the CPU.
+        Also ComfyUI's LORA_MODEL value (a LoRA file's keys and tensors, as its LoraModelLoader and SaveLoRA
+        take them): ComfyUI maps the lycoris_ keys onto HiDream's weights itself."""
         from safetensors.torch import load_file
 
         return load_file(str(self.path))

@@ -136,3 +136,20 @@ def test_offload_blocks_clashes_name_the_fix(tmp_path, overrides, fix):
                                **overrides)
     with pytest.raises(ConfigError, match=fix):
         config.validate()
+
+
+def test_pinning_looks_at_the_host_memory_available_first():
+    """Pinned (page-locked) memory is taken only while it leaves room; blocks that must be copied off the GPU and
+    cannot fit are refused before anything is copied, with the fix. The sentence says what was pinned."""
+    from trainer_core.speedups.block_offload import pin_plan
+
+    gib = 2**30
+    pin, said = pin_plan(10 * gib, 40 * gib, resident=False)
+    assert pin and "pinned 10.00 GiB" in said and "40.0 GiB was available" in said
+    pin, said = pin_plan(35 * gib, 40 * gib, resident=True)
+    assert not pin and said.startswith("not pinned") and "pageable" in said
+    assert pin_plan(35 * gib, 40 * gib, resident=False)[0] is False  # fits, but unpinned
+    with pytest.raises(ConfigError, match="needs 50.0 GiB of host memory.*about 40.0 GiB is available"):
+        pin_plan(50 * gib, 40 * gib, resident=False)
+    assert pin_plan(50 * gib, 40 * gib, resident=True)[0] is False  # already in host memory: moved, not pinned
+    assert pin_plan(gib, None, resident=False) == (True, "pinned 1.00 GiB of host memory (available memory unknown)")

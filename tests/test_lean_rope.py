@@ -91,3 +91,29 @@ def test_cfg_sampling_step_is_unchanged(tiny_transformer):
     stock = step()
     install_lean_rope(tiny_transformer)
     torch.testing.assert_close(step(), stock, rtol=1e-5, atol=1e-6)
+
+
+def test_an_attention_other_than_the_checked_one_keeps_diffusers_processor(tiny_transformer, caplog):
+    """The lean processor reimplements diffusers 0.42.1's HiDream attention: on any other attention code (here a
+    real alternative processor, its own __call__ over diffusers'), it stays off with one log line and diffusers'
+    code runs, giving diffusers' result."""
+    import logging
+
+    from diffusers.models.transformers import transformer_hidream_image as stock_module
+
+    class HiDreamAttnProcessor(stock_module.HiDreamAttnProcessor):  # e.g. a newer diffusers' processor
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    step = cfg_forward(tiny_transformer.eval(), seed=5, timestep=300.0)
+    expected = step()
+    attentions = [m for m in tiny_transformer.modules() if is_hidream_attention(m)]
+    for module in attentions:
+        module.set_processor(HiDreamAttnProcessor())
+    with caplog.at_level(logging.WARNING, logger="trainer_core.speedups.checked"):
+        assert install_lean_rope(tiny_transformer) == 0
+        assert install_lean_rope(tiny_transformer) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "lean_rope is off" in said[0] and "HiDreamAttnProcessor.__call__" in said[0]
+    assert all(type(m.processor) is HiDreamAttnProcessor for m in attentions)
+    torch.testing.assert_close(step(), expected, rtol=0, atol=0)

@@ -241,3 +241,31 @@ def test_grouped_dispatch_keeps_the_sorted_one_for_hooked_or_quantised_experts()
     freeze(quantised)
     report = install_moe_dispatch(quantised)
     assert report["grouped_moe_layers"] == 0 and any("QLinear" in w for w in report["sorted_moe_why"]), report
+
+
+def test_an_moe_other_than_the_checked_one_keeps_diffusers_forward(caplog):
+    """The dispatches reimplement diffusers 0.42.1's MoE: for other MoE code (a real alternative forward), neither
+    is installed, one log line says so, and the layer computes what that code computes."""
+    import logging
+
+    from diffusers.models.transformers import transformer_hidream_image as stock_module
+
+    from trainer_core.speedups.moe_dispatch import install_moe_dispatch
+
+    class MOEFeedForwardSwiGLU(stock_module.MOEFeedForwardSwiGLU):  # e.g. a newer diffusers' MoE
+        def forward(self, x):
+            return super().forward(x) * 1.0
+
+    stock = _moe()
+    changed = copy.deepcopy(stock)
+    changed.__class__ = MOEFeedForwardSwiGLU
+    x = torch.randn(2, 37, 48)
+    with caplog.at_level(logging.WARNING, logger="trainer_core.speedups.checked"):
+        assert install_sorted_moe(changed) == 0
+        report = install_moe_dispatch(changed)
+    assert report["grouped_moe_layers"] == report["sorted_moe_layers"] == 0
+    assert "fast_moe_dispatch is off" in report["moe_dispatch_off"]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "MOEFeedForwardSwiGLU.forward" in said[0]
+    assert "forward" not in changed.__dict__
+    torch.testing.assert_close(changed(x), stock(x), rtol=0, atol=0)

@@ -4,9 +4,12 @@
 // Data: the websocket event `hidream_lokr.progress` (one per training step, plus phase / preview / message /
 // resumed / returned / finished messages; nodes/run_registry.py) and the pack's HTTP routes (nodes/routes.py) for
 // a run's whole history (a reloaded page, or a resumed run, draws its chart from it), its preview images and the
-// Sample / Save / Stop commands. Written against the frontend's public extension API only (app.registerExtension,
-// api.addEventListener, api.fetchApi, node.addDOMWidget, app.extensionManager.toast); talks to nobody but the
-// ComfyUI server. Works with the classic canvas and with Vue nodes ("Nodes 2.0").
+// Sample / Save / Stop commands. Written against the frontend's documented extension API only
+// (app.registerExtension, app.graph / app.rootGraph and LiteGraph's graph methods, api.addEventListener,
+// api.fetchApi, node.addDOMWidget, app.extensionManager.toast), each feature-detected: what a frontend lacks is
+// named in one console warning (`needs`), never silently skipped. Talks to nobody but the ComfyUI server. Works
+// with the classic canvas and with Vue nodes ("Nodes 2.0"), and for a Train node inside a subgraph: the server
+// names such a node by its execution id, the path of subgraph node ids from the root graph ("12:3").
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -63,6 +66,78 @@ const STYLE = `
   align-items:center; justify-content:center; gap:8px; cursor:zoom-out; color:#ddd; font:13px sans-serif; }
 .hidream-lokr-lightbox img { max-width:92vw; max-height:86vh; min-width:min(512px, 92vw); object-fit:contain; image-rendering:pixelated; background:#111; }
 `;
+
+// ------------------------------------------------------------------------------------------------ frontend API
+
+const warned = new Set();
+
+/** `value` when this frontend has it; otherwise one console warning naming what is missing and what the view
+ *  cannot do without it, and undefined. */
+function needs(what, value, consequence) {
+  if (value !== undefined && value !== null) return value;
+  if (!warned.has(what)) {
+    warned.add(what);
+    console.warn(`hidream_lokr: this ComfyUI frontend has no ${what}; ${consequence}`);
+  }
+  return undefined;
+}
+
+function rootGraph() {
+  return needs("app.rootGraph or app.graph", app.rootGraph ?? app.graph, "the live view cannot find its nodes");
+}
+
+function graphNodes(graph) {
+  return needs("LGraph.nodes", graph?.nodes, "the live view cannot look for Train nodes in subgraphs") || [];
+}
+
+function nodeById(graph, id) {
+  const get = needs("LGraph.getNodeById", graph?.getNodeById, "the live view cannot find a node by its id");
+  if (!get) return null;
+  return get.call(graph, id) ?? (/^-?\d+$/.test(String(id)) ? get.call(graph, Number(id)) : null) ?? null;
+}
+
+/** The node the server means by an execution id: "7" in the root graph, "12:3" node 3 inside the subgraph of the
+ *  root graph's node 12 (and so on, one id per level). */
+function nodeByExecutionId(executionId) {
+  if (executionId === undefined || executionId === null) return null;
+  const parts = String(executionId).split(":");
+  let graph = rootGraph();
+  for (const part of parts.slice(0, -1)) {
+    const host = nodeById(graph, part);
+    if (!host?.isSubgraphNode?.() || !host.subgraph) return null;
+    graph = host.subgraph;
+  }
+  return nodeById(graph, parts[parts.length - 1]);
+}
+
+/** The execution id of `node` (see nodeByExecutionId): its id, after the ids of the subgraph nodes that lead to
+ *  its graph from the root graph (the first such path when a subgraph is used more than once); null if not found. */
+function executionIdOf(node) {
+  const root = rootGraph();
+  if (!node || node.id === undefined || node.id === null || node.id < 0) return null;
+  if (!node.graph || node.graph === root || node.graph.isRootGraph) return String(node.id);
+  const search = (graph, path, depth) => {
+    for (const host of graphNodes(graph)) {
+      if (!host.isSubgraphNode?.() || !host.subgraph) continue;
+      const here = [...path, host.id];
+      if (host.subgraph === node.graph) return here;
+      const deeper = depth < 16 ? search(host.subgraph, here, depth + 1) : null;
+      if (deeper) return deeper;
+    }
+    return null;
+  };
+  const path = search(root, [], 0);
+  return path ? [...path, node.id].join(":") : null;
+}
+
+/** A new node of `type` (LiteGraph.createNode, the documented way to make one). */
+function createNode(type) {
+  const liteGraph = needs("LiteGraph.createNode", globalThis.LiteGraph?.createNode ? globalThis.LiteGraph : null,
+    "settings nodes for a workflow of the Train node's first layout cannot be added (its values stay on the node)");
+  return liteGraph ? liteGraph.createNode(type) : null;
+}
+
+// ------------------------------------------------------------------------------------------------ the view
 
 function addStyleOnce() {
   if (document.getElementById("hidream-lokr-live-style")) return;
@@ -329,8 +404,9 @@ class LiveView {
     this._restoring = (async () => {
       try {
         if (!runId) {
-          if (this.node.id === undefined || this.node.id === null || this.node.id < 0) return;
-          const list = await this._getJson(`${ROUTES}?node=${encodeURIComponent(String(this.node.id))}`);
+          const executionId = executionIdOf(this.node);
+          if (executionId === null) return;
+          const list = await this._getJson(`${ROUTES}?node=${encodeURIComponent(executionId)}`);
           if (!list || !list.runs || !list.runs.length) return;
           runId = list.runs[list.runs.length - 1].run_id;
         }
@@ -566,9 +642,9 @@ function upgradeFirstLayout(node, values) {
       node.addInput(socket, def.type); // a workflow of the first layout saved the node without this socket
       slot = node.inputs.length - 1;
     }
-    const settingsNode = globalThis.LiteGraph?.createNode(type);
-    if (slot < 0 || !settingsNode) continue;
-    app.graph.add(settingsNode);
+    const settingsNode = slot < 0 ? null : createNode(type);
+    if (!settingsNode) continue;
+    (node.graph ?? rootGraph()).add(settingsNode);
     settingsNode.pos = [node.pos[0], y];
     for (const widget of settingsNode.widgets || []) {
       if (widget.name in byName) widget.value = byName[widget.name];
@@ -584,15 +660,16 @@ function upgradeFirstLayout(node, values) {
 
 // ------------------------------------------------------------------------------------------------ wiring
 
+const VIEWS = new Set(); // the live view of every Train node that exists, in any graph or subgraph
+
+/** Which views a server message is for: the node its execution id names (in a subgraph too), else the view
+ *  already showing that run, else the only Train node there is. */
 function viewsForMessage(m) {
-  const graph = app.graph;
-  if (!graph) return [];
-  const trainNodes = (graph._nodes || graph.nodes || []).filter((n) => n.hidreamLokrView);
-  const byId = trainNodes.filter((n) => String(n.id) === String(m.node));
-  if (byId.length) return byId.map((n) => n.hidreamLokrView);
-  const byRun = trainNodes.filter((n) => n.hidreamLokrView.runId === m.run_id);
-  if (byRun.length) return byRun.map((n) => n.hidreamLokrView);
-  return trainNodes.length === 1 ? [trainNodes[0].hidreamLokrView] : [];
+  const node = nodeByExecutionId(m.node);
+  if (node?.hidreamLokrView) return [node.hidreamLokrView];
+  const byRun = [...VIEWS].filter((view) => view.runId === m.run_id);
+  if (byRun.length) return byRun;
+  return VIEWS.size === 1 ? [...VIEWS] : [];
 }
 
 function attachView(node) {
@@ -608,9 +685,11 @@ function attachView(node) {
   });
   widget.serialize = false; // nothing of the view goes into the workflow or the prompt
   node.hidreamLokrView = view;
+  VIEWS.add(view);
   node.properties = { ...(node.properties || {}), hidream_lokr_layout: LAYOUT };
   const onRemoved = node.onRemoved;
   node.onRemoved = function () {
+    VIEWS.delete(view);
     view.dispose();
     return onRemoved?.apply(this, arguments);
   };
@@ -628,7 +707,7 @@ app.registerExtension({
 
   async setup() {
     const endedOn = (status) => ({ detail }) => {
-      const node = app.graph?.getNodeById?.(detail?.node_id ?? detail?.node);
+      const node = nodeByExecutionId(detail?.node_id ?? detail?.node);
       if (node?.hidreamLokrView) {
         node.hidreamLokrView.executionEnded(status, detail.exception_message ? `error: ${detail.exception_message}` : `run ${status}`);
       }
@@ -637,7 +716,7 @@ app.registerExtension({
     api.addEventListener("execution_interrupted", endedOn("interrupted"));
     // After a reload the websocket reconnects with the same client id; catch up on anything missed meanwhile.
     api.addEventListener("reconnected", () => {
-      for (const n of app.graph?._nodes || []) if (n.hidreamLokrView) n.hidreamLokrView.restore(n.hidreamLokrView.runId);
+      for (const view of VIEWS) view.restore(view.runId);
     });
   },
 

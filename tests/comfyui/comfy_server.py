@@ -19,6 +19,8 @@ import requests
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_LINK_NAME = "ComfyUI-HiDream-LoKr"
+# A test-only observer of file-system access under the server's canary folder (audit_pack/__init__.py).
+AUDIT_PACK = Path(__file__).resolve().parent / "audit_pack"
 
 
 def comfyui_dir() -> Path:
@@ -37,9 +39,12 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, base_dir: Path, comfy_dir: Path, python: str = sys.executable,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), env: Optional[dict] = None) -> None:
         self.base_dir, self.comfy_dir, self.python = base_dir, comfy_dir, python
         self.extra_args = tuple(extra_args)  # e.g. ("--front-end-root", <folder>) for the browser tests
+        self.env = dict(env or {})
+        # Outside every ComfyUI folder of this server: what a hostile prompt must never read or write.
+        self.canary = base_dir.parent / f"{base_dir.name}-canary"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base_dir / "comfyui.log"
@@ -49,11 +54,15 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         custom_nodes = self.base_dir / "custom_nodes"
         custom_nodes.mkdir(parents=True, exist_ok=True)
-        link = custom_nodes / PACK_LINK_NAME
-        if not link.exists():
-            link.symlink_to(REPO, target_is_directory=True)
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                   TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        for name, target in ((PACK_LINK_NAME, REPO), ("hidream_lokr_test_audit", AUDIT_PACK)):
+            link = custom_nodes / name
+            if not link.exists():
+                link.symlink_to(target, target_is_directory=True)
+        self.canary.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "HIDREAM_LOKR_ALLOW_ANY_PATH"}  # the fence stays up
+        env = dict(env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                   TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", HIDREAM_LOKR_AUDIT_DIR=str(self.canary),
+                   **self.env)
         cmd = [self.python, "main.py", "--cpu", "--disable-api-nodes", "--listen", "127.0.0.1", "--port",
                str(self.port), "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
                *self.extra_args]
@@ -121,6 +130,10 @@ class ComfyServer:
 
     def output_dir(self) -> Path:
         return self.base_dir / "output"
+
+    def audited(self) -> list[list[str]]:
+        """[event, path] of every file-system operation the server made under its canary folder so far."""
+        return self.get("/hidream_lokr_test/audit")["events"]
 
 
 class EventListener:

@@ -153,3 +153,45 @@ def test_comfy_hidream_clip_adapter_gives_the_cores_layout(comfy_modules, pack):
     assert not embeds.t5.any() and not embeds.llama.any()
     assert not torch.equal(embeds.pooled[0], embeds.pooled[1])
     assert adapters.ComfyClipTextEncoder(clip).identity == encoder.identity  # same weights, same cache entries
+
+
+def test_comfy_model_identity_reads_no_weights_and_follows_the_model_files(comfy_modules, pack, tmp_path):
+    """The cache identity of a ComfyUI VAE/CLIP comes from the graph that loaded it (file names, sizes and times,
+    every setting on the way) or ComfyUI's own reload record, never from its weights: here the weights are on the
+    meta device, where reading any value raises."""
+    import os
+
+    import folder_paths
+
+    comfy = comfy_modules
+    adapters = importlib.import_module("hidream_lokr_pack.nodes.comfy_adapters")
+
+    def meta_vae():
+        vae = small_flux_vaes(comfy)[1]
+        vae.first_stage_model.to("meta")
+        return vae
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    for name in ("ae.safetensors", "other.safetensors"):
+        (folder / name).write_bytes(b"0" * 64)
+    folder_paths.add_model_folder_path("vae", str(folder))
+
+    def origin(loader_id: str, vae_name: str = "ae.safetensors") -> str:
+        prompt = {loader_id: {"class_type": "VAELoader", "inputs": {"vae_name": vae_name}},
+                  "31": {"class_type": "HiDreamLoKrCacheLatents", "inputs": {"vae": [loader_id, 0]}}}
+        return adapters.graph_origin(prompt, "31", "vae")
+
+    first, second = meta_vae(), meta_vae()
+    identity = adapters.ComfyVaeImageEncoder(first, origin("1")).identity
+    assert adapters.ComfyVaeImageEncoder(second, origin("17")).identity == identity  # same file, ids renumbered
+    assert adapters.ComfyVaeImageEncoder(first, origin("1", "other.safetensors")).identity != identity
+    os.utime(folder / "ae.safetensors", ns=(1, 1))
+    assert adapters.ComfyVaeImageEncoder(first, origin("1")).identity != identity  # the file changed
+
+    # Without the graph: newer ComfyUI's reload record (loader and file path), or this object for this session.
+    alone = adapters.ComfyVaeImageEncoder(first).identity
+    assert alone == adapters.ComfyVaeImageEncoder(first).identity != adapters.ComfyVaeImageEncoder(second).identity
+    for vae in (first, second):
+        vae.patcher.cached_patcher_init = (comfy.sd.VAE, (str(folder / "ae.safetensors"),))
+    assert adapters.ComfyVaeImageEncoder(first).identity == adapters.ComfyVaeImageEncoder(second).identity

@@ -47,7 +47,9 @@ def test_every_node_is_registered_with_description_and_tooltips(comfy):
     assert train["hidream_model"][0] == "HIDREAM_MODEL" and train["lokr_config"][0] == "HIDREAM_LOKR_CONFIG"
     widgets = [n for n, spec in train.items() if not spec[0].startswith("HIDREAM")]
     assert len(widgets) <= 8, widgets  # the essentials; the rest is on the settings nodes
-    assert info["HiDreamLoKrTrain"]["output"] == ["HIDREAM_LOKR", "IMAGE", "IMAGE"]
+    # appended outputs only (saved links keep their slots); the last two are ComfyUI's own training types
+    assert info["HiDreamLoKrTrain"]["output"] == ["HIDREAM_LOKR", "IMAGE", "IMAGE", "LORA_MODEL", "LOSS_MAP"]
+    assert info["HiDreamLoKrLoad"]["output"] == ["HIDREAM_LOKR", "LORA_MODEL"]
     assert info["HiDreamLoKrSampler"]["output"] == ["LATENT", "IMAGE"]
     assert info["HiDreamLoKrApplyToModel"]["output"] == ["MODEL"]
 
@@ -88,3 +90,33 @@ def test_pack_start_up_is_light(comfy):
     seconds = float(line.split("seconds")[0].split()[-1])
     print(f"\npack import time as ComfyUI reports it: {seconds:.1f} s")
     assert seconds < 0.5, line
+
+
+def test_every_node_has_a_help_page_the_frontend_can_fetch(comfy):
+    """web/docs/<node id>.md for every node, its generated inputs/outputs part as the running node defines them,
+    served where the frontend's node documentation panel asks for a custom node's help."""
+    import requests
+
+    from comfy_server import PACK_LINK_NAME
+    from node_docs import DOCS, MARKER, generated_part
+
+    info = comfy.get("/object_info")
+    for name in NODES:
+        page = (DOCS / f"{name}.md").read_text(encoding="utf-8")
+        written, generated = page.split(MARKER)
+        assert written.startswith(f"# {info[name]['display_name']}\n") and len(written) > 200, name
+        assert MARKER + generated == generated_part(info[name]), \
+            f"{name}'s help page is stale: run tests/comfyui/node_docs.py"
+        served = requests.get(f"{comfy.url}/extensions/{PACK_LINK_NAME}/docs/{name}.md", timeout=30)
+        assert served.ok and served.text == page, name
+
+
+def test_comfyuis_own_reader_of_pyproject_sees_the_pack(comfy_modules):
+    """ComfyUI reads a pack's pyproject.toml when it loads it (for [tool.comfy] web): the file parses, names the
+    pack and registers no second web folder."""
+    from comfy_config import config_parser
+
+    from comfy_server import REPO
+
+    config = config_parser.extract_node_configuration(str(REPO))
+    assert config.project.name == "hidream-lokr" and not config.tool_comfy.web

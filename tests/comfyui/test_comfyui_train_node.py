@@ -171,3 +171,54 @@ def test_every_node_default_is_train_configs(pack, tmp_path):
     widgets = {i.id: i.default for i in datasets.ImageDataset.define_schema().inputs if i.id in fields}
     assert widgets.pop("instance_prompt") == "" and fields["instance_prompt"] is None  # "" is "none" there
     assert len(widgets) >= 8 and widgets == {name: fields[name] for name in widgets}
+
+
+def test_comfyuis_training_flag_is_up_while_training_and_down_on_every_exit(pack):
+    """comfy.model_management.in_training (newer ComfyUI) is set around the training and put back however it ends;
+    on a ComfyUI without the flag (0.3.75) nothing is added."""
+    import comfy.model_management as mm
+
+    compat = importlib.import_module("hidream_lokr_pack.nodes.compat")
+    had = hasattr(mm, "in_training")
+    if not had:
+        with compat.comfy_training():
+            assert not hasattr(mm, "in_training")
+        mm.in_training = False  # as newer ComfyUI declares it
+    try:
+        with compat.comfy_training():
+            assert mm.in_training is True
+        assert mm.in_training is False
+        for ending in (mm.InterruptProcessingException, RuntimeError, KeyboardInterrupt):
+            with pytest.raises(ending):
+                with compat.comfy_training():
+                    assert mm.in_training is True
+                    raise ending()
+            assert mm.in_training is False
+    finally:
+        if not had:
+            del mm.in_training
+
+
+def test_the_loaded_model_tells_comfyuis_ram_cache_its_size(pack, tmp_path):
+    """HIDREAM_MODEL tells ComfyUI's RAM-pressure cache its size: `_comfy_cache_tensors()` (newer ComfyUI), plain
+    CPU tensors adding up to the model's bytes (a quantised base given as its plain parts), and `get_ram_usage()`
+    (0.3.75's --cache-ram)."""
+    from trainer_core.hidream import load_transformer, resolve_model_paths
+    from trainer_core.hidream.tiny import build_tiny_model
+    from trainer_core.quant import quantize_frozen
+
+    types = importlib.import_module("hidream_lokr_pack.nodes.types")
+    transformer = load_transformer(resolve_model_paths(build_tiny_model(tmp_path / "tiny")), dtype=torch.float32)
+
+    def cache_bytes(model) -> int:  # what ComfyUI's scanner adds up: each CPU storage once
+        tensors = model._comfy_cache_tensors()
+        assert tensors and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+                               for t in tensors)
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+    full = sum(t.numel() * t.element_size() for t in (*transformer.parameters(), *transformer.buffers()))
+    model = types.HiDreamModel(transformer=transformer, name="tiny")
+    assert cache_bytes(model) == full == model.get_ram_usage()  # get_ram_usage: what 0.3.75's --cache-ram asks
+    quantize_frozen(transformer, "int8-quanto")
+    quantised = cache_bytes(types.HiDreamModel(transformer=transformer, name="tiny int8"))
+    assert full / 5 < quantised < full / 2  # int8 weights (+ scales, norms and biases in float)

@@ -151,6 +151,30 @@ def test_unchanged_requeue_reuses_the_trained_run(comfy, demo_run):
     assert lora_files(comfy) == before_files and run_dirs(comfy, "tiny_demo") == before_runs
 
 
+def test_comfyuis_own_training_nodes_take_the_lora_and_loss_map_outputs(comfy, demo_run):
+    """The Train node's LORA_MODEL and LOSS_MAP outputs into ComfyUI's own Save LoRA Weights and Plot Loss Graph
+    (its Load LoRA Model is checked against the core's prediction in test_comfyui_native_lokr.py): the saved file
+    holds the LoKr's tensors, the plot is drawn from the run's 400 losses. The training itself is served from
+    ComfyUI's cache."""
+    import torch
+    from safetensors.torch import load_file
+
+    graph = load_graph(DEMO)
+    graph["20"] = {"class_type": "SaveLoRA", "inputs": {"lora": [TRAIN, 3], "prefix": "loras/native_save"}}
+    graph["21"] = {"class_type": "LossGraphNode", "inputs": {"loss": [TRAIN, 4], "filename_prefix": "loss"}}
+    entry = comfy.wait(comfy.submit(graph))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (cached,) = messages(entry, "execution_cached")
+    assert TRAIN in cached["nodes"]
+    (saved,) = (comfy.output_dir() / "loras").glob("native_save_*.safetensors")
+    (run,) = run_dirs(comfy, "tiny_demo")[:1]
+    ours = load_file(str(run / "pytorch_lora_weights.safetensors"))
+    theirs = load_file(str(saved))
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    assert len(json.loads((run / "losses.json").read_text())) == STEPS
+    assert entry["outputs"]["21"]["images"], entry["outputs"]
+
+
 def test_changed_dataset_file_retrains(comfy, demo_run):
     """ComfyUI's cache keys on inputs; the dataset node also fingerprints its files, so an edited caption counts."""
     folder = comfy.base_dir / "input" / "hidream_lokr_demo_zorb"
@@ -169,11 +193,11 @@ def test_changed_dataset_file_retrains(comfy, demo_run):
 
 def test_missing_folder_error_reaches_history_in_plain_words(comfy):
     graph = load_graph(DEMO)
-    graph["2"]["inputs"]["folder"] = "/no/such/training/images"
+    graph["2"]["inputs"]["folder"] = "no_such_training_images"
     entry = comfy.wait(comfy.submit(graph))
     assert entry["status"]["status_str"] == "error"
     text = error_text(entry)
-    assert "/no/such/training/images" in text and "does not exist" in text
+    assert "no_such_training_images" in text and "does not exist" in text
 
 
 def test_empty_dataset_error_reaches_history_in_plain_words(comfy):
@@ -310,15 +334,15 @@ def test_interrupt_during_validation_stops_at_the_step_boundary_and_requeue_resu
     assert first["step"] == record["steps_done"] + 1
 
 
-def test_interrupt_while_caching_latents_leaves_only_complete_entries(comfy, events, demo_run, tmp_path):
+def test_interrupt_while_caching_latents_leaves_only_complete_entries(comfy, events, demo_run):
     rng = np.random.default_rng(0)
-    data = tmp_path / "many"
-    data.mkdir()
+    data = comfy.base_dir / "input" / "many_noise"  # a queued prompt reads images from ComfyUI's input folder
+    data.mkdir(parents=True)
     for i in range(240):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"noise_{i:03d}.png")
         (data / f"noise_{i:03d}.txt").write_text(f"noise pattern number {i}")
     graph = load_graph(DEMO)
-    graph["2"]["inputs"].update(folder=str(data), resolution=64)
+    graph["2"]["inputs"].update(folder=data.name, resolution=64)
     graph[TRAIN]["inputs"].update(max_train_steps=2, validation_prompt="", output_name="interrupt_caching")
     graph["4"]["inputs"]["batch_size"] = 1
     prompt_id = comfy.submit(graph)

@@ -68,6 +68,10 @@ class HiDreamTextEncoders:
         pipe = self._live_pipeline()
         return [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.text_encoder_4]
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The four encoders (none once freed): what holds their memory."""
+        return self._encoders() if self._pipeline is not None else []
+
     @property
     def device(self) -> torch.device:
         return next(self._live_pipeline().text_encoder_4.parameters()).device

@@ -78,6 +78,39 @@ def _pack(block: nn.Module, pin: bool) -> _PackedBlock:
     return packed
 
 
+PIN_SHARE = 0.8  # pin at most this share of the host memory available when streaming starts
+
+
+def available_host_memory() -> Optional[int]:
+    """Bytes of host memory the OS can still hand out (psutil's `available`), or None when unknown."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def pin_plan(block_bytes: int, available: Optional[int], resident: bool) -> tuple[bool, str]:
+    """Whether to pin the packed blocks (page-locked memory: fast, asynchronous copies, but the OS can never swap it
+    or give it to anyone else), and the sentence that says what happens.
+
+    `resident`: the blocks are already in host memory (packing then moves them, one block at a time); otherwise
+    (a transformer on the GPU) they need `block_bytes` of new host memory, refused before anything is copied when
+    that is not available. Pinned only while that leaves a fifth of what is available: ComfyUI and the data
+    loaders need host memory too (newer ComfyUI pins up to ~90 % of RAM for its own offloading)."""
+    gib = block_bytes / 2**30
+    if available is None:
+        return True, f"pinned {gib:.2f} GiB of host memory (available memory unknown)"
+    if not resident and block_bytes > available:
+        raise ConfigError(f"offload_blocks needs {gib:.1f} GiB of host memory for the transformer blocks; about "
+                          f"{available / 2**30:.1f} GiB is available. Free host memory (close other programs, "
+                          "or unload models), or train without offload_blocks on a GPU with room for the model")
+    if block_bytes <= PIN_SHARE * available:
+        return True, f"pinned {gib:.2f} GiB of host memory (about {available / 2**30:.1f} GiB was available)"
+    return False, (f"not pinned: {gib:.2f} GiB of blocks would take more than {PIN_SHARE:.0%} of the "
+                   f"{available / 2**30:.1f} GiB available; streaming from pageable memory (slower copies)")
+
+
 def packed_bytes(block: nn.Module) -> int:
     """The bytes one block streams per copy: its parameters and buffers, each padded as `_pack` lays them out."""
     return sum(-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in [*block.parameters(), *block.buffers()])
@@ -108,7 +141,12 @@ class BlockStreamer:
             logger.info("offload_blocks: %d MoE layers back on the sorted dispatch (their experts are streamed)",
                         ungrouped)
         self.stream = torch.cuda.Stream(self.device) if cuda else None
-        self.packed = [_pack(block, pin=cuda) for block in self.blocks]
+        pin, self.pinning = False, "plain copies (no accelerator to stream to)"
+        if cuda:
+            resident = all(t.device.type == "cpu" for b in self.blocks for t in (*b.parameters(), *b.buffers()))
+            pin, self.pinning = pin_plan(sum(packed_bytes(b) for b in self.blocks), available_host_memory(),
+                                         resident)
+        self.packed = [_pack(block, pin=pin) for block in self.blocks]
         self._move_rest(transformer)
         self._loaded: dict[int, tuple[torch.Tensor, Optional[torch.cuda.Event]]] = {}
         self.load_order: list[int] = []  # blocks in the order their copies were issued in the latest pass (tests)
@@ -118,9 +156,8 @@ class BlockStreamer:
         for i, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(lambda m, args, i=i: self._enter(i)))
             self._handles.append(block.register_forward_hook(lambda m, args, out, i=i: self._leave(i)))
-        logger.info("offload_blocks: %d blocks (%.2f GiB) streamed from %s CPU memory to %s",
-                    len(self.blocks), sum(p.host.numel() for p in self.packed) / 2**30,
-                    "pinned" if cuda else "plain", self.device)
+        logger.info("offload_blocks: %d blocks (%.2f GiB) streamed from CPU memory to %s; %s",
+                    len(self.blocks), sum(p.host.numel() for p in self.packed) / 2**30, self.device, self.pinning)
 
     def _move_rest(self, transformer: nn.Module) -> None:
         in_blocks = {id(t) for packed in self.packed for t in packed.tensors}

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checked import mismatch, module_function
+
 _STOCK_PROCESSOR = "_hidream_stock_attn_processor"
 
 
@@ -101,11 +103,21 @@ def is_hidream_attention(module: nn.Module) -> bool:
         "HiDreamAttnProcessor"
 
 
+def unchecked_attention(module: nn.Module) -> Optional[str]:
+    """None when `module`'s diffusers attention (its forward, its processor and the rope it applies) is what
+    `LeanRopeAttnProcessor` was checked against (checked.py), else why the stock processor must stay."""
+    return mismatch("lean_rope", {"HiDreamAttnProcessor.__call__": type(module.processor).__call__,
+                                  "HiDreamAttention.forward": type(module).forward,
+                                  "apply_rope": module_function(type(module), "apply_rope")})
+
+
 def install_lean_rope(transformer: nn.Module) -> int:
-    """Give every HiDream attention module of `transformer` the lean-rope processor. Returns how many."""
+    """Give every HiDream attention module of `transformer` the lean-rope processor. Returns how many (0 when
+    the installed diffusers' attention is not the code it was checked against)."""
     installed = 0
     for module in transformer.modules():
-        if is_hidream_attention(module) and _STOCK_PROCESSOR not in module.__dict__:
+        if is_hidream_attention(module) and _STOCK_PROCESSOR not in module.__dict__ and \
+                not unchecked_attention(module):
             module.__dict__[_STOCK_PROCESSOR] = module.processor
             module.set_processor(LeanRopeAttnProcessor())
             installed += 1

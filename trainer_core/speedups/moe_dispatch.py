@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checked import mismatch
+
 logger = logging.getLogger(__name__)
 
 _ORIGINAL_FORWARD = "_hidream_stock_moe_forward"
@@ -94,11 +96,18 @@ def is_moe_feed_forward(module: nn.Module) -> bool:
     return type(module).__name__ == "MOEFeedForwardSwiGLU" and hasattr(module, "gate") and hasattr(module, "experts")
 
 
+def unchecked_moe(module: nn.Module) -> Optional[str]:
+    """None when `module`'s diffusers code (its forward and its gate's) is what the dispatches were checked
+    against (checked.py), else why the stock forward must stay."""
+    return mismatch("fast_moe_dispatch", {"MOEFeedForwardSwiGLU.forward": type(module).forward,
+                                          "MoEGate.forward": type(module.gate).forward})
+
+
 def install_sorted_moe(transformer: nn.Module) -> int:
     """Give every MoE feed-forward of `transformer` the sorted dispatch. Returns how many were patched."""
     patched = 0
     for module in transformer.modules():
-        if is_moe_feed_forward(module) and _ORIGINAL_FORWARD not in module.__dict__:
+        if is_moe_feed_forward(module) and _ORIGINAL_FORWARD not in module.__dict__ and not unchecked_moe(module):
             setattr(module, _ORIGINAL_FORWARD, module.forward)
             module.forward = types.MethodType(sorted_moe_forward, module)
             patched += 1
@@ -312,7 +321,9 @@ def grouped_moe_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def install_moe_dispatch(transformer: nn.Module, grouped: bool = True) -> dict:
     """Give every MoE feed-forward of `transformer` the grouped dispatch where it applies (`grouped`), else the
-    sorted one. Returns {"grouped_moe_layers": n, "sorted_moe_layers": n, "sorted_moe_why": {reason: n}}."""
+    sorted one. Returns {"grouped_moe_layers": n, "sorted_moe_layers": n, "sorted_moe_why": {reason: n}}, and
+    "moe_dispatch_off" with the reason when the installed diffusers' MoE is not the code they were checked
+    against (none installed then)."""
     report = {"grouped_moe_layers": 0, "sorted_moe_layers": 0, "sorted_moe_why": {}}
     for module in transformer.modules():
         if not is_moe_feed_forward(module):
@@ -320,6 +331,10 @@ def install_moe_dispatch(transformer: nn.Module, grouped: bool = True) -> dict:
         if _ORIGINAL_FORWARD in module.__dict__:  # installed before
             key = "grouped_moe_layers" if _GROUPED in module.__dict__ else "sorted_moe_layers"
             report[key] += 1
+            continue
+        off = unchecked_moe(module)
+        if off:  # this diffusers' MoE is not the one the dispatches compute: its own forward stays
+            report["moe_dispatch_off"] = off
             continue
         why = grouped_support(module) if grouped else "grouped dispatch switched off"
         setattr(module, _ORIGINAL_FORWARD, module.forward)
