@@ -53,14 +53,18 @@ class ImageDataset(io.ComfyNode):
                                 tooltip="Folder of images (.png, .jpg, .webp): an absolute path or a folder under "
                                         f"ComfyUI's input directory. '{DEMO_DATASET_NAME}' is written there on "
                                         "first use (8 captioned pictures of the demo's new concept, a 'zorb')."),
-                io.Combo.Input("caption_strategy", options=CAPTION_STRATEGIES, default="textfile",
-                               tooltip="textfile: caption from the image's same-name .txt; filename: from the file "
-                                       "name; instanceprompt: the instance prompt below for every image."),
-                io.String.Input("instance_prompt", default="",
-                                tooltip="The caption of every image when caption_strategy is instanceprompt."),
-                io.Boolean.Input("caption_fallback_to_filename", default=False,
-                                 tooltip="With textfile captions, use the file name for images that have no .txt "
-                                         "(otherwise a missing caption is an error)."),
+                io.Combo.Input("caption_strategy", display_name="captions", options=CAPTION_STRATEGIES,
+                               default="textfile",
+                               tooltip="caption_strategy: where captions come from. textfile: the image's "
+                                       "same-name .txt; filename: the file name; instanceprompt: the instance "
+                                       "prompt below for every image."),
+                io.String.Input("instance_prompt", display_name="instance text", default="",
+                                tooltip="instance_prompt: the caption of every image when caption_strategy is "
+                                        "instanceprompt."),
+                io.Boolean.Input("caption_fallback_to_filename", display_name="name fallback", default=False,
+                                 tooltip="caption_fallback_to_filename: with textfile captions, use the file name "
+                                         "for images that have no .txt (otherwise a missing caption is an "
+                                         "error)."),
                 io.Int.Input("repeats", default=0, min=0, max=10000,
                              tooltip="Extra times each image is seen per epoch (0 = once, N = N + 1 times), as in "
                                      "SimpleTuner."),
@@ -69,12 +73,16 @@ class ImageDataset(io.ComfyNode):
                                      "aspect ratio kept)."),
                 io.Boolean.Input("crop", default=False,
                                  tooltip="Crop images to the bucket instead of resizing the whole image into it."),
-                io.Combo.Input("crop_style", options=["center", "random"], default="center",
-                               tooltip="Where the crop is taken (random is fixed per image and seed)."),
-                io.Combo.Input("crop_aspect", options=["square", "preserve"], default="square",
-                               tooltip="square: crop to a square; preserve: keep each image's aspect bucket."),
-                io.Boolean.Input("is_regularisation_data", default=False,
-                                 tooltip="Mark these images as regularisation data (prior preservation)."),
+                io.Combo.Input("crop_style", display_name="crop style", options=["center", "random"],
+                               default="center",
+                               tooltip="crop_style: where the crop is taken (random is fixed per image and seed)."),
+                io.Combo.Input("crop_aspect", display_name="crop aspect", options=["square", "preserve"],
+                               default="square",
+                               tooltip="crop_aspect: square crops to a square; preserve keeps each image's "
+                                       "aspect bucket."),
+                io.Boolean.Input("is_regularisation_data", display_name="regularisation", default=False,
+                                 tooltip="is_regularisation_data: mark these images as regularisation data (prior "
+                                         "preservation)."),
             ],
             outputs=[DatasetType.Output(display_name="dataset", tooltip="Training images and captions")],
         )
