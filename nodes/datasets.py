@@ -59,16 +59,19 @@ class ImageDataset(io.ComfyNode):
                                 tooltip="Folder of images (.png, .jpg, .webp): an absolute path or a folder under "
                                         f"ComfyUI's input directory. '{DEMO_DATASET_NAME}' is written there on "
                                         "first use (8 captioned pictures of the demo's new concept, a 'zorb')."),
-                io.Combo.Input("caption_strategy", options=CAPTION_STRATEGIES,
+                io.Combo.Input("caption_strategy", display_name="captions", options=CAPTION_STRATEGIES,
                                default=dataset_default("caption_strategy"),
-                               tooltip="textfile: caption from the image's same-name .txt; filename: from the file "
-                                       "name; instanceprompt: the instance prompt below for every image."),
-                io.String.Input("instance_prompt", default="",
-                                tooltip="The caption of every image when caption_strategy is instanceprompt."),
-                io.Boolean.Input("caption_fallback_to_filename",
+                               tooltip="caption_strategy: where captions come from. textfile: the image's "
+                                       "same-name .txt; filename: the file name; instanceprompt: the instance "
+                                       "prompt below for every image."),
+                io.String.Input("instance_prompt", display_name="instance text", default="",
+                                tooltip="instance_prompt: the caption of every image when caption_strategy is "
+                                        "instanceprompt."),
+                io.Boolean.Input("caption_fallback_to_filename", display_name="name fallback",
                                  default=dataset_default("caption_fallback_to_filename"),
-                                 tooltip="With textfile captions, use the file name for images that have no .txt "
-                                         "(otherwise a missing caption is an error)."),
+                                 tooltip="caption_fallback_to_filename: with textfile captions, use the file name "
+                                         "for images that have no .txt (otherwise a missing caption is an "
+                                         "error)."),
                 io.Int.Input("repeats", default=dataset_default("repeats"), min=0, max=10000,
                              tooltip="Extra times each image is seen per epoch (0 = once, N = N + 1 times), as in "
                                      "SimpleTuner."),
@@ -79,14 +82,17 @@ class ImageDataset(io.ComfyNode):
                                      "is over it is refused."),
                 io.Boolean.Input("crop", default=dataset_default("crop"),
                                  tooltip="Crop images to the bucket instead of resizing the whole image into it."),
-                io.Combo.Input("crop_style", options=["center", "random"], default=dataset_default("crop_style"),
-                               tooltip="Where the crop is taken (random is fixed per image and seed)."),
-                io.Combo.Input("crop_aspect", options=["square", "preserve"], default=dataset_default("crop_aspect"),
-                               tooltip="square: crop to a square; preserve: keep each image's aspect bucket."),
-                io.Boolean.Input("is_regularisation_data", display_name="regularise to the base model",
+                io.Combo.Input("crop_style", display_name="crop style", options=["center", "random"],
+                               default=dataset_default("crop_style"),
+                               tooltip="crop_style: where the crop is taken (random is fixed per image and seed)."),
+                io.Combo.Input("crop_aspect", display_name="crop aspect", options=["square", "preserve"],
+                               default=dataset_default("crop_aspect"),
+                               tooltip="crop_aspect: square crops to a square; preserve keeps each image's "
+                                       "aspect bucket."),
+                io.Boolean.Input("is_regularisation_data", display_name="regularisation",
                                  default=dataset_default("is_regularisation_data"),
-                                 tooltip="SimpleTuner's is_regularisation_data (its prior preservation for LoRA / "
-                                         "LyCORIS): these images are not learned as they are. For each of them "
+                                 tooltip="is_regularisation_data, SimpleTuner's prior preservation for LoRA / "
+                                         "LyCORIS: these images are not learned as they are. For each of them "
                                          "the LoKr is trained towards what the base model, LoKr off, predicts "
                                          "for the same noise and caption, so it keeps drawing such captions as "
                                          "before (e.g. other people, next to a dataset of one person)."),

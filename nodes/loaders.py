@@ -49,26 +49,33 @@ class LoadHiDreamDiffusers(io.ComfyNode):
                         f"for the LoKr sampler. '{TINY_MODEL_NAME}' builds the embedded tiny model (it runs "
                         "on a CPU) to try the pack.",
             inputs=[
-                io.String.Input("model_folder", default=TINY_MODEL_NAME,
-                                tooltip="The HiDream-I1 diffusers folder: an absolute path or a folder name under "
-                                        f"models/diffusers. '{TINY_MODEL_NAME}' builds the embedded tiny model "
-                                        "there on first use."),
-                io.String.Input("llama_folder", default="",
-                                tooltip="Optional separate Llama-3.1-8B-Instruct folder (model + tokenizer). Leave "
-                                        "empty when the model folder has text_encoder_4/ and tokenizer_4/."),
-                io.Combo.Input("transformer_precision", options=TRANSFORMER_PRECISIONS, default="bf16",
-                               tooltip="Weights of the frozen transformer: bf16/fp32; fp8-scaled / int8-scaled "
-                                       "(8-bit weights and 8-bit matmuls: half the memory of bf16 and faster; fp8 "
-                                       "needs an RTX 40xx / H100-class GPU, int8 runs on RTX 30xx / A100); or "
-                                       "optimum-quanto (half the memory, no speed-up). The LoKr still trains in "
-                                       "float32."),
-                io.Combo.Input("text_encoder_precision", options=["bf16", "fp32"], default="bf16",
-                               tooltip="dtype of the four text encoders (they only run to fill the text cache)."),
-                io.Combo.Input("t5_quantization", options=TEXT_ENCODER_QUANTIZATION, default="none",
-                               tooltip="Quantise the T5-XXL encoder (about 10 GB in bf16) with optimum-quanto."),
-                io.Combo.Input("llama_quantization", options=TEXT_ENCODER_QUANTIZATION, default="none",
-                               tooltip="Quantise the Llama-3.1-8B encoder (about 16 GB in bf16) with "
+                io.String.Input("model_folder", display_name="model folder", default=TINY_MODEL_NAME,
+                                tooltip="model_folder: the HiDream-I1 diffusers folder, an absolute path or a "
+                                        f"folder name under models/diffusers. '{TINY_MODEL_NAME}' builds the "
+                                        "embedded tiny model there on first use."),
+                io.String.Input("llama_folder", display_name="Llama folder", default="",
+                                tooltip="llama_folder: an optional separate Llama-3.1-8B-Instruct folder (model + "
+                                        "tokenizer). Leave empty when the model folder has text_encoder_4/ and "
+                                        "tokenizer_4/."),
+                io.Combo.Input("transformer_precision", display_name="transformer", options=TRANSFORMER_PRECISIONS,
+                               default="bf16",
+                               tooltip="transformer_precision: weights of the frozen transformer. bf16/fp32; "
+                                       "fp8-scaled / int8-scaled (8-bit weights and 8-bit matmuls: half the memory "
+                                       "of bf16 and faster; fp8 needs an RTX 40xx / H100-class GPU, int8 runs on "
+                                       "RTX 30xx / A100); or optimum-quanto (half the memory, no speed-up). The "
+                                       "LoKr still trains in float32."),
+                io.Combo.Input("text_encoder_precision", display_name="text encoders", options=["bf16", "fp32"],
+                               default="bf16",
+                               tooltip="text_encoder_precision: dtype of the four text encoders (they only run to "
+                                       "fill the text cache)."),
+                io.Combo.Input("t5_quantization", display_name="T5 quant", options=TEXT_ENCODER_QUANTIZATION,
+                               default="none",
+                               tooltip="t5_quantization: quantise the T5-XXL encoder (about 10 GB in bf16) with "
                                        "optimum-quanto."),
+                io.Combo.Input("llama_quantization", display_name="Llama quant", options=TEXT_ENCODER_QUANTIZATION,
+                               default="none",
+                               tooltip="llama_quantization: quantise the Llama-3.1-8B encoder (about 16 GB in "
+                                       "bf16) with optimum-quanto."),
             ],
             outputs=[HiDreamModelType.Output(display_name="hidream_model",
                                              tooltip="Transformer, text encoders and VAE for the HiDream LoKr nodes")],

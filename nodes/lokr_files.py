@@ -23,8 +23,10 @@ class SaveLoKr(io.ComfyNode):
                         "LyCORIS key names, the LyCORIS and training config and this workflow in the metadata. "
                         "LoraLoaderModelOnly and Load HiDream LoKr list it.",
             inputs=[LoKrType.Input("lokr", tooltip="The LoKr to save."),
-                    io.String.Input("filename_prefix", default="hidream_lokr/hidream_lokr",
-                                    tooltip="File name prefix under output/loras/ (may contain a subfolder).")],
+                    io.String.Input("filename_prefix", display_name="file prefix",
+                                    default="hidream_lokr/hidream_lokr",
+                                    tooltip="filename_prefix: the file name's start under output/loras/ (may "
+                                            "contain a subfolder).")],
             outputs=[io.String.Output(display_name="lora_name",
                                       tooltip="The file's name as the LoRA loaders list it")],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],

@@ -151,8 +151,7 @@ def _settings_inputs() -> list:
     inputs = []
     for setting in ESSENTIALS:
         if setting.id == RESUME_FIELD:  # the choices, then every checkpoint on disk
-            inputs.append(io.Combo.Input(setting.id, options=RESUME_CHOICES + run_store.checkpoint_choices(),
-                                         default=setting.default, tooltip=setting.tooltip))
+            inputs.append(setting.input(options=RESUME_CHOICES + run_store.checkpoint_choices()))
         else:
             inputs.append(setting.input())
     return inputs

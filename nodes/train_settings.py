@@ -51,8 +51,11 @@ def core_default(setting_id: str) -> Any:
 
 @dataclass(frozen=True)
 class Setting:
-    """One widget: its id (a TrainConfig field), kind, default (FROM_CORE: TrainConfig's) and limits, and its
-    tooltip."""
+    """One widget: its id (a TrainConfig field), kind, default and limits, its tooltip and the label it shows.
+
+    The label (`display_name`) is a few words because Vue nodes on frontend 1.32.9 give a widget's label 80 px and
+    cut the rest ("max_train_s..."); the id stays the key, so saved workflows and API prompts are unchanged, and
+    the tooltip starts with it (the name SimpleTuner's docs use)."""
 
     id: str
     kind: str  # int | float | bool | str | text | combo
@@ -63,13 +66,16 @@ class Setting:
     max: Optional[float] = None
     step: Optional[float] = None
     extra: dict = field(default_factory=dict)
+    label: str = ""  # what the node shows; empty: the id
 
     def __post_init__(self) -> None:
         if self.default is FROM_CORE:
             object.__setattr__(self, "default", core_default(self.id))
 
-    def input(self, optional: bool = False):
-        common = dict(default=self.default, tooltip=self.tooltip, optional=optional)
+    def input(self, optional: bool = False, options: Optional[list] = None):
+        """The V3 input; a combo's `options` may be given at schema time (the resume choices list checkpoints)."""
+        common = dict(default=self.default, tooltip=f"{self.id}: {self.tooltip}" if self.label else self.tooltip,
+                      optional=optional, display_name=self.label or None)
         limits = {k: v for k, v in (("min", self.min), ("max", self.max), ("step", self.step)) if v is not None}
         if self.kind == "int":
             return io.Int.Input(self.id, **common, **limits, **self.extra)
@@ -80,7 +86,7 @@ class Setting:
         if self.kind in ("str", "text"):
             return io.String.Input(self.id, multiline=self.kind == "text", **common)
         if self.kind == "combo":
-            return io.Combo.Input(self.id, options=list(self.options), **common)
+            return io.Combo.Input(self.id, options=list(self.options if options is None else options), **common)
         raise ValueError(f"unknown setting kind {self.kind!r}")
 
 
@@ -89,23 +95,24 @@ class Setting:
 ESSENTIALS = [
     Setting("max_train_steps", "int", FROM_CORE, "Optimizer steps to train (each sees train_batch_size x "
             "gradient_accumulation_steps images). Raising it on a finished run continues that run.",
-            min=1, max=1_000_000),
+            min=1, max=1_000_000, label="train steps"),
     Setting("learning_rate", "float", FROM_CORE, "Peak learning rate (the quickstart uses 4e-5 to 1e-4 for LoKr).",
-            min=1e-8, max=1.0, step=1e-5, extra={"round": 1e-8}),
+            min=1e-8, max=1.0, step=1e-5, extra={"round": 1e-8}, label="learning rate"),
     Setting("optimizer", "combo", FROM_CORE, "Optimizer for the LoKr weights.", options=tuple(OPTIMIZERS)),
     Setting("validation_resolution", "int", FROM_CORE, "Side of the square preview images in pixels.",
-            min=64, max=4096, step=16),
+            min=64, max=4096, step=16, label="preview size"),
     Setting("output_name", "str", "hidream_lokr", "Run folder name under output/hidream_lokr/ (a number is "
-            "appended per run). Runs of one name continue each other (see resume_from_checkpoint)."),
-    Setting("validation_prompt", "text", FROM_CORE, "Prompt of the preview images (sampled with the LoKr merged). "
-            "Empty: no previews."),
+            "appended per run). Runs of one name continue each other (see resume_from_checkpoint).",
+            label="output name"),
+    Setting("validation_prompt", "text", FROM_CORE, "Prompt of the preview images (sampled with the LoKr as it trains). "
+            "Empty: no previews.", label="preview prompt"),
     Setting("validation_step_interval", "int", FROM_CORE, "A preview every N steps (0: only at the end).",
-            min=0, max=100_000),
+            min=0, max=100_000, label="preview every"),
     Setting(RESUME_FIELD, "combo", RESUME_AUTO,
             "auto: continue this training's unfinished run (stopped, cancelled, failed or ComfyUI closed) from its "
             "newest checkpoint; a finished run is returned without training again. start over: a new run from "
             "step 0. latest: the newest complete checkpoint of any run named output_name. Or pick a checkpoint.",
-            options=tuple(RESUME_CHOICES)),
+            options=tuple(RESUME_CHOICES), label="resume from"),
 ]
 
 
@@ -132,32 +139,35 @@ GROUPS = [
         "Learning-rate schedule, batch size, gradient accumulation and EMA for Train HiDream LoKr. Not connected: "
         "the defaults shown here.",
         (Setting("lr_scheduler", "combo", FROM_CORE, "Learning-rate schedule over max_train_steps.",
-                 options=tuple(LR_SCHEDULERS)),
+                 options=tuple(LR_SCHEDULERS), label="lr schedule"),
          Setting("lr_warmup_steps", "int", FROM_CORE, "Steps over which the learning rate ramps up from 0.",
-                 min=0, max=100_000),
-         Setting("train_batch_size", "int", FROM_CORE, "Images per forward pass.", min=1, max=64),
+                 min=0, max=100_000, label="warmup steps"),
+         Setting("train_batch_size", "int", FROM_CORE, "Images per forward pass.", min=1, max=64, label="batch size"),
          Setting("gradient_accumulation_steps", "int", FROM_CORE, "Forward passes accumulated into one optimizer step.",
-                 min=1, max=1024),
-         Setting("use_ema", "bool", FROM_CORE, "Keep an exponential moving average of the LoKr weights and save it."),
-         Setting("ema_decay", "float", FROM_CORE, "EMA decay per step.", min=0.0, max=1.0, step=0.0001))),
+                 min=1, max=1024, label="accumulation"),
+         Setting("use_ema", "bool", FROM_CORE, "Keep an exponential moving average of the LoKr weights and save it.",
+                 label="use EMA"),
+         Setting("ema_decay", "float", FROM_CORE, "EMA decay per step.", min=0.0, max=1.0, step=0.0001,
+                 label="EMA decay"))),
     SettingsGroup(
         "HiDreamLoKrPreviewSettings", "LoKr training: previews", "preview_settings",
         "HIDREAM_LOKR_PREVIEW_SETTINGS",
         "How the training previews are sampled (their prompt, interval and size are on the Train node). Not "
         "connected: the defaults shown here.",
-        (Setting("validation_negative_prompt", "str", FROM_CORE, "Negative prompt of the previews."),
-         Setting("validation_num_inference_steps", "int", FROM_CORE, "Sampling steps per preview.", min=1, max=200),
+        (Setting("validation_negative_prompt", "str", FROM_CORE, "Negative prompt of the previews.", label="negative"),
+         Setting("validation_num_inference_steps", "int", FROM_CORE, "Sampling steps per preview.", min=1, max=200,
+                 label="sample steps"),
          Setting("validation_guidance", "float", FROM_CORE, "CFG scale of the previews.", min=0.0, max=30.0,
-                 step=0.1))),
+                 step=0.1, label="guidance"))),
     SettingsGroup(
         "HiDreamLoKrCheckpointSettings", "LoKr training: checkpoints", "checkpoint_settings",
         "HIDREAM_LOKR_CHECKPOINT_SETTINGS",
         "How often Train HiDream LoKr writes a resumable checkpoint, and how many it keeps (Stop & save, Cancel "
         "and errors always write one). Not connected: the defaults shown here.",
         (Setting("checkpoint_step_interval", "int", FROM_CORE, "Save a resumable checkpoint every N steps (0: only "
-                 "when stopped, cancelled or failed).", min=0, max=1_000_000),
+                 "when stopped, cancelled or failed).", min=0, max=1_000_000, label="save every"),
          Setting("checkpoints_total_limit", "int", FROM_CORE, "Keep at most this many checkpoints (0: all).",
-                 min=0, max=1000))),
+                 min=0, max=1000, label="keep at most"))),
     SettingsGroup(
         "HiDreamLoKrAdvancedSettings", "LoKr training: advanced", "advanced_settings",
         "HIDREAM_LOKR_ADVANCED_SETTINGS",
@@ -166,23 +176,24 @@ GROUPS = [
         (Setting("seed", "int", FROM_CORE, "Seed of noise, timesteps, dropout and the LoKr init: same seed, same run.",
                  min=0, max=2**31 - 1, extra={"control_after_generate": True}),
          Setting("gradient_checkpointing", "bool", FROM_CORE, "Recompute activations in the backward pass: much "
-                 "less memory, ~30% slower. Off: a step that runs out of memory is retried with it on."),
+                 "less memory, ~30% slower. Off: a step that runs out of memory is retried with it on.",
+                 label="gradient ckpt"),
          Setting("mixed_precision", "combo", FROM_CORE, "bf16: compute in bf16 (the LoKr itself stays float32). no: "
-                 "the model's dtype.", options=("bf16", "no")),
+                 "the model's dtype.", options=("bf16", "no"), label="precision"),
          Setting("offload_blocks", "bool", FROM_CORE, "Low-memory mode: keep the transformer blocks in CPU memory and "
                  "stream each to the GPU just before it runs (needs gradient_checkpointing and a bf16 base; "
-                 "slower)."),
+                 "slower).", label="offload blocks"),
          Setting("flow_schedule_shift", "float", FROM_CORE, "Shift of the training sigmas (HiDream-I1-Full was "
                  "trained with 3.0; the quickstart suggests starting near 1.0). Previews sample with the model's "
-                 "own scheduler shift.", min=0.01, max=100.0, step=0.1),
+                 "own scheduler shift.", min=0.01, max=100.0, step=0.1, label="flow shift"),
          Setting("flow_schedule_auto_shift", "bool", FROM_CORE, "Shift by image resolution instead of the fixed "
-                 "shift."),
+                 "shift.", label="auto shift"),
          Setting("caption_dropout_probability", "float", FROM_CORE, "Chance to train a sample with an empty caption "
-                 "(helps CFG).", min=0.0, max=0.99, step=0.01),
+                 "(helps CFG).", min=0.0, max=0.99, step=0.01, label="caption drop"),
          Setting("hidream_use_load_balancing_loss", "bool", FROM_CORE, "Add the MoE load-balancing loss (with its "
-                 "gradient) to keep experts in use."),
+                 "gradient) to keep experts in use.", label="MoE balance"),
          Setting("hidream_load_balancing_loss_weight", "float", FROM_CORE, "Weight of the load-balancing loss.",
-                 min=0.0, max=10.0, step=0.001))),
+                 min=0.0, max=10.0, step=0.001, label="MoE weight"))),
 ]
 
 ALL_SETTINGS = {s.id: s for s in ESSENTIALS} | {s.id: s for g in GROUPS for s in g.settings}

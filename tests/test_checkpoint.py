@@ -136,6 +136,22 @@ def test_should_stop_save_and_sample_commands(tiny_model_dir, shapes, tmp_path):
     assert all(m.eta_seconds > 0 for m in metrics)  # 10 steps planned, 3 done: time is left
 
 
+def test_stop_command_previews_the_lokr_it_stops_with(tiny_model_dir, shapes, tmp_path):
+    """"stop" (Stop & save) ends with validation images at the step it stops, so the person sees the LoKr they
+    keep; without a validation prompt (previews off) it draws nothing. should_stop (Cancel, above) draws none."""
+    for prompt in ("a red circle", None):
+        steps, drawn = [], []
+        cb = TrainingCallbacks(on_step=lambda m: steps.append(m.step),
+                               on_validation=lambda step, grid, path: drawn.append(step),
+                               poll_commands=lambda: ["stop"] if steps == [1, 2] else [])
+        result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / f"out_{bool(prompt)}", max_train_steps=10,
+                                         validation_prompt=prompt, disable_benchmark=True), callbacks=cb)
+        assert result.stopped and result.steps_done == 2
+        assert result.checkpoint_path.name == "checkpoint-2"
+        assert drawn == ([2] if prompt else [])
+        assert sorted({p.parent.name for p in result.validation_images}) == (["step_000002"] if prompt else [])
+
+
 def test_sample_command_on_the_last_step_does_not_validate_twice(tiny_model_dir, shapes, tmp_path):
     seen = []
     result = train(tiny_train_config(tiny_model_dir, shapes, tmp_path / "out", max_train_steps=1,

@@ -207,6 +207,7 @@ class LiveView {
     this.selectedPreview = null;
     this.lastMessageAt = 0;
     this.messageText = "";
+    this.commandNote = null; // {command, text, step}: what a button said, shown until its command is done
     this.size = "compact";
     this._restoring = null;
     this._pending = []; // live messages that arrived while the history was loading, replayed after it
@@ -330,6 +331,7 @@ class LiveView {
     this.chart.reset(total || 0);
     this.resumedEl.textContent = "";
     this.message("");
+    this.commandNote = null;
     this._expand();
   }
 
@@ -372,7 +374,21 @@ class LiveView {
         this.acceptsCommands = this.phase === "training";
       }
     }
+    this._clearDoneCommandNote(m);
     this._render();
+  }
+
+  /** A button's note ("Sample now: runs at the next step boundary") goes once its command is done: the preview it
+   *  asked for came (sample), training went past the step boundary that ran it (save, or a sample without a
+   *  preview prompt), or the run ended. A message that replaced the note meanwhile stays. */
+  _clearDoneCommandNote(m) {
+    const note = this.commandNote;
+    if (!note) return;
+    const done = (m.kind === "preview" && note.command === "sample") || m.kind === "finished" ||
+      (Number.isFinite(m.loss) && m.step >= note.step + 2); // the command acts after step note.step + 1 at the latest
+    if (!done) return;
+    if (this.messageText === note.text) this.message("");
+    this.commandNote = null;
   }
 
   _markResumed(step) {
@@ -481,8 +497,13 @@ class LiveView {
         body: JSON.stringify({ command }),
       });
       const body = await response.json().catch(() => ({}));
-      if (response.ok) this.message(`${button.textContent}: ${body.note || "queued"}`);
-      else this.message(`${button.textContent} refused: ${body.error || `HTTP ${response.status}`}`);
+      if (response.ok) {
+        const text = `${button.textContent}: ${body.note || "queued"}`;
+        this.message(text);
+        this.commandNote = { command, text, step: this.lastEvent ? this.lastEvent.step : 0 };
+      } else {
+        this.message(`${button.textContent} refused: ${body.error || `HTTP ${response.status}`}`);
+      }
       this.root.dataset.lastCommand = `${command}:${response.status}`;
     } catch (error) {
       this.message(`${button.textContent} failed: ${error.message || error}`);

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from ui_workflow import template_path  # tests/comfyui (the browser tests' conftest puts it on the path)
+
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("HIDREAM_LOKR_CHROMIUM", "/usr/bin/chromium")
 # Headless, no GPU, and nothing that would reach the network on its own (the page may only talk to ComfyUI).
@@ -22,7 +24,7 @@ VIEW = "[data-hidream-lokr-live]"
 
 # The demo workflow in the frontend's own format when the node pack ships it, else an API-format twin (the
 # frontend's loadApiJson turns it into a graph, as when a user drops an API json on the canvas).
-UI_WORKFLOW = REPO / "workflows" / "hidream_lokr_tiny_demo.json"
+UI_WORKFLOW = template_path("hidream_lokr_tiny_demo")
 API_WORKFLOW = REPO / "tests" / "comfyui" / "workflows" / "hidream_lokr_tiny_demo_api.json"
 
 
@@ -101,6 +103,30 @@ class ComfyPage:
         self.load_workflow(data)
         return data
 
+    def template_cards(self, category: str) -> list[dict]:
+        """Browse Templates (the frontend's own command), its `category` picked in the side list: each card's title,
+        the width the title needs and has, its description (1.3x; none on 1.5x cards) and the thumbnail's size."""
+        self.page.evaluate("() => window.comfyAPI.app.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        entry = self.page.get_by_text(category, exact=True).first
+        entry.wait_for(timeout=30000)
+        entry.scroll_into_view_if_needed()
+        entry.click()
+        self.page.wait_for_function(
+            """() => { const cards = [...document.querySelectorAll('[data-testid^="template-workflow-"]')];
+                       return cards.length && cards.every((c) => { const i = c.querySelector('img');
+                         return i && i.complete && i.naturalWidth > 0; }); }""", timeout=30000)
+        return self.page.evaluate(
+            """() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')].map((card) => {
+                 const title = card.querySelector('h3'), text = card.querySelector('p');
+                 const img = card.querySelector('img');
+                 const ruler = document.createElement('canvas').getContext('2d');
+                 ruler.font = getComputedStyle(title).font;  // the width the title needs on one line
+                 return {title: title.textContent.trim(), titleRoom: title.clientWidth,
+                         titleWidth: Math.ceil(ruler.measureText(title.textContent.trim()).width),
+                         titleClamped: title.scrollHeight > title.clientHeight + 1,
+                         description: text ? text.textContent.split(/\\s+/).join(' ').trim() : '',
+                         thumbnail: [img.naturalWidth, img.naturalHeight]}; })""")
+
     def dialog_texts(self) -> list[str]:
         """The text of every open dialog (PrimeVue's and the newer frontend's)."""
         return self.page.evaluate(
@@ -130,6 +156,23 @@ class ComfyPage:
             self.page.wait_for_timeout(500)
         return text
 
+    def dismiss_notices(self) -> None:
+        """Close the one-time notices frontend 1.32.9 lays over the canvas, as a person does once: the "Introducing
+        Nodes 2.0" banner above the classic canvas and the "Prefer the legacy design?" toast of Vue nodes."""
+        closed = self.page.evaluate(
+            """() => { let closed = 0;
+                 const cross = 'button [class*="lucide--x"], button .pi-times';
+                 for (const text of ['Introducing Nodes 2.0', 'Prefer the legacy design?']) {
+                   const boxes = [...document.querySelectorAll('body *')].filter((e) => e.textContent.includes(text)
+                     && e.querySelector(cross));
+                   boxes.sort((a, b) => a.textContent.length - b.textContent.length);
+                   const button = boxes.length && boxes[0].querySelector(cross);
+                   if (button) { button.closest('button').click(); closed++; }
+                 }
+                 return closed; }""")
+        if closed:
+            self.page.wait_for_timeout(400)
+
     def close_dialogs(self) -> None:
         for _ in range(3):
             if not self.dialog_texts():
@@ -140,16 +183,20 @@ class ComfyPage:
     def layout(self) -> dict:
         """Every node's box on screen (title bar included; Vue nodes: their element), the groups' boxes, the saved
         view, and for each node whether its title is readable: at three points of its title bar the topmost
-        element is the canvas (classic) or the node itself (Vue), not a menu, a panel or another node."""
+        element is the canvas (classic) or the node itself (Vue), not a menu, a panel or another node; whether it
+        is wholly visible: the same at nine points over the whole node (a DOM widget of the classic canvas
+        counts as the node's); and, with Vue nodes, the labels the node shows (title, sockets, widget labels:
+        text, width it needs, width it has; values in widgets are not labels)."""
         return self.page.evaluate(LAYOUT_JS)
 
-    def pan_to(self, x: float, y: float, screen=(90, 150)) -> None:
-        """Put canvas point (x, y) at `screen` (CSS pixels), at zoom 1."""
+    def pan_to(self, x: float, y: float, screen=(90, 150), scale: float = 1.0) -> None:
+        """Put canvas point (x, y) at `screen` (CSS pixels), at zoom `scale`."""
         self.page.evaluate(
-            """([x, y, sx, sy]) => { const app = window.comfyAPI.app.app; const ds = app.canvas.ds;
-                 const r = app.canvas.canvas.getBoundingClientRect(); ds.scale = 1;
-                 ds.offset[0] = sx - r.left - x; ds.offset[1] = sy - r.top - y; app.canvas.setDirty(true, true); }""",
-            [x, y, *screen])
+            """([x, y, sx, sy, scale]) => { const app = window.comfyAPI.app.app; const ds = app.canvas.ds;
+                 const r = app.canvas.canvas.getBoundingClientRect(); ds.scale = scale;
+                 ds.offset[0] = (sx - r.left) / scale - x; ds.offset[1] = (sy - r.top) / scale - y;
+                 app.canvas.setDirty(true, true); }""",
+            [x, y, *screen, scale])
         self.page.wait_for_timeout(400)
 
     # ------------------------------------------------------------------------------------------ the graph
@@ -312,12 +359,23 @@ LAYOUT_JS = r"""
     }
     const ty = box[1] + Math.min(12, box[3] / 2) ;
     const points = [box[0] + 14, box[0] + box[2] / 2, box[0] + box[2] - 14].map((x) => [x, ty]);
-    const readable = points.every(([x, y]) => {
+    const clear = ([x, y], domWidgets) => {
       if (x < 0 || y < 0 || x >= window.innerWidth || y >= window.innerHeight) return false;
       const hit = document.elementFromPoint(x, y);
-      return vue ? !!(hit && el.contains(hit)) : hit === canvasEl;
-    });
-    nodes.push({id: n.id, type: n.type, title: n.title, box, vue, readable});
+      if (vue) return !!(hit && el.contains(hit));
+      return hit === canvasEl || (domWidgets && !!(hit && hit.closest('.dom-widget')));
+    };
+    const readable = points.every((p) => clear(p, false));
+    const inset = 4;
+    const grid = [];
+    for (const fx of [0, 0.5, 1]) for (const fy of [0, 0.5, 1]) {
+      grid.push([box[0] + inset + fx * (box[2] - 2 * inset), box[1] + inset + fy * (box[3] - 2 * inset)]);
+    }
+    const visible = grid.every((p) => clear(p, true));
+    const labels = vue ? [...el.querySelectorAll('.truncate')]
+      .filter((t) => t.textContent.trim() && !t.closest('button, input, textarea, select, [role="combobox"]'))
+      .map((t) => [t.textContent.trim(), t.scrollWidth, t.clientWidth]) : [];
+    nodes.push({id: n.id, type: n.type, title: n.title, box, vue, readable, visible, labels});
   }
   const groups = (app.graph._groups || app.graph.groups || []).map((g) => {
     const b = g._bounding || g.bounding;

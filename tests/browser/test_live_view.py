@@ -151,8 +151,10 @@ def test_live_view_follows_a_run_and_survives_a_reload(comfy_ui, browser, artifa
 
 def test_buttons_sample_save_and_stop_then_queue_again_resumes(comfy_ui, browser, artifacts):
     """The buttons act only between training steps (not during the step-0 previews); Sample now, Save now and
-    Stop & save reach the running training at its next step boundary; after Stop & save the view says so and how
-    to continue, and queueing again continues the run from its checkpoint with the whole loss history drawn."""
+    Stop & save reach the running training at its next step boundary, and a button's note ("runs at the next step
+    boundary") goes once its command is done; Stop & save ends with a preview of the LoKr it stops with; after it
+    the view says so and how to continue, and queueing again continues the run from its checkpoint with the whole
+    loss history drawn."""
     server, version = comfy_ui
     page = _open(browser, server, version)
     try:
@@ -170,8 +172,11 @@ def test_buttons_sample_save_and_stop_then_queue_again_resumes(comfy_ui, browser
         # Sample now: a preview at a step that is no preview interval.
         previews = int(state["previews"])
         page.click_button("Sample now")
+        page.wait_view(lambda s: s["message"] == "Sample now: runs at the next step boundary", 10,
+                       "Sample now's note on the view")
         sampled = page.wait_view(lambda s: int(s["previews"]) > previews, 120, "the preview Sample now asked for")
         assert _history(server, state["runId"])["previews"][-1]["step"] > 0
+        assert "next step boundary" not in sampled["message"], sampled["message"]  # gone as the preview landed
 
         # Save now: a checkpoint and the LoKr file on disk while training goes on.
         page.click_button("Save now")
@@ -183,8 +188,9 @@ def test_buttons_sample_save_and_stop_then_queue_again_resumes(comfy_ui, browser
         assert checkpoints, f"Save now wrote no checkpoint under {output_dir}"
         assert lokr.is_file(), f"Save now wrote no LoKr file into {output_dir}"
         saved_at = int(checkpoints[-1].name.split("-")[1])
-        page.wait_view(lambda s: int(s["step"]) >= saved_at + 3 and s["status"] == "running", 120,
-                       "training going on after Save now")
+        going_on = page.wait_view(lambda s: int(s["step"]) >= saved_at + 3 and s["status"] == "running", 120,
+                                  "training going on after Save now")
+        assert "Save now" not in going_on["message"], going_on["message"]  # the note went once it was done
 
         # Stop & save: the run ends cleanly, with outputs, long before its planned steps; the view says it
         # stopped early and what continues it.
@@ -199,6 +205,11 @@ def test_buttons_sample_save_and_stop_then_queue_again_resumes(comfy_ui, browser
         assert done.get("lastToast") == "stopped" and not done["stopEnabled"]
         assert (output_dir / f"checkpoint-{last_step}").is_dir()
         assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
+        # A preview of the LoKr it stopped with is the newest, on the view too.
+        assert history["previews"][-1]["step"] == last_step, history["previews"]
+        newest = f"/previews/{len(history['previews']) - 1}"
+        page.wait_view(lambda s: int(s["previews"]) == len(history["previews"]) and s["previewShown"]
+                       and s["previewSrc"].endswith(newest), 10, "the stop preview on the view")
         prompt_id = history["prompt_id"]
         if prompt_id:
             entry = server.wait(prompt_id, timeout=300)

@@ -1,6 +1,9 @@
 """The pack inside a real ComfyUI 0.3.75: it imports, registers every node with tooltips and descriptions."""
 from __future__ import annotations
 
+import json
+from urllib.parse import quote
+
 NODES = {
     "HiDreamLoKrLoadDiffusers", "HiDreamLoKrLoadTransformerFile", "HiDreamLoKrImageDataset", "HiDreamLoKrCombineDatasets",
     "HiDreamLoKrDatasetFromImages", "HiDreamLoKrCacheTextEmbeddings", "HiDreamLoKrCacheLatents", "HiDreamLoKrConfig",
@@ -55,9 +58,24 @@ def test_every_node_is_registered_with_description_and_tooltips(comfy):
 
 
 def test_example_workflows_are_listed_as_templates(comfy):
+    from ui_workflow import TEMPLATES
+
     templates = comfy.get("/api/workflow_templates")
-    assert set(templates["ComfyUI-HiDream-LoKr"]) == {"hidream_lokr_tiny_demo", "hidream_lokr_train",
-                                                      "hidream_lokr_sample_native"}
+    assert set(templates["ComfyUI-HiDream-LoKr"]) == set(TEMPLATES.values())
+    for title in TEMPLATES.values():  # a title as a file name: served under it, spaces and all
+        assert comfy.get(f"/api/workflow_templates/ComfyUI-HiDream-LoKr/{quote(title)}.json")["nodes"]
+
+
+def test_the_frontend_labels_are_the_node_definitions_display_names(comfy):
+    """locales/en/main.json (what frontend 1.32.9 labels widgets with) says what the nodes' display_name says."""
+    from ui_workflow import LOCALE, input_labels
+
+    info = comfy.get("/object_info")
+    assert json.loads(LOCALE.read_text()) == input_labels(info), "regenerate with tests/comfyui/ui_workflow.py"
+    train = input_labels(info)["nodeDefs"]["HiDreamLoKrTrain"]["inputs"]
+    assert train["max_train_steps"] == {"name": "train steps"}
+    served = comfy.get("/i18n")["en"]["nodeDefs"]["HiDreamLoKrTrain"]["inputs"]  # ComfyUI serves it to the page
+    assert served == train
 
 
 def test_every_setting_of_the_first_train_layout_keeps_its_default(comfy):

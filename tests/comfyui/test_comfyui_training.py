@@ -17,13 +17,14 @@ from PIL import Image
 from safetensors import safe_open
 
 from comfy_server import REPO, load_graph, messages
+from ui_workflow import template_path
 
 sys.path.insert(0, str(REPO))  # trainer_core, to check the saved files with the core's own loader
 
 DEMO = "hidream_lokr_tiny_demo_api.json"
 TRAIN = "6"
 STEPS = 400  # the template as shipped: the demo's 400 steps at 128 px, previews at steps 0, 200 and 400
-DEMO_WORKFLOW = json.loads((REPO / "workflows" / "hidream_lokr_tiny_demo.json").read_text())
+DEMO_WORKFLOW = json.loads(template_path("hidream_lokr_tiny_demo").read_text())
 
 
 def lora_files(comfy) -> list[Path]:

@@ -11,26 +11,33 @@ placement are the largest each node type has in the frontends this pack is teste
 and Vue nodes; NODE_HEIGHTS); tests/browser/test_workflow_layout.py checks in a real browser that no two nodes
 overlap and every title is readable.
 
-    .cache/comfyui/venv/bin/python tests/comfyui/ui_workflow.py     # regenerate workflows/*.json
+    .cache/comfyui/venv/bin/python tests/comfyui/ui_workflow.py     # regenerate workflows/*.json, locales/en
     .cache/comfyui/venv/bin/python scripts/capture_screenshots.py   # then their thumbnails and the screenshots
 """
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+PACK_PREFIX = "HiDreamLoKr"  # every node id of this pack starts with it
+LOCALE = Path(__file__).resolve().parents[2] / "locales" / "en" / "main.json"  # the frontend's labels (input_labels)
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"  # what Browse Templates lists
 NOTE_TYPE = "MarkdownNote"  # the frontend's own note node (not a server node; ComfyUI's templates use it)
 TRAIN_LAYOUT = 2  # nodes/train_settings.py TRAIN_LAYOUT
 TITLE_HEIGHT = 30  # a node's title bar sits above its pos
 GROUP_TITLE = 50  # room for a group's title above its first node title
 GAP = 36  # between two nodes of a column, title bar included
 COLUMN_GAP = 60
-GROUP_GAP = 70
+GROUP_GAP = 50
 PAD = 20
-VIEW_ANCHOR = (90, 150)  # where the first group's top-left corner lands on screen (clear of the menus) at 100 %
+# The first view: a workflow opens with its first groups (Group.first_view) fitted, at 100 % or less, into this box
+# of a 1600 x 1000 window (CSS pixels: left, top, right, bottom), clear of the frontends' menus, the floating Run
+# bar and the minimap in the bottom-right corner (1.32.9 and 1.58.1 draw it there by default).
+SCREEN = (1600, 1000)
+VIEW_BOX = (70, 100, 1330, 990)
 
 # Content height (below the title) per node type: the largest of classic and Vue nodes on both frontends, with
 # room for what a node shows after a run (the Train node's full live view, an image preview).
@@ -44,8 +51,12 @@ NODE_HEIGHTS = {
     "EmptySD3LatentImage": 150, "KSampler": 324, "VAEDecode": 72,
 }
 # The size saved in the workflow (classic mode draws it; Vue nodes grow to their content).
+# Vue nodes on 1.32.9 keep the saved width and put the pack's badge beside the title: the settings nodes' titles
+# need 340 px; QuadrupleCLIPLoader shows its longest file name (Llama's) whole at 380.
 NODE_WIDTHS = {"HiDreamLoKrTrain": 480, "HiDreamLoKrSampler": 340, "HiDreamLoKrImageDataset": 340,
-               "HiDreamLoKrAdvancedSettings": 330, "PreviewImage": 300, "SaveImage": 300, "KSampler": 320}
+               "HiDreamLoKrOptimizerSettings": 340, "HiDreamLoKrPreviewSettings": 340,
+               "HiDreamLoKrCheckpointSettings": 340, "HiDreamLoKrAdvancedSettings": 340, "PreviewImage": 300,
+               "SaveImage": 300, "KSampler": 320, "QuadrupleCLIPLoader": 380}
 DEFAULT_WIDTH = 320
 
 HF = "https://huggingface.co/Comfy-Org/HiDream-I1_ComfyUI/resolve/main/split_files"
@@ -73,7 +84,7 @@ class Group:
     note_title: str = "What to do"
     color: str = "#3f789e"
     below_previous: bool = False  # stack under the group before it instead of starting a new column of groups
-    widths: dict = field(default_factory=dict)  # node id -> width
+    first_view: bool = False  # the saved view shows this group whole (VIEW_BOX)
 
 
 MODEL_LINKS = ("[HiDream-I1 for ComfyUI on Hugging Face](https://huggingface.co/Comfy-Org/HiDream-I1_ComfyUI) "
@@ -81,51 +92,59 @@ MODEL_LINKS = ("[HiDream-I1 for ComfyUI on Hugging Face](https://huggingface.co/
 
 TRAIN_NOTE = ("Press **Queue**. The Train node shows the loss, the newest preview (click it to enlarge) and "
               "**Sample now · Save now · Stop & save**.\n\nStopped, cancelled, failed or ComfyUI closed? **Queue "
-              "again**: it continues from the last checkpoint. Set `resume_from_checkpoint` to `start over` for a new "
-              "run.")
+              "again**: it continues from the last checkpoint. Set **resume from** to `start over` for a new run.")
 SETTINGS_NOTE = ("Optional. Each settings node holds a part of the training's settings; left out, its defaults "
                  "apply (the values shown on a new node). Wire one into the matching socket of the Train node.")
+
+# Browse Templates titles a pack's template with its file name and shows no other text of it (frontends 1.32.9 and
+# 1.58.1; 1.32.9 repeats the name, "-" and "_" as spaces, as the description): the file name is the title.
+# API twin (tests/comfyui/workflows/<twin>_api.json) -> workflows/<title>.json and its thumbnail <title>.jpg.
+TEMPLATES = {
+    "hidream_lokr_tiny_demo": "CPU demo - teach a new word",
+    "hidream_lokr_train": "Train a HiDream-I1 LoKr",
+    "hidream_lokr_sample_native": "Sample HiDream-I1 with a LoKr",
+}
 
 LAYOUTS: dict[str, list[Group]] = {
     "hidream_lokr_tiny_demo": [
         Group("1 · Load the model",
               "**A tiny HiDream that draws, for a first run.** `tiny-hidream` (pretrained on flat shapes in eight "
-              "colours) is built into `models/diffusers/` the first time this runs (no download). The whole "
-              "workflow takes about two minutes on a CPU.\n\n"
-              "For HiDream-I1 itself open the **hidream_lokr_train** template.", [["1"]]),
+              "colours) is built into `models/diffusers/` the first time this runs (no download). The config "
+              "below says which layers get a LoKr and its size.\n\n"
+              f"For HiDream-I1 itself open the **{TEMPLATES['hidream_lokr_train']}** template.", [["1", "5"]],
+              first_view=True),
         Group("2 · Your images",
-              "`hidream_lokr_demo_zorb`: 8 captioned pictures of a word the model has never seen, a *zorb* "
-              "(a pink ring), written into `input/` on first use.\n\n"
-              "Your own: a folder under `input/` (or an absolute path) with an image and a same-name `.txt` "
-              "caption each.", [["2"]], below_previous=True),
-        Group("3 · Cache text and latents",
-              "Every caption and image is encoded **once** and kept in `output/hidream_lokr/cache/`; the next "
-              "runs reuse it.", [["3", "4"]]),
-        Group("4 · Train", "400 steps. Watch the previews of *a zorb on a blue background* at steps 0 (the "
-              "model does not know the word), 200 and 400: the ring turns pink.\n\n" + TRAIN_NOTE, [["5"], ["6"]]),
-        Group("4b · Training settings (optional)", SETTINGS_NOTE, [["10"], ["11", "12"], ["13"]],
+              "`hidream_lokr_demo_zorb`: 8 captioned pictures of a *zorb*, a word the model has never seen (a "
+              "pink ring), written into `input/` on first use and encoded **once** into "
+              "`output/hidream_lokr/cache/`.\n\nYours: a folder under `input/` with a same-name `.txt` caption "
+              "per image.", [["2", "3", "4"]], first_view=True),
+        Group("3 · Train", "Press **Queue**: 400 steps, about 2 minutes on a CPU. The previews of *a zorb on a "
+              "blue background* at steps 0 (the model does not know the word), 200 and 400 show the ring turn "
+              "pink. Stopped, cancelled or closed? **Queue again**: it continues from the last checkpoint.",
+              [["6"]], first_view=True),
+        Group("3b · Training settings (optional)", SETTINGS_NOTE, [["10"], ["11", "12"], ["13"]],
               below_previous=True, color="#4a5f70"),
-        Group("5 · Save and try the LoKr",
+        Group("4 · Save and try the LoKr",
               "The LoKr goes to `output/loras/hidream_lokr/` (ComfyUI's LoRA loaders list it) and is sampled "
               "here in a place no training picture showed a zorb: yellow, at the bottom.", [["7", "8"], ["9"]]),
     ],
     "hidream_lokr_train": [
         Group("1 · Load the models",
-              "**Put these files in ComfyUI's model folders** (queueing names every one that is missing):\n\n"
+              "**Put these files in ComfyUI's model folders** (the frontend lists the missing ones with a "
+              "download link; queueing names every one):\n\n"
               "- `diffusion_models/` hidream_i1_full_fp8.safetensors (15.9 GB)\n"
               "- `text_encoders/` clip_l_hidream, clip_g_hidream, t5xxl_fp8_e4m3fn_scaled, "
               "llama_3.1_8b_instruct_fp8_scaled\n"
-              "- `vae/` ae.safetensors\n\n" + MODEL_LINKS, [["note"], ["1", "2", "3"]], note_height=330),
+              "- `vae/` ae.safetensors\n\n" + MODEL_LINKS, [["note", "1", "2", "3"]], first_view=True),
         Group("2 · Your images",
               "Put your images in `input/my_lokr_dataset/`, each with a same-name `.txt` caption (or change "
-              "`caption_strategy`). 1024 px is HiDream's resolution.", [["4"]], below_previous=True),
-        Group("3 · Cache text and latents",
-              "ComfyUI's CLIP and VAE encode every caption and image **once** into `output/hidream_lokr/cache/`; "
-              "the encoders can then be unloaded for training.", [["5", "6"]]),
-        Group("4 · Train", TRAIN_NOTE, [["7"], ["8"]]),
-        Group("4b · Training settings (optional)", SETTINGS_NOTE, [["14"], ["15", "16"], ["17"]],
+              "**captions**). 1024 px is HiDream's resolution. ComfyUI's CLIP and VAE encode every caption and "
+              "image **once** into `output/hidream_lokr/cache/`; the encoders can then be unloaded for training.",
+              [["4", "5", "6"]], first_view=True),
+        Group("3 · Train", TRAIN_NOTE, [["7"], ["8"]]),
+        Group("3b · Training settings (optional)", SETTINGS_NOTE, [["14"], ["15", "16"], ["17"]],
               below_previous=True, color="#4a5f70"),
-        Group("5 · Save and try the LoKr",
+        Group("4 · Save and try the LoKr",
               "The LoKr goes to `output/loras/hidream_lokr/`; here it samples HiDream-I1 Full's way (shift 3.0, "
               "50 steps, CFG 5).", [["10", "11"], ["12"], ["9", "13"]]),
     ],
@@ -135,11 +154,12 @@ LAYOUTS: dict[str, list[Group]] = {
               "- `diffusion_models/` hidream_i1_full_fp8.safetensors\n"
               "- `text_encoders/` clip_l_hidream, clip_g_hidream, t5xxl_fp8_e4m3fn_scaled, "
               "llama_3.1_8b_instruct_fp8_scaled\n"
-              "- `vae/` ae.safetensors\n\n" + MODEL_LINKS, [["note"], ["1", "2", "3"]], note_height=310),
+              "- `vae/` ae.safetensors\n\n" + MODEL_LINKS, [["note", "1", "2", "3"]], first_view=True),
         Group("2 · Your LoKr",
               "Pick a LoKr the Train node saved (`output/loras/hidream_lokr/...`); strength 1 is as trained.",
-              [["4", "5"]]),
-        Group("3 · Prompt and image size", "The same text goes to all four text encoders.", [["6", "7", "8"]]),
+              [["4", "5"]], first_view=True),
+        Group("3 · Prompt and image size", "The same text goes to all four text encoders.", [["6", "7", "8"]],
+              first_view=True),
         Group("4 · Sample", "HiDream-I1 Full: uni_pc, simple, 50 steps, CFG 5.", [["9"], ["10", "11"]]),
     ],
 }
@@ -227,12 +247,26 @@ def api_to_ui(api: dict, object_info: dict, name: str = "") -> dict:
     for node in nodes:
         for output in node["outputs"]:
             output["links"] = output["links"] or None
-    groups = arrange(nodes, LAYOUTS.get(name, []))
-    first = groups[0]["bounding"] if groups else [0, 0, 0, 0]
-    view = {"scale": 1, "offset": [VIEW_ANCHOR[0] - first[0], VIEW_ANCHOR[1] - first[1]]}
+    layout = LAYOUTS.get(name, [])
+    groups = arrange(nodes, layout)
+    view = first_view([g for g, spec in zip(groups, layout) if spec.first_view] or groups[:1])
     return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0,
             "last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes,
             "links": links, "groups": groups, "config": {}, "extra": {"ds": view}, "version": 0.4}
+
+
+def first_view(groups: list[dict]) -> dict:
+    """The saved view (extra.ds): these groups at the top left of VIEW_BOX, as large as fits, at most 100 %."""
+    if not groups:
+        return {"scale": 1, "offset": [VIEW_BOX[0], VIEW_BOX[1]]}
+    x0 = min(g["bounding"][0] for g in groups)
+    y0 = min(g["bounding"][1] for g in groups)
+    x1 = max(g["bounding"][0] + g["bounding"][2] for g in groups)
+    y1 = max(g["bounding"][1] + g["bounding"][3] for g in groups)
+    scale = min(1.0, (VIEW_BOX[2] - VIEW_BOX[0]) / (x1 - x0), (VIEW_BOX[3] - VIEW_BOX[1]) / (y1 - y0))
+    scale = int(scale * 100) / 100  # a round zoom, rounded down so the groups still fit
+    # The canvas is drawn at (x + offset) * scale: the groups' corner lands on VIEW_BOX's.
+    return {"scale": scale, "offset": [VIEW_BOX[0] / scale - x0, VIEW_BOX[1] / scale - y0]}
 
 
 def arrange(nodes: list[dict], layout: list[Group]) -> list[dict]:
@@ -306,6 +340,30 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     return api
 
 
+def template_path(twin: str, suffix: str = ".json") -> Path:
+    """workflows/<title>.json (or its thumbnail, suffix ".jpg") of an API twin's name."""
+    return WORKFLOWS / f"{TEMPLATES[twin]}{suffix}"
+
+
+def input_labels(object_info: dict) -> dict:
+    """locales/en/main.json: the short label (`display_name`) of every input of this pack's nodes that has one.
+
+    Frontend 1.32.9 labels a widget from the frontend's translations only (nodeDefs.<node>.inputs.<input>.name;
+    it ignores an input's display_name) and 1.5x lets a pack's translations win over it, so the labels reach both
+    frontends, in classic and Vue nodes, through this file; the node definitions stay the one place they are
+    written (test_comfyui_pack.py keeps the two in step)."""
+    defs = {}
+    for node, info in sorted(object_info.items()):
+        if not node.startswith(PACK_PREFIX):
+            continue
+        labels = {name: {"name": spec[1]["display_name"]} for name, spec in _inputs_in_order(info)
+                  if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("display_name")
+                  and spec[1]["display_name"] != name}
+        if labels:
+            defs[node] = {"inputs": labels}
+    return {"nodeDefs": defs}
+
+
 def main() -> None:
     from comfy_server import REPO, ComfyServer, comfyui_dir
     import tempfile
@@ -317,8 +375,11 @@ def main() -> None:
             for api_file in sorted((Path(__file__).parent / "workflows").glob("*_api.json")):
                 name = api_file.name.removesuffix("_api.json")
                 ui = api_to_ui(json.loads(api_file.read_text()), info, name)
-                (REPO / "workflows" / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
-                print("wrote", name)
+                template_path(name).write_text(json.dumps(ui, indent=1) + "\n")
+                print("wrote", template_path(name).relative_to(REPO))
+            LOCALE.parent.mkdir(parents=True, exist_ok=True)
+            LOCALE.write_text(json.dumps(input_labels(info), indent=1) + "\n")
+            print("wrote", LOCALE.relative_to(REPO))
         finally:
             server.stop()
 

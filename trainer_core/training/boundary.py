@@ -145,9 +145,10 @@ class Checkpoints:
 
 
 class StepBoundary:
-    """The actions between steps, in order: validation (its interval, or "sample"), eval loss, a checkpoint (its
-    interval, "save" or "stop") and, on "save", the adapter file too. The last step's validation waits for the
-    run's end, where it is drawn once."""
+    """The actions between steps, in order: validation (its interval, "sample", or "stop": a run stopped early
+    ends with images of the adapter it stops with, as a finished run does), eval loss, a checkpoint (its interval,
+    "save" or "stop") and, on "save", the adapter file too. The last step's validation waits for the run's end,
+    where it is drawn once. Without validation prompts no images are drawn, whatever the command."""
 
     def __init__(self, validation: Validation, evaluation: EvalLoss, checkpoints: Checkpoints, state: TrainState):
         self.validation, self.evaluation, self.checkpoints, self.state = validation, evaluation, checkpoints, state
@@ -162,11 +163,11 @@ class StepBoundary:
         step = self.state.step
         commands = [c for c in commands if c in COMMANDS]
         last = step == self.state.total_steps
-        if "sample" in commands or (self.validation.due(step) and not last):
+        stop = "stop" in commands
+        if "sample" in commands or stop or (self.validation.due(step) and not last):
             self.validation.run(step)
         if self.evaluation.due(step):
             self.evaluation.run(step)
-        stop = "stop" in commands
         if stop or "save" in commands or self.checkpoints.due(step):
             self.checkpoints.save()
             if "save" in commands and self.checkpoints.ctx.is_main:

@@ -11,7 +11,8 @@ from PIL import Image
 from ..data.cache import CacheStats, ImageEncoder, TextEncoder
 
 # What TrainingCallbacks.poll_commands may return: "sample" (validation images now), "save" (a checkpoint and the
-# LoKr file now; training goes on), "stop" (checkpoint, LoKr, clean end).
+# LoKr file now; training goes on), "stop" (validation images of the LoKr it stops with, checkpoint, LoKr, clean
+# end).
 COMMANDS = ("sample", "save", "stop")
 
 LOKR_FILENAME = "pytorch_lora_weights.safetensors"  # SimpleTuner's name for the trained adapter
@@ -38,7 +39,8 @@ class TrainingCallbacks:
 
     on_resume(step, losses) is called once when a run continues from a checkpoint, with the loss history up to
     that step (a live chart draws it instead of starting empty). poll_commands is called at every step boundary
-    and returns any of COMMANDS; should_stop() returning True is the same as "stop".
+    and returns any of COMMANDS; should_stop() returning True ends the run like "stop" but at once, without its
+    validation images (ComfyUI's Cancel: the person wants the run to end now).
     """
 
     on_phase: Optional[Callable[[str], None]] = None
