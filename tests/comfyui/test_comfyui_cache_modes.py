@@ -45,13 +45,20 @@ def _files(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(comfy) -> dict:
-    """An unbroken 8-step run (the session's server, default cache)."""
+def reference(tmp_path_factory) -> dict:
+    """An unbroken 8-step run on a server of its own (default cache), started as the evicting ones are: the
+    session's shared server has run other files' graphs by then, and what one of them leaves in the process
+    must not decide whether two runs agree."""
     from safetensors.torch import load_file
 
-    _run(comfy, small_graph("cache_modes_reference", 8))
-    (folder,) = sorted((comfy.output_dir() / "hidream_lokr").glob("cache_modes_reference_*"))
-    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    server = ComfyServer(tmp_path_factory.mktemp("comfyui-cache-reference"), comfyui_dir())
+    server.start()
+    try:
+        _run(server, small_graph("cache_modes_reference", 8))
+        (folder,) = sorted((server.output_dir() / "hidream_lokr").glob("cache_modes_reference_*"))
+        return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("mode", list(MODES))
