@@ -108,22 +108,23 @@ def transformer_config(weights: Mapping[str, Any], path: Path) -> dict:
 
 
 def load_transformer_file(path: Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                          precision: str = "no_change"):
+                          precision: str = "no_change", opener=None):
     """A diffusers HiDreamImageTransformer2DModel with the file's weights, read one tensor at a time.
 
     `dtype` is the compute dtype (biases, norms, the layers kept in it). `precision` says what the Linear weights
     become: "no_change" / "bf16" / "fp32" / a quanto one: float in `dtype` (fp8 weights times their scale; the
     caller quantises for quanto); "fp8-scaled": 8-bit layers, the file's e4m3fn weights stored as they are with
     their per-tensor scale (other weights quantised per output channel); "int8-scaled": int8 per output channel.
+    `opener` stands in for safetensors' `safe_open` (a memory plan reads a file of stand-in tensors, plan/).
     """
     from accelerate import init_empty_weights
     from diffusers import HiDreamImageTransformer2DModel
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if opener is None and not path.is_file():
         raise ConfigError(f"transformer file not found: {path}")
-    with safe_open(str(path), framework="pt", device="cpu") as file:
+    with (opener or safe_open)(str(path), framework="pt", device="cpu") as file:
         keys = list(file.keys())
         prefix = next((p for p in PREFIXES if p + _MARKER_KEY in keys), "")
         if prefix + _MARKER_KEY not in keys:
