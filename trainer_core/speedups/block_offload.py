@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config.schema import ConfigError
+from ..util.device import device_kind, host_device
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class _PackedBlock:
             t.data = view
 
 
-def _pack(block: nn.Module, pin: bool) -> _PackedBlock:
+def _pack(block: nn.Module, pin: bool, home: torch.device) -> _PackedBlock:
     tensors = [*block.parameters(), *block.buffers()]
     for t in tensors:
         # Plain tensors only: float weights, or the 8-bit weights and float32 scales of an fp8-scaled /
@@ -69,7 +70,7 @@ def _pack(block: nn.Module, pin: bool) -> _PackedBlock:
     for t in tensors:
         offsets.append(size)
         size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    host = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+    host = torch.empty(size, dtype=torch.uint8, device=home, pin_memory=pin)
     packed = _PackedBlock(tensors, host, offsets)
     with torch.no_grad():
         for t, view in zip(tensors, packed.views(host)):
@@ -100,15 +101,15 @@ class BlockStreamer:
         self.blocks = transformer_blocks(transformer)
         if not self.blocks:
             raise ConfigError("offload_blocks: this transformer has no double/single stream blocks to stream")
-        cuda = self.device.type == "cuda"
         from .moe_dispatch import ungroup_moe_dispatch
 
         ungrouped = sum(ungroup_moe_dispatch(block) for block in self.blocks)
         if ungrouped:  # stacked expert weights would not follow the streamed copies
             logger.info("offload_blocks: %d MoE layers back on the sorted dispatch (their experts are streamed)",
                         ungrouped)
-        self.stream = torch.cuda.Stream(self.device) if cuda else None
-        self.packed = [_pack(block, pin=cuda) for block in self.blocks]
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        pinned = device_kind(self.device) == "cuda"  # a memory plan's meta stand-in for a GPU pins too (plan/)
+        self.packed = [_pack(block, pin=pinned, home=host_device(self.device)) for block in self.blocks]
         self._move_rest(transformer)
         self._loaded: dict[int, tuple[torch.Tensor, Optional[torch.cuda.Event]]] = {}
         self.load_order: list[int] = []  # blocks in the order their copies were issued in the latest pass (tests)
@@ -120,7 +121,7 @@ class BlockStreamer:
             self._handles.append(block.register_forward_hook(lambda m, args, out, i=i: self._leave(i)))
         logger.info("offload_blocks: %d blocks (%.2f GiB) streamed from %s CPU memory to %s",
                     len(self.blocks), sum(p.host.numel() for p in self.packed) / 2**30,
-                    "pinned" if cuda else "plain", self.device)
+                    "pinned" if pinned else "plain", self.device)
 
     def _move_rest(self, transformer: nn.Module) -> None:
         in_blocks = {id(t) for packed in self.packed for t in packed.tensors}
@@ -137,7 +138,7 @@ class BlockStreamer:
             return
         host = self.packed[i].host
         if self.stream is None:
-            self._loaded[i] = (host.clone(), None)
+            self._loaded[i] = (host.to(self.device, copy=True), None)
         else:
             with torch.cuda.stream(self.stream):
                 flat = host.to(self.device, non_blocking=True)
