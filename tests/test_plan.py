@@ -161,7 +161,7 @@ def test_a_plan_of_the_tiny_model_runs_every_phase_and_names_what_makes_each_pea
     plan = plan_training(tiny_config, gpu_memory_gib=8)
     assert [p.name for p in plan.phases] == ["text embeddings", "latents", "loading the transformer",
                                             "model set-up", "training step", "validation", "checkpoint"]
-    assert not plan.errors and plan.fits is True and plan.verdict().startswith("fits in 8 GiB")
+    assert not plan.errors and plan.fits is True and plan.verdict().startswith("fits in 8.0 GiB")
     step = plan.phase("training step")
     assert step.tensors[0]["what"] and step.peak_gib > plan.phase("model set-up").peak_gib
     width, height = bucket_for_size(96, 64, 128, "pixel_area", False, "square")[0]  # the dataset's 3:2 images
@@ -192,3 +192,27 @@ def test_memory_mode_auto_takes_the_fastest_setting_that_fits(tiny_config):
     tight = resolve_memory_mode(auto, gpu_memory_gib=(fast.needs_gib + lean.needs_gib) / 2, host_memory_gib=64,
                                 phases=step)
     assert tight.gradient_checkpointing and not tight.offload_blocks
+
+
+def test_changes_that_make_a_run_fit_are_planned_and_ranked(tiny_config):
+    """Between what the step needs without and with checkpointing: checkpointing comes first, and fits."""
+    fast = plan_training(tiny_config, suggest=False, phases=("training step",))
+    lean = plan_training(replace(tiny_config, gradient_checkpointing=True), suggest=False, phases=("training step",))
+    plan = plan_training(tiny_config, gpu_memory_gib=(fast.needs_gib + lean.needs_gib) / 2,
+                         phases=("training step",))
+    assert plan.fits is False and plan.suggestions
+    first = plan.suggestions[0]
+    assert first.settings == {"gradient_checkpointing": True} and first.fits and not first.changes_training
+    assert abs(first.peak_gib - lean.peak_gib) < 0.01
+    fitting = [s.fits for s in plan.suggestions]
+    assert fitting == sorted(fitting, key=lambda fits: fits is not True)  # those that fit before those that do not
+    assert "changes that make it fit" in plan.format()
+
+
+def test_every_gpu_bench_row_can_carry_the_plans_prediction():
+    from trainer_core.bench.modes import BenchOptions, predicted_peak
+    from trainer_core.bench.setup import SIZES
+
+    opts = BenchOptions(size=SIZES["small"], device=torch.device("cpu"), dtype=torch.float32)
+    row = predicted_peak("bf16_gc", opts)
+    assert row["predicted_peak_gib"] > 0 and "plan_error" not in row

@@ -21,8 +21,14 @@ from trainer_core.data import discover_dataset
 from trainer_core.plan import TrainingPlanRun
 from trainer_core.plan.phases import Geometry
 from trainer_core.plan.planner import plan_of
+from trainer_core.plan.report import MemoryPlan
 
 STEP_GC, STEP_NOGC = "training step, checkpointing", "training step, no checkpointing"
+# The smallest card (GB) docs/performance.md gives each configuration: (precision, offload) -> (with checkpointing,
+# without it).
+CARDS = {("no_change", False): (40, 80), ("no_change", True): (8, None), ("int8-quanto", False): (20, 80),
+         ("int8-scaled", False): (20, 80), ("int8-scaled", True): (8, None), ("fp8-scaled", False): (20, 80),
+         ("fp8-scaled", True): (8, None)}
 PRECISIONS = ("no_change", "int8-quanto", "int8-scaled", "fp8-scaled")
 COMBINATIONS = [(p, offload) for p in PRECISIONS for offload in (False, True) if not (offload and "quanto" in p)]
 
@@ -95,3 +101,19 @@ def test_the_quickstart_runs_at_full_size_and_no_phase_peaks_above_the_step(prec
     assert not above, f"phases above the training step's {step:.2f} GiB: {above}"
     if not offload:
         assert phases[STEP_NOGC].peak_gib > step  # without checkpointing every block's activations stay
+    for variant, card in zip((STEP_GC, STEP_NOGC), CARDS[precision, offload]):
+        others = [p for n, p in phases.items() if "training step" not in n or n == variant]
+        if card is not None:
+            assert MemoryPlan({}, others).smallest_card == card, (variant, MemoryPlan({}, others).needs_gib)
+
+
+def test_comfyuis_fp8_file_loads_straight_into_fp8_at_full_size():
+    """pretrained_transformer_model_name_or_path = ComfyUI's hidream_i1_full_fp8.safetensors (here its layout,
+    read through load_transformer_file itself): its weights go to the GPU as stored, never as 16 bits."""
+    config = quickstart("fp8-scaled", False)
+    config.pretrained_transformer_model_name_or_path = Path("models/diffusion_models/hidream_i1_full_fp8.safetensors")
+    run = TrainingPlanRun(config, phases=("loading the transformer",))
+    run.run()
+    assert not run.errors, run.errors
+    load = plan_of(run).phase("loading the transformer")
+    assert 15 < load.peak_gib < 17 and load.host_gib < 17  # the 8-bit model, in either memory, and nothing more

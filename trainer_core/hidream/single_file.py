@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config.schema import SCALED_PRECISIONS, ConfigError
 from ..quant.scaled import (FP8_DTYPE, SCALED_LINEAR_CLASSES, can_quantize, quantize_weight, replace_module)
+from ..util.device import meta_placeholders
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def load_transformer_file(path: Path, dtype: torch.dtype = torch.bfloat16, devic
         names = {k[len(prefix):]: k for k in keys if k.startswith(prefix) and k != prefix + SCALED_FP8_MARKER}
         shapes = {name: file.get_slice(key).get_shape() for name, key in names.items()}
         config = transformer_config(shapes, path)
-        with init_empty_weights():
+        with init_empty_weights(), meta_placeholders():  # the skeleton the file's tensors are put into
             transformer = HiDreamImageTransformer2DModel.from_config(config)
         _check_names(transformer, names, path)
         reader = _FileReader(file, names, dtype)

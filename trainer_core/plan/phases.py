@@ -131,7 +131,7 @@ class ModelSource:
             self.paths = resolve_model_paths(config.pretrained_model_name_or_path, config.pretrained_llama_path,
                                              require_transformer=False)
         except ConfigError as why:
-            logger.info("plan: %s; using HiDream-I1's published sizes", str(why).split(":")[0])
+            logger.debug("plan: %s; using HiDream-I1's published sizes", str(why).split(":")[0])
         folder = self.paths.model_dir if self.paths else None
         file = config.pretrained_transformer_model_name_or_path
         self.transformer_file = file if file is not None and is_transformer_file(file) else None
@@ -259,8 +259,10 @@ class TrainingPlanRun:
 
     def latents(self, cleanup) -> None:
         config, geometry = self.config, self.geometry
-        self.vae = as_read_into_host(vae_on_meta(self.source.vae_config), torch.float32).to(self.device)
+        self.vae = as_read_into_host(vae_on_meta(self.source.vae_config), torch.float32)
         self.dry.name_modules(self.vae, "vae")
+        self.vae.to(self.device)  # load_vae: read, then moved to the device
+        self.dry.label(self.vae, "VAE weights")
         batch = config.vae_batch_size
         pixels = torch.zeros(batch, 3, geometry.height, geometry.width)
         VaeImageEncoder(self.vae, "plan").encode(pixels, [torch.Generator().manual_seed(i) for i in range(batch)])

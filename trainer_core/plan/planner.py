@@ -111,6 +111,7 @@ def suggestions(config: TrainConfig, plan: MemoryPlan, capability: tuple[int, in
     for change, settings, changes_training in candidate_changes(config, plan):
         changed = replace(config, **settings)
         affected = ("text embeddings",) if "text_encoder_4_precision" in settings else TRANSFORMER_PHASES
+        affected = tuple(name for name in affected if plan.phase(name) is not None)  # what the plan itself ran
         try:
             run = TrainingPlanRun(changed, capability, steps=1, phases=affected)
             run.run()

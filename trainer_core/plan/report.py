@@ -117,11 +117,11 @@ class MemoryPlan:
             card = self.smallest_card
             return f"{what}; smallest card: {card} GB" if card else what
         if self.fits:
-            return f"fits in {self.gpu_memory_gib:g} GiB: {what}"
+            return f"fits in {self.gpu_memory_gib:.1f} GiB: {what}"
         if self.needs_gib <= self.gpu_memory_gib:
             return (f"does not fit host memory: {self.host_gib:.1f} GiB needed, {self.host_memory_gib:.1f} GiB "
                     f"there; {what}")
-        return f"does not fit {self.gpu_memory_gib:g} GiB: {what}"
+        return f"does not fit {self.gpu_memory_gib:.1f} GiB: {what}"
 
     def to_json(self) -> dict:
         return {"peak_gib": round(self.peak_gib, 3), "needs_gib": round(self.needs_gib, 3),

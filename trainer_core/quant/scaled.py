@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config.schema import SCALED_PRECISIONS, ConfigError
+from ..util.device import meta_placeholders
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +309,8 @@ class ScaledLinear(nn.Linear):
         if weight.dtype != cls.storage_dtype:
             raise ValueError(f"{cls.__name__} stores {cls.storage_dtype}, got a {weight.dtype} weight")
         out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, bias=bias is not None, device="meta", compute_dtype=compute_dtype)
+        with meta_placeholders():  # its buffers are assigned below
+            layer = cls(in_features, out_features, bias=bias is not None, device="meta", compute_dtype=compute_dtype)
         scale = weight_scale.detach().to(device=weight.device, dtype=torch.float32).reshape(-1)
         if scale.numel() == 1:
             layer.scale_granularity = "tensor"

@@ -39,6 +39,25 @@ def simulating(kind: str) -> Iterator[None]:
         _SIMULATED.reset(token)
 
 
+_PLACEHOLDERS = contextvars.ContextVar("hidream_meta_placeholders", default=False)
+
+
+@contextlib.contextmanager
+def meta_placeholders() -> Iterator[None]:
+    """Marks code that makes `meta` tensors as placeholders, replaced before use (a model's skeleton before its
+    weights are read in, a layer whose buffers are assigned next): a memory plan, where meta stands for the GPU,
+    does not count them."""
+    token = _PLACEHOLDERS.set(True)
+    try:
+        yield
+    finally:
+        _PLACEHOLDERS.reset(token)
+
+
+def making_placeholders() -> bool:
+    return _PLACEHOLDERS.get()
+
+
 def host_device(device) -> torch.device:
     """Where host-side buffers for tensors on `device` live: the CPU; during a memory plan, `meta` itself (the
     plan counts them as host memory), because torch cannot point a meta parameter's data at a CPU tensor and
