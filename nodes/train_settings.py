@@ -45,9 +45,12 @@ class Setting:
     max: Optional[float] = None
     step: Optional[float] = None
     extra: dict = field(default_factory=dict)
+    # An optional input: workflows and API prompts written before the widget existed still load and queue (it
+    # is the last of its node, so their saved values keep their places).
+    optional: bool = False
 
     def input(self, optional: bool = False):
-        common = dict(default=self.default, tooltip=self.tooltip, optional=optional)
+        common = dict(default=self.default, tooltip=self.tooltip, optional=optional or self.optional)
         limits = {k: v for k, v in (("min", self.min), ("max", self.max), ("step", self.step)) if v is not None}
         if self.kind == "int":
             return io.Int.Input(self.id, **common, **limits, **self.extra)
@@ -159,7 +162,11 @@ GROUPS = [
          Setting("hidream_use_load_balancing_loss", "bool", False, "Add the MoE load-balancing loss (with its "
                  "gradient) to keep experts in use."),
          Setting("hidream_load_balancing_loss_weight", "float", 0.01, "Weight of the load-balancing loss.",
-                 min=0.0, max=10.0, step=0.001))),
+                 min=0.0, max=10.0, step=0.001),
+         Setting("memory_mode", "combo", "manual", "auto: before training, a memory plan of this run on this GPU "
+                 "picks the fastest of no checkpointing, gradient checkpointing and block offloading that fits "
+                 "(the node says which and why). manual: the two settings above as they are.",
+                 options=("manual", "auto"), optional=True))),
 ]
 
 ALL_SETTINGS = {s.id: s for s in ESSENTIALS} | {s.id: s for g in GROUPS for s in g.settings}
@@ -224,7 +231,7 @@ def config_as_json(config) -> str:
 NOT_IN_FINGERPRINT = ("output_name", RESUME_FIELD, "max_train_steps", "validation_prompt", "validation_negative_prompt",
                       "validation_step_interval", "validation_resolution", "validation_num_inference_steps",
                       "validation_guidance", "checkpoint_step_interval", "checkpoints_total_limit",
-                      "gradient_checkpointing", "offload_blocks")
+                      "gradient_checkpointing", "offload_blocks", "memory_mode")
 
 
 def run_fingerprint(model_name: str, dataset_fingerprint: str, encoders: list[str], lycoris: dict,
