@@ -167,6 +167,7 @@ def test_a_plan_of_the_tiny_model_runs_every_phase_and_names_what_makes_each_pea
     width, height = bucket_for_size(96, 64, 128, "pixel_area", False, "square")[0]  # the dataset's 3:2 images
     assert plan.settings["bucket"] == f"{width}x{height}" and "3 images in 1 buckets" in step.note
     assert plan.to_json()["peak_gib"] == round(plan.peak_gib, 3)
+    assert all("outside the models" not in t["what"] for t in plan.phase("text embeddings").tensors[:2])
 
 
 def test_the_plan_command_prints_one_json_object(tiny_config, tmp_path, capsys):
@@ -207,6 +208,15 @@ def test_changes_that_make_a_run_fit_are_planned_and_ranked(tiny_config):
     fitting = [s.fits for s in plan.suggestions]
     assert fitting == sorted(fitting, key=lambda fits: fits is not True)  # those that fit before those that do not
     assert "changes that make it fit" in plan.format()
+
+
+def test_a_text_phase_that_does_not_fit_is_offered_smaller_caption_batches(tiny_config):
+    text = ("text embeddings",)
+    config = replace(tiny_config, text_cache_write_batch_size=512)
+    big = plan_training(config, suggest=False, phases=text)
+    plan = plan_training(config, gpu_memory_gib=big.needs_gib - 0.001, phases=text)
+    smaller = [s for s in plan.suggestions if s.settings == {"text_cache_write_batch_size": 8}]
+    assert smaller and not smaller[0].changes_training and smaller[0].peak_gib < big.peak_gib
 
 
 def test_every_gpu_bench_row_can_carry_the_plans_prediction():

@@ -45,7 +45,7 @@ from ..training.context import RunContext
 from ..training.distributed import DistributedContext
 from ..training.interface import ModelComponents
 from ..training.model import adapter_settings, build_training_model
-from ..training.prepare import vae_decoder, staged_text_encoders
+from ..training.prepare import staged_text_encoders, vae_decoder
 from ..training.run import new_train_state, new_train_step
 from ..training.step import MicroBatch
 from ..util.quiet import quiet_libraries
@@ -250,12 +250,26 @@ class TrainingPlanRun:
 
         folder, llama = self.source.tokenizers()
         modules = [as_read_into_host(m, dtype) for m in text_encoders_on_meta(self.source.encoder_configs)]
+        for module, name in zip(modules, ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")):
+            self.dry.name_modules(module, name)  # the report's "made in" (quantised layers: their block's name)
+            self._label_weights_when_run(module, f"{name} weights")
         return HiDreamTextEncoders(
             tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), text_encoder=modules[0],
             tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"), text_encoder_2=modules[1],
             tokenizer_3=T5Tokenizer.from_pretrained(folder / "tokenizer_3"), text_encoder_3=modules[2],
             tokenizer_4=PreTrainedTokenizerFast.from_pretrained(llama), text_encoder_4=modules[3],
             identity="plan")
+
+    def _label_weights_when_run(self, encoder: torch.nn.Module, label: str) -> None:
+        """Label `encoder`'s weights as its own once it (or a block of it) has run: they were moved or quantised
+        onto the device outside any forward, where the dry run cannot tell whose they are."""
+        from ..quant import blocks_of
+
+        def name(module, args, output) -> None:  # before StagedTextEncoders' own hooks send a block back
+            self.dry.label(module, label)
+
+        for module in [encoder] + [block for _, block in blocks_of(encoder)]:
+            module.register_forward_hook(name)
 
     def latents(self, cleanup) -> None:
         config, geometry = self.config, self.geometry

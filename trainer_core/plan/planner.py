@@ -16,7 +16,9 @@ from .phases import PHASES, STEP, TrainingPlanRun
 from .report import MemoryPlan, Suggestion, phase_plan
 
 # The phases a change of the transformer's settings affects (the text and latent phases do not see it).
-TRANSFORMER_PHASES = ("loading the transformer", "model set-up", STEP, "validation")
+TRANSFORMER_PHASES = ("loading the transformer", "model set-up", STEP, "validation", "checkpoint")
+# The settings only the text phase sees.
+TEXT_SETTINGS = {"text_encoder_3_precision", "text_encoder_4_precision", "text_cache_write_batch_size"}
 
 
 def plan_training(config: TrainConfig, gpu_memory_gib: Optional[float] = None,
@@ -85,9 +87,17 @@ def candidate_changes(config: TrainConfig, plan: MemoryPlan) -> list[tuple[str, 
     if base:
         for precision in ("fp8-scaled", "int8-scaled", "int8-quanto"):
             found.append((f"base_model_precision: {precision}", {"base_model_precision": precision}, True))
-    if plan.peak_phase.name == "text embeddings" and config.text_encoder_4_precision == "no_change":
-        found.append(("text_encoder_3/4_precision: int8-quanto", {"text_encoder_3_precision": "int8-quanto",
-                                                                 "text_encoder_4_precision": "int8-quanto"}, True))
+    elif not config.offload_blocks and config.base_model_precision not in SCALED_PRECISIONS:
+        found.append(("base_model_precision: fp8-scaled, offload_blocks: true (+ gradient_checkpointing)",
+                      {"base_model_precision": "fp8-scaled", "offload_blocks": True,
+                       "gradient_checkpointing": True}, True))  # a quanto base cannot be offloaded
+    if _text_too_big(plan):
+        if config.text_encoder_4_precision == "no_change":
+            found.append(("text_encoder_3/4_precision: int8-quanto", {"text_encoder_3_precision": "int8-quanto",
+                                                                     "text_encoder_4_precision": "int8-quanto"},
+                          True))
+        if config.text_cache_write_batch_size > 8:
+            found.append(("text_cache_write_batch_size: 8", {"text_cache_write_batch_size": 8}, False))
     if config.train_batch_size > 1:
         found.append((f"train_batch_size: 1 (gradient_accumulation_steps: "
                       f"{config.gradient_accumulation_steps * config.train_batch_size})",
@@ -98,40 +108,62 @@ def candidate_changes(config: TrainConfig, plan: MemoryPlan) -> list[tuple[str, 
     for resolution in (768, 512):
         if resolution < largest:
             datasets = [replace(d, resolution=min(d.resolution, resolution)) for d in config.datasets]
-            found.append((f"resolution: {resolution} (square crops: non-square buckets are padded to 4096 tokens)",
+            found.append((f"resolution: {resolution} (with square crops: a non-square bucket is padded to 4096 "
+                          "image tokens at any resolution)",
                           {"datasets": datasets}, True))
     return found
 
 
 def suggestions(config: TrainConfig, plan: MemoryPlan, capability: tuple[int, int] = (9, 0)) -> list[Suggestion]:
     """Each candidate change planned (the phases it affects; the others keep `plan`'s figures), ranked: those
-    that fit first, then by measured speed cost, then by predicted need."""
+    that fit first, then by measured speed cost, then by predicted need. When the text phase is too big as well,
+    each change of the transformer's settings comes with the first change that makes the text phase fit (those
+    that do not change what is trained first): neither fits alone."""
     before = speed.step_key(config.base_model_precision, config.gradient_checkpointing, config.offload_blocks)
-    found = []
+    planned = []
     for change, settings, changes_training in candidate_changes(config, plan):
-        changed = replace(config, **settings)
-        affected = ("text embeddings",) if "text_encoder_4_precision" in settings else TRANSFORMER_PHASES
+        affected = ("text embeddings",) if settings.keys() & TEXT_SETTINGS else TRANSFORMER_PHASES
+        if settings.get("offload_blocks"):  # the text encoders are streamed a block at a time too
+            affected = ("text embeddings",) + affected
         affected = tuple(name for name in affected if plan.phase(name) is not None)  # what the plan itself ran
         try:
-            run = TrainingPlanRun(changed, capability, steps=1, phases=affected)
+            run = TrainingPlanRun(replace(config, **settings), capability, steps=1, phases=affected)
             run.run()
         except ConfigError:
             continue  # not a valid combination (e.g. offload with a quanto base)
-        other = plan_of(run).phases
-        unchanged = [p for p in plan.phases if p.name not in {o.name for o in other}]
-        candidate = MemoryPlan(plan.settings, other + unchanged, plan.gpu_memory_gib, plan.host_memory_gib)
+        planned.append((change, settings, changes_training, plan_of(run).phases))
+    text_fix = None
+    if _text_too_big(plan):
+        text_fix = next((p for p in sorted(planned, key=lambda p: p[2])  # (stable: the candidates' order after)
+                         if p[1].keys() & TEXT_SETTINGS and all(phase.needs_gib <= plan.gpu_memory_gib
+                                                                 for phase in p[3])), None)
+    found = []
+    for change, settings, changes_training, phases in planned:
+        if text_fix is not None and not any(p.name == "text embeddings" for p in phases):
+            change, settings = f"{change}; {text_fix[0]}", {**settings, **text_fix[1]}
+            changes_training, phases = changes_training or text_fix[2], phases + text_fix[3]
+        changed = replace(config, **settings)
+        unchanged = [p for p in plan.phases if p.name not in {o.name for o in phases}]
+        candidate = MemoryPlan(plan.settings, phases + unchanged, plan.gpu_memory_gib, plan.host_memory_gib)
         after = speed.step_key(changed.base_model_precision, changed.gradient_checkpointing, changed.offload_blocks)
         ratio = speed.relative_cost(before, after) if after != before else None
         found.append(Suggestion(change, _jsonable(settings), round(candidate.peak_gib, 2),
                                 round(candidate.needs_gib, 2), candidate.fits, ratio,
-                                _speed_words(ratio, before, after), changes_training))
+                                _speed_words(ratio, before, after, settings), changes_training))
     return sorted(found, key=lambda s: (s.fits is not True, s.relative_step_time is None,
                                         s.relative_step_time or 0.0, s.needs_gib))
 
 
-def _speed_words(ratio: Optional[float], before: tuple, after: tuple) -> str:
+def _text_too_big(plan: MemoryPlan) -> bool:
+    text = plan.phase("text embeddings")
+    return text is not None and plan.gpu_memory_gib is not None and text.needs_gib > plan.gpu_memory_gib
+
+
+def _speed_words(ratio: Optional[float], before: tuple, after: tuple, settings: dict) -> str:
     if ratio is not None:
         return f"step x{ratio:.2f} ({speed.SOURCE})"
+    if not settings.keys() - TEXT_SETTINGS:
+        return "the steps unchanged (the captions are encoded in more, smaller calls, once)"
     if after == before:
         return "step time: fewer image tokens or samples per step (not measured)"
     if after[0] in SCALED_PRECISIONS:
