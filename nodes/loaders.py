@@ -94,8 +94,9 @@ class LoadHiDreamDiffusers(io.ComfyNode):
 def load_diffusers_model(model_folder: str, llama_folder: str, transformer_precision: str,
                          text_encoder_precision: str, t5_quantization: str, llama_quantization: str) -> HiDreamModel:
     from ..trainer_core.data import VaeImageEncoder
-    from ..trainer_core.hidream import (component_identity, latents_to_images, load_frozen_transformer,
-                                        load_text_encoders, load_vae, resolve_model_paths, scheduler_shift)
+    from ..trainer_core.hidream import (PREVIEW_DECODE_TILE, component_identity, latents_to_images,
+                                        load_frozen_transformer, load_text_encoders, load_vae, resolve_model_paths,
+                                        scheduler_shift)
     from ..trainer_core.quant import quantize_frozen
 
     model_dir = diffusers_folder(model_folder)
@@ -120,7 +121,7 @@ def load_diffusers_model(model_folder: str, llama_folder: str, transformer_preci
         transformer=transformer, name=f"{model_dir.name} ({transformer_precision})",
         text_encoder=text_encoders,
         image_encoder=VaeImageEncoder(vae, component_identity(paths.model_dir / "vae")),
-        decode_latents=lambda latents: latents_to_images(vae, latents),
+        decode_latents=lambda latents: latents_to_images(vae, latents, tile=PREVIEW_DECODE_TILE),
         source=str(model_dir), sampling_shift=scheduler_shift(model_dir))
     return model
 

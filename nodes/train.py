@@ -270,8 +270,21 @@ class TrainHiDreamLoKr(io.ComfyNode):
         run = REGISTRY.start(node_id, current_prompt_id(), output_dir, config.max_train_steps)
         message = free_comfy_memory(device)
         logger.info("HiDream LoKr: %s", message)
+        REGISTRY.set_phase(run, "planning memory")
+        try:
+            chosen, verdict = memory_plan(config, hidream_model.transformer)
+        except BaseException as exc:  # memory_mode auto and nothing fits: said before anything is trained
+            REGISTRY.finish(run, "failed", str(exc))
+            if fresh_folder and not plan.resumes:
+                shutil.rmtree(output_dir, ignore_errors=True)  # nothing to continue: no empty folder left
+            else:
+                run_store.write_record(output_dir, status="failed", error=str(exc), message=str(exc))
+            raise
+        if chosen is not config:  # the memory settings auto chose (the same training: not in the fingerprint)
+            config = chosen
+            run_store.write_record(output_dir, config=config_as_json(config))
         REGISTRY.note(run, f"{'Continuing' if plan.resumes else 'Starting'} {output_dir.name}: {plan.reason}; "
-                           f"{message}")
+                           f"{verdict}; {message}")
         watch = InterruptWatch()
         reporter = StepReporter(run, progress_bar(config.max_train_steps, node_id), watch, plan.checkpoint)
         result = run_training(config, hidream_model, text_encoder, image_encoder, decode, run, reporter, watch,
@@ -285,6 +298,33 @@ class TrainHiDreamLoKr(io.ComfyNode):
                             metadata={"training_config": config_as_json(config), "steps": str(result.steps_done),
                                       "base_model": hidream_model.name})
         return node_outputs(handle, result.loss_curve_path, run_previews(output_dir), run, result.losses)
+
+
+def memory_plan(config, transformer: torch.nn.Module) -> tuple:
+    """(the config to train with, a line for the node): the memory plan of this run with the model the graph
+    holds (trainer_core.plan: the model set-up, the training step, previews and checkpoints dry-run at its size,
+    on no memory) against what the GPU has now, and with memory_mode auto the memory settings it chose. A plan
+    that cannot be made is said and the run goes on as set; auto with nothing that fits stops before training."""
+    from ..trainer_core.plan import NODE_PHASES, available_memory, plan_training, resolve_memory_mode
+
+    planned: list = []
+    if config.memory_mode == "auto":
+        chosen = resolve_memory_mode(config, phases=NODE_PHASES, planned=planned, transformer=transformer)
+        if planned:
+            settings = ("offload_blocks" if chosen.offload_blocks else "gradient_checkpointing"
+                        if chosen.gradient_checkpointing else "no gradient checkpointing")
+            return chosen, f"plan: memory_mode auto chose {settings}; {planned[-1].verdict()}"
+        config = chosen  # a CPU run: nothing to choose
+    try:
+        gpu, host, capability = available_memory(config, transformer)
+        limit = gpu if gpu is not None else host  # a CPU run's memory is the host's
+        result = plan_training(config, limit, host if gpu is not None else None, suggest=False,
+                               phases=NODE_PHASES, capability=capability, transformer=transformer)
+    except Exception as exc:  # noqa: BLE001 - a plan is advice: without one the run goes on as set
+        logger.warning("HiDream LoKr: no memory plan (%s: %s)", type(exc).__name__, exc)
+        return config, f"plan: none ({type(exc).__name__})"
+    logger.info("HiDream LoKr: memory plan\n%s", result.format())
+    return config, f"plan: {result.verdict()}"
 
 
 class TrainingFailed(RuntimeError):

@@ -67,6 +67,9 @@ class Setting:
     step: Optional[float] = None
     extra: dict = field(default_factory=dict)
     label: str = ""  # what the node shows; empty: the id
+    # An optional input: workflows and API prompts written before the widget existed still load and queue (it
+    # is the last of its node, so their saved values keep their places).
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.default is FROM_CORE:
@@ -75,7 +78,7 @@ class Setting:
     def input(self, optional: bool = False, options: Optional[list] = None):
         """The V3 input; a combo's `options` may be given at schema time (the resume choices list checkpoints)."""
         common = dict(default=self.default, tooltip=f"{self.id}: {self.tooltip}" if self.label else self.tooltip,
-                      optional=optional, display_name=self.label or None)
+                      optional=optional or self.optional, display_name=self.label or None)
         limits = {k: v for k, v in (("min", self.min), ("max", self.max), ("step", self.step)) if v is not None}
         if self.kind == "int":
             return io.Int.Input(self.id, **common, **limits, **self.extra)
@@ -193,7 +196,11 @@ GROUPS = [
          Setting("hidream_use_load_balancing_loss", "bool", FROM_CORE, "Add the MoE load-balancing loss (with its "
                  "gradient) to keep experts in use.", label="MoE balance"),
          Setting("hidream_load_balancing_loss_weight", "float", FROM_CORE, "Weight of the load-balancing loss.",
-                 min=0.0, max=10.0, step=0.001, label="MoE weight"))),
+                 min=0.0, max=10.0, step=0.001, label="MoE weight"),
+         Setting("memory_mode", "combo", FROM_CORE, "auto: before training, a memory plan of this run on this GPU "
+                 "picks the fastest of no checkpointing, gradient checkpointing and block offloading that fits "
+                 "(the node says which and why). manual: the two settings above as they are.",
+                 options=("manual", "auto"), optional=True, label="memory mode"))),
 ]
 
 ALL_SETTINGS = {s.id: s for s in ESSENTIALS} | {s.id: s for g in GROUPS for s in g.settings}
@@ -258,7 +265,7 @@ def config_as_json(config) -> str:
 NOT_IN_FINGERPRINT = ("output_name", RESUME_FIELD, "max_train_steps", "validation_prompt", "validation_negative_prompt",
                       "validation_step_interval", "validation_resolution", "validation_num_inference_steps",
                       "validation_guidance", "checkpoint_step_interval", "checkpoints_total_limit",
-                      "gradient_checkpointing", "offload_blocks")
+                      "gradient_checkpointing", "offload_blocks", "memory_mode")
 
 
 def run_fingerprint(model_name: str, dataset_fingerprint: str, encoders: list[str], lycoris: dict,

@@ -2,7 +2,7 @@
 
 1. trainer_core never imports ComfyUI or the nodes package.
 2. trainer_core's wings depend downwards only (docs/architecture.md draws the tree):
-       config, util  <-  quant, adapters  <-  hidream  <-  speedups, data  <-  training  <-  bench  <-  cli, demo
+       config, util  <-  quant, adapters  <-  hidream  <-  speedups, data  <-  training  <-  plan  <-  bench  <-  cli, demo
    and wings on one level do not import each other.
 3. Only the command line imports the benchmark.
 4. No import cycle between trainer_core's modules at import time (module-level imports).
@@ -19,8 +19,8 @@ CORE = REPO / "trainer_core"
 COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_execution", "comfy_extras", "folder_paths", "server", "nodes",
                    "execution", "latent_preview"}
 FRONT_DOORS = {"cli", "demo", "__main__", "__init__"}  # top-level modules: they may use each other
-LEVELS = [{"config", "util"}, {"quant", "adapters"}, {"hidream"}, {"speedups", "data"}, {"training"}, {"bench"},
-          FRONT_DOORS]
+LEVELS = [{"config", "util"}, {"quant", "adapters"}, {"hidream"}, {"speedups", "data"}, {"training"}, {"plan"},
+          {"bench"}, FRONT_DOORS]
 LEVEL_OF = {wing: level for level, wings in enumerate(LEVELS) for wing in wings}
 # The one top-level helper every face uses to offer its names lazily: below everything.
 LEVEL_OF["_lazy"] = -1

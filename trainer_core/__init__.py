@@ -11,6 +11,7 @@ it, docs/architecture.md has the tree and tests/test_architecture.py keeps the r
     hidream               loading HiDream-I1, the transformer call, flow matching, sampling, the VAE, the tiny model
     speedups, data        exact speed-ups and block streaming; datasets, buckets and the caches
     training              train(): its phases, state, step, checkpoints, several GPUs
+    plan                  will it fit: the phases of a run dry-run at full size on meta tensors, memory_mode auto
     bench                 the benchmark (used by the CLI only)
 
 The names below are what front ends call; they are imported on first use, so `import trainer_core` is cheap.
@@ -27,6 +28,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "LycorisConfig": ".adapters", "load_lokr": ".adapters", "lokr_applied": ".adapters", "save_lokr": ".adapters",
     "denoise": ".hidream", "sample_image": ".hidream", "load_transformer": ".hidream", "load_vae": ".hidream",
     "load_text_encoders": ".hidream", "resolve_model_paths": ".hidream", "PromptEmbeds": ".hidream",
-    "apply_speedups": ".speedups",
+    "apply_speedups": ".speedups", "plan_training": ".plan", "resolve_memory_mode": ".plan",
     "build_tiny_model": ".hidream.tiny", "build_drawing_model": ".hidream.tiny", "write_demo_dataset": ".demo",
 })

@@ -1,4 +1,4 @@
-"""`python -m trainer_core ...`: make-tiny-model, train, sample, demo, bench."""
+"""`python -m trainer_core ...`: make-tiny-model, train, sample, demo, bench, plan."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +55,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config.max_train_steps = args.max_train_steps
     if args.device:
         config.device = args.device
+    if config.memory_mode == "auto":
+        from .plan import resolve_memory_mode
+
+        config = resolve_memory_mode(config)
     result = train(config)
     if result.lokr_path is None:  # a rank other than 0 of a multi-process run: rank 0 reports and writes
         return 0
@@ -111,6 +115,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .plan import plan_bench_mode, plan_training
+    from .speedups import Speedups
+
+    if bool(args.config) == bool(args.bench_mode):
+        raise ConfigError("plan needs --config config.json or --bench-mode MODE (one of them)")
+    if args.bench_mode:
+        plan = plan_bench_mode(args.bench_mode, Speedups(grouped_moe_dispatch=not args.no_grouped_moe_dispatch))
+    else:
+        from .config import load_train_config
+
+        config = load_train_config(Path(args.config))
+        gpu = args.gpu_memory if args.gpu_memory is not None else _gpu_total_gib()
+        plan = plan_training(config, gpu, args.host_memory, suggest=not args.no_suggestions)
+    print(json.dumps(plan.to_json(), indent=1) if args.json else plan.format())
+    return 0 if plan.fits is not False else 1
+
+
+def _gpu_total_gib():
+    """The total memory of this machine's GPU, when it has one (what the plan is for, unless --gpu-memory)."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -144,7 +175,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         sequential=True if args.sequential else None, ablate=args.ablate,
                         profile=Path(args.profile) if args.profile else None, optimizer=args.optimizer,
                         deadline=time.monotonic() + args.time_budget if args.time_budget else None,
-                        compile_cache=compile_cache,
+                        compile_cache=compile_cache, predict=not args.no_plan,
                         variants=tuple(v.strip() for v in (args.variants or "").split(",") if v.strip()))
     run_bench(modes, opts, Path(args.out) if args.out else None, emit=lambda line: print(line, flush=True))
     return 0
@@ -262,9 +293,29 @@ def _add_bench_command(sub) -> None:
                    help="past this many seconds start nothing new: later modes and ablations are skipped and a "
                         "configuration being timed stops after one timed step, so every mode still writes its "
                         "line (for a GPU lent for minutes; leave room for the step in flight)")
+    p.add_argument("--no-plan", action="store_true",
+                   help="leave out each row's predicted_peak_gib (the memory plan of the mode, made on the CPU "
+                        "after the mode ran: `plan --bench-mode MODE`)")
     p.add_argument("--sequential", action="store_true",
                    help="time one configuration after the other (the CUDA default) instead of alternating steps")
     p.set_defaults(func=_cmd_bench)
+
+
+def _add_plan_command(sub) -> None:
+    p = sub.add_parser("plan", help="will it fit? dry-run a config at HiDream-I1's full size (no weights, no GPU): "
+                                    "each phase's GPU and host memory, the verdict, what to change")
+    p.add_argument("--config", default=None, help="config.json (SimpleTuner-style), as `train` takes it")
+    p.add_argument("--bench-mode", default=None, metavar="MODE",
+                   help="instead: the step `bench --size full` measures for MODE (bf16_nogc, bf16_gc, int8_gc, "
+                        "offload_gc, sample_cfg, fp8_gc, ...); its peak_gib is what the benchmark reports")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="the card's memory in GiB (default: this machine's GPU; none: the smallest card is named)")
+    p.add_argument("--host-memory", type=float, default=None, metavar="GIB", help="host memory in GiB to check")
+    p.add_argument("--json", action="store_true", help="one JSON object (peak_gib, phases, suggestions, ...)")
+    p.add_argument("--no-suggestions", action="store_true", help="do not plan the changes that would make it fit")
+    p.add_argument("--no-grouped-moe-dispatch", action="store_true",
+                   help="with --bench-mode: the sorted MoE dispatch (what the benchmark ran before 2026-12)")
+    p.set_defaults(func=_cmd_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_command(sub)
     _add_demo_command(sub)
     _add_bench_command(sub)
+    _add_plan_command(sub)
     return parser
 
 

@@ -6,6 +6,7 @@ Figures (draw time, event rates) are printed, never asserted.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def test_live_view_follows_a_run_and_survives_a_reload(comfy_ui, browser, artifa
 
         early = page.wait_view(lambda s: int(s["step"]) >= 3, 240, "the first training steps on the chart")
         assert early["runId"] and early["status"] == "running"
+        # The memory plan's verdict, made before training (a CPU run: against the host's memory), on the node.
+        assert re.search(r"plan: fits in [0-9.]+ GiB: needs [0-9.]+ GiB \([a-z -]+ peaks at [0-9.]+ GiB",
+                         early["message"]), early["message"]
         assert " / %d" % STEPS in early["telemetry"] and "it/s" in early["telemetry"] and "ETA" in early["telemetry"]
         assert int(early["pointsDrawn"]) >= int(early["step"]) - 1  # the draw of the newest point may be pending
         mid = page.wait_view(lambda s: int(s["step"]) >= 12 and int(s["previews"]) >= 1 and s["previewShown"],

@@ -134,15 +134,15 @@ def test_what_a_queued_training_does_with_the_run_folders_of_its_name(output_dir
 
 
 def test_settings_that_do_not_change_what_trains_leave_the_fingerprint_alone(pack):
-    """Previews, checkpoints and memory settings (gradient checkpointing, block offload) change nothing the run
-    learns: changing one and queueing again continues the unfinished run (the fix for most errors)."""
+    """Previews, checkpoints and memory settings (gradient checkpointing, block offload, memory_mode) change
+    nothing the run learns: changing one and queueing again continues the unfinished run (the fix for most errors)."""
     settings = importlib.import_module("hidream_lokr_pack.nodes.train_settings")
     base = dict(settings.DEFAULTS)
     key = settings.run_fingerprint("m", "d", ["t", "i"], {"factor": 16}, base)
     for name, value in (("validation_prompt", "other"), ("validation_step_interval", 7),
                         ("validation_num_inference_steps", 3), ("checkpoint_step_interval", 9),
                         ("gradient_checkpointing", True), ("offload_blocks", True), ("max_train_steps", 5),
-                        ("output_name", "x"), ("resume_from_checkpoint", "latest")):
+                        ("output_name", "x"), ("resume_from_checkpoint", "latest"), ("memory_mode", "auto")):
         assert settings.run_fingerprint("m", "d", ["t", "i"], {"factor": 16}, {**base, name: value}) == key, name
     for name, value in (("learning_rate", 1e-3), ("seed", 1), ("lr_scheduler", "constant"),
                         ("mixed_precision", "no"), ("train_batch_size", 2)):
@@ -222,3 +222,25 @@ def test_the_loaded_model_tells_comfyuis_ram_cache_its_size(pack, tmp_path):
     quantize_frozen(transformer, "int8-quanto")
     quantised = cache_bytes(types.HiDreamModel(transformer=transformer, name="tiny int8"))
     assert full / 5 < quantised < full / 2  # int8 weights (+ scales, norms and biases in float)
+
+
+def test_the_memory_plan_of_a_queued_training_and_memory_mode_auto_on_a_cpu(pack, tmp_path):
+    """The Train node plans the run with the transformer the graph holds before training: its verdict is the
+    line the live view shows; memory_mode auto on a CPU has no GPU to choose for and trains as set."""
+    from PIL import Image
+
+    from trainer_core.config import DatasetConfig, TrainConfig
+    from trainer_core.hidream import load_transformer, resolve_model_paths
+    from trainer_core.hidream.tiny import build_tiny_model
+
+    train_node = importlib.import_module("hidream_lokr_pack.nodes.train")
+    transformer = load_transformer(resolve_model_paths(build_tiny_model(tmp_path / "tiny")), dtype=torch.float32)
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "data" / "a.png")
+    (tmp_path / "data" / "a.txt").write_text("a red square")
+    config = TrainConfig(pretrained_model_name_or_path=tmp_path, output_dir=tmp_path / "out", device="cpu",
+                         datasets=[DatasetConfig(instance_data_dir=tmp_path / "data", resolution=64)],
+                         mixed_precision="no", gradient_checkpointing=True, memory_mode="auto")
+    chosen, verdict = train_node.memory_plan(config, transformer)
+    assert chosen.memory_mode == "manual" and chosen.gradient_checkpointing  # a CPU run: as set
+    assert verdict.startswith("plan: fits in ") and "training step" in verdict, verdict

@@ -103,6 +103,7 @@ class BenchOptions:
     deadline: Optional[float] = None  # time.monotonic() past which nothing new starts (`--time-budget`)
     optimizer: str = "adamw"  # by SimpleTuner's name (optimizers.py), the same on both sides
     compile_cache: Optional[Path] = None  # inductor's cache folder for compiled blocks (`--compile-cache`)
+    predict: bool = True  # on a GPU, each row also carries the memory plan's predicted peak (`--no-plan`)
 
     @property
     def interleave(self) -> bool:
@@ -583,6 +584,20 @@ def run_mode(mode: str, opts: BenchOptions) -> dict:
     raise ValueError(f"unknown bench mode {mode!r}; choose from {', '.join(ALL_MODES)}")
 
 
+def predicted_peak(mode: str, opts: BenchOptions) -> dict:
+    """{"predicted_peak_gib": the memory plan's prediction of this mode's project step (plan.bench_modes), made on
+    the CPU after the mode ran, so each GPU run checks the plan; and the seconds it took}."""
+    from ..plan import plan_bench_mode
+
+    started = time.perf_counter()
+    try:
+        plan = plan_bench_mode(mode, opts.speedups, opts.size.model, opts.size.resolution, opts.size.llama_layers)
+    except Exception as exc:  # noqa: BLE001 - a failed prediction must not lose the measured row
+        logger.warning("memory plan of %s failed: %s", mode, exc)
+        return {"predicted_peak_gib": None, "plan_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return {"predicted_peak_gib": round(plan.peak_gib, 3), "plan_seconds": round(time.perf_counter() - started, 1)}
+
+
 def run_bench(modes: list[str], opts: BenchOptions, out: Optional[Path] = None,
               emit: Callable[[str], None] = print) -> list[dict]:
     """Run `modes` in order; each result is printed as one JSON line and appended to `out`."""
@@ -608,6 +623,8 @@ def run_bench(modes: list[str], opts: BenchOptions, out: Optional[Path] = None,
                 logger.exception("bench mode %s failed", mode)
                 row = {"mode": mode, "error": type(exc).__name__, "message": str(exc)[:300]}
             row["mode_seconds"] = round(time.perf_counter() - started, 2)
+            if opts.predict and opts.device.type == "cuda" and "peak_gib" in row:
+                row.update(predicted_peak(mode, opts))
             row.update(header)
             line = json.dumps(row, default=str)
             emit(line)

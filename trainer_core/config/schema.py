@@ -276,6 +276,9 @@ class TrainConfig:
     # A training step that runs out of GPU memory is retried with gradient checkpointing switched on (when it was
     # off) instead of stopping the run; single process only. Off: the run stops with a checkpoint and a message.
     recover_from_out_of_memory: bool = True
+    # "auto": before anything loads, a memory plan (trainer_core/plan/) picks the fastest of no checkpointing,
+    # gradient_checkpointing and offload_blocks that fits the GPU, and logs why; "manual": the settings as given.
+    memory_mode: Literal["manual", "auto"] = "manual"
 
     def validate(self) -> None:
         if not self.datasets:
@@ -339,6 +342,8 @@ class TrainConfig:
             if getattr(self, name) not in PRECISIONS:
                 raise ConfigError(f"{name} {getattr(self, name)!r} is not supported; use one of: "
                                   f"{', '.join(PRECISIONS)}")
+        if self.memory_mode not in ("manual", "auto"):
+            raise ConfigError(f"memory_mode must be 'manual' or 'auto', got {self.memory_mode!r}")
         if self.report_to not in ("none", "tensorboard"):
             raise ConfigError(f"report_to {self.report_to!r} is not supported: use 'tensorboard' or 'none'")
         if not self.tracker_run_name or any(c in self.tracker_run_name for c in "/\\\0") or \

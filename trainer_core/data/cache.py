@@ -20,7 +20,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from safetensors.torch import load as safetensors_load
@@ -38,7 +38,9 @@ CACHE_FORMAT_VERSION = 3  # 2: entries carry a checksum of their tensors; 3: lat
 
 
 class TextEncoder(Protocol):
-    """Anything that turns captions into HiDream conditioning."""
+    """Anything that turns captions into HiDream conditioning. One that also has `encode_many(captions,
+    batch_size, max_sequence_length)` -> iterator of (captions, PromptEmbeds) fills a cache through it
+    (hidream.StagedTextEncoders)."""
 
     identity: str
 
@@ -138,6 +140,20 @@ class CacheStats:
         return f"{self.hits} cached, {self.misses} encoded in {self.encoder_calls} encoder calls{rebuilt}"
 
 
+def _encoded_batches(encoder: TextEncoder, captions: list[str], batch_size: int, max_sequence_length: int
+                     ) -> Iterator[tuple[list[str], PromptEmbeds]]:
+    """(captions, embeds) batch by batch: through the encoder's own `encode_many` where it has one (HiDream's
+    staged encoders bring one encoder at a time to the device for many captions), else `encode` per batch."""
+    if not captions:
+        return
+    if hasattr(encoder, "encode_many"):
+        yield from encoder.encode_many(captions, batch_size, max_sequence_length)
+        return
+    for start in range(0, len(captions), batch_size):
+        chunk = captions[start:start + batch_size]
+        yield chunk, encoder.encode(chunk, max_sequence_length=max_sequence_length)
+
+
 class TextEmbeddingCache:
     """Per-caption HiDream text conditioning: t5 (128, D_t5), llama (L, 128, D_llama), pooled (D_pooled,)."""
 
@@ -171,9 +187,8 @@ class TextEmbeddingCache:
         if missing and encoder is None:
             raise ValueError(f"{len(missing)} captions are not cached and no text encoder was given")
         self.stats.hits += len(unique) - len(missing)
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start:start + batch_size]
-            embeds = encoder.encode(chunk, max_sequence_length=self.max_sequence_length)
+        done = 0
+        for chunk, embeds in _encoded_batches(encoder, missing, batch_size, self.max_sequence_length):
             self.stats.encoder_calls += 1
             self.stats.misses += len(chunk)
             for i, caption in enumerate(chunk):
@@ -181,8 +196,9 @@ class TextEmbeddingCache:
                 _atomic_save({"t5": one.t5[0], "llama": one.llama[:, 0], "pooled": one.pooled[0]},
                              self.path_for(caption), {"caption": caption[:4096], "encoder": self.encoder_identity})
                 crash_point("text-cache-write")
+            done += len(chunk)
             if progress:
-                progress(min(start + batch_size, len(missing)), len(missing))
+                progress(done, len(missing))
         return self.stats
 
     def load(self, captions: Sequence[str]) -> PromptEmbeds:

@@ -18,7 +18,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "denoise": ".sample", "make_scheduler": ".sample", "rescale_guidance": ".sample", "sample_image": ".sample",
     "HIDREAM_I1_CONFIG": ".single_file", "load_transformer_file": ".single_file",
     "read_transformer_file": ".single_file", "stored_weight_dtype": ".single_file",
-    "HiDreamTextEncoders": ".text_encoders",
-    "FLUX_VAE_SCALING_FACTOR": ".vae", "FLUX_VAE_SHIFT_FACTOR": ".vae", "latents_to_images": ".vae",
+    "HiDreamTextEncoders": ".text_encoders", "StagedTextEncoders": ".text_encoders",
+    "FLUX_VAE_SCALING_FACTOR": ".vae", "FLUX_VAE_SHIFT_FACTOR": ".vae", "PREVIEW_DECODE_TILE": ".vae",
+    "latents_to_images": ".vae",
     "raw_to_scaled_latents": ".vae", "scaled_to_raw_latents": ".vae", "vae_decode": ".vae", "vae_encode": ".vae",
 })

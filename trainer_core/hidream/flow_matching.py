@@ -124,8 +124,9 @@ class LoadBalancingLoss:
         self._gates = gates
         for module in gates:
             if "_hidream_aux" not in module._buffers:
-                device = module.weight.device if not module.weight.is_meta else None
-                module.register_buffer("_hidream_aux", torch.zeros((), device=device), persistent=False)
+                # On the gate's device, meta included (a memory plan runs the model on meta: plan/).
+                module.register_buffer("_hidream_aux", torch.zeros((), device=module.weight.device),
+                                       persistent=False)
             self._handles.append(module.register_forward_hook(self._hook))
 
     @torch.compiler.disable

@@ -1,24 +1,25 @@
 """The frozen base transformer as a run wants it: from a diffusers folder or from one ComfyUI-style file, in the
 base_model_precision asked for, and on the device it computes on.
 
-Order matters for memory. optimum-quanto precisions quantise a model already on the device (as before). The
-8-bit scaled precisions (quant/scaled.py) never put a 16-bit model on the device: a diffusers folder is read into
-CPU memory and quantised one layer at a time *on* the device, each 8-bit layer going back to the CPU, and only then
-is the 8-bit model moved (16 GiB for HiDream-I1 in fp8 instead of 32 in bf16); an fp8 file is read straight into
-fp8 layers (single_file.py). With `stream_blocks` the model stays in CPU memory for block_offload to pack.
+Order matters for memory: no 8-bit base is ever a whole 16-bit model on the device. optimum-quanto precisions are
+read into CPU memory and quantised one block at a time on the device (each block moved there, then quantised; a
+16-bit HiDream-I1 is 32 GiB, its int8 form 16). The 8-bit scaled precisions (quant/scaled.py) are read into CPU
+memory and quantised one layer at a time *on* the device, each 8-bit layer going back to the CPU, and only then is
+the 8-bit model moved; an fp8 file is read straight into fp8 layers (single_file.py). With `stream_blocks` the model
+stays in CPU memory for block_offload to pack. `plan.phases` dry-runs exactly this order at full size.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ..config.schema import SCALED_PRECISIONS, ConfigError
-from ..quant import check_precision_supported, quantize_frozen, quantize_scaled
+from ..quant import ScaledLinear, check_precision_supported, quantize_frozen, quantize_scaled
 from .models import HiDreamModelPaths, load_transformer
 from .single_file import FP8_DTYPES, load_transformer_file, stored_weight_dtype, transformer_file_config
 
@@ -46,32 +47,42 @@ def default_file_precision(path: Path, device) -> str:
 
 def load_frozen_transformer(paths: Optional[HiDreamModelPaths], precision: str, dtype: torch.dtype,
                             device, transformer_file: Optional[Path] = None,
-                            stream_blocks: bool = False) -> nn.Module:
+                            stream_blocks: bool = False, read: Optional[Callable[..., nn.Module]] = None) -> nn.Module:
     """The base transformer, frozen, quantised as `precision` says, on `device` (or in CPU memory with
     `stream_blocks`). `transformer_file` (a .safetensors file or a diffusers transformer folder) replaces
-    `paths.model_dir / "transformer"`."""
+    `paths.model_dir / "transformer"`. `read` stands in for `read_transformer` (a memory plan reads no weights)."""
     device = torch.device(device)
     check_precision_supported(precision, device)  # before minutes of loading, not after
     scaled = precision in SCALED_PRECISIONS
+    # Only a 16-bit model that goes to the device whole is read onto it; every other one is read into CPU memory:
+    # the 8-bit precisions are quantised a layer (scaled) or a block (quanto) at a time on the device, and streamed
+    # blocks are packed from CPU memory by block_offload.
+    home = device if precision in ("no_change", "bf16", "fp32") and not stream_blocks else torch.device("cpu")
+    transformer = (read or read_transformer)(paths, dtype, home, precision if scaled else "no_change",
+                                             transformer_file)
+    if scaled:
+        if not transformer_is_scaled(transformer):
+            quantize_scaled(transformer, precision, work_device=device)  # each 8-bit layer back where it was
+        return (transformer if stream_blocks else transformer.to(device)).requires_grad_(False)
+    return quantize_frozen(transformer, precision, device=None if stream_blocks else device).requires_grad_(False)
+
+
+def read_transformer(paths: Optional[HiDreamModelPaths], dtype: torch.dtype, home, file_precision: str,
+                     transformer_file: Optional[Path] = None) -> nn.Module:
+    """The transformer as it comes off disk, in `home`'s memory: a diffusers folder in `dtype`; a single file read
+    one tensor at a time, straight into 8-bit layers when `file_precision` is fp8-scaled / int8-scaled."""
     if transformer_file is not None and Path(transformer_file).is_file():
-        transformer = load_transformer_file(transformer_file, dtype=dtype, device="cpu",
-                                            precision=precision if scaled else "no_change")
-    else:
-        folder = Path(transformer_file) if transformer_file is not None else None
-        if paths is None and folder is None:
-            raise ConfigError("no transformer to load: give a HiDream-I1 diffusers folder or a transformer file")
-        home = "cpu" if (stream_blocks or scaled) else device
-        transformer = (_load_transformer_folder(folder, dtype, home) if folder is not None
-                       else load_transformer(paths, dtype=dtype, device=home))
-        if scaled:
-            quantize_scaled(transformer, precision, work_device=device)
-    if not scaled:
-        if not stream_blocks:
-            transformer.to(device)
-        quantize_frozen(transformer, precision)
-    elif not stream_blocks:
-        transformer.to(device)
-    return transformer.requires_grad_(False)
+        return load_transformer_file(transformer_file, dtype=dtype, device=home, precision=file_precision)
+    folder = Path(transformer_file) if transformer_file is not None else None
+    if paths is None and folder is None:
+        raise ConfigError("no transformer to load: give a HiDream-I1 diffusers folder or a transformer file")
+    return (_load_transformer_folder(folder, dtype, home) if folder is not None
+            else load_transformer(paths, dtype=dtype, device=home))
+
+
+def transformer_is_scaled(transformer: nn.Module) -> bool:
+    """True when the transformer's Linears are already 8-bit (an fp8 file read as fp8-scaled / int8-scaled)."""
+    return any(isinstance(m, ScaledLinear) for m in transformer.modules())
 
 
 def image_token_limit(config: Mapping) -> int:

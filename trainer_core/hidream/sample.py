@@ -47,7 +47,9 @@ def denoise(transformer, cond: PromptEmbeds, uncond: Optional[PromptEmbeds], set
     embeds = PromptEmbeds.cat([uncond, cond]) if use_cfg else cond
     embeds = embeds.to(device=device, dtype=compute_dtype(transformer))  # once, not at every step
     scheduler = make_scheduler(settings.scheduler, settings.shift)
-    scheduler.set_timesteps(settings.num_inference_steps, device=device)
+    # The schedule stays in CPU memory: the scheduler looks its steps up by value (a host read), and only the
+    # transformer needs each timestep on the device.
+    scheduler.set_timesteps(settings.num_inference_steps)
 
     was_training = transformer.training
     transformer.eval()  # the MoE inference path (no aux loss)
@@ -58,7 +60,7 @@ def denoise(transformer, cond: PromptEmbeds, uncond: Optional[PromptEmbeds], set
     try:
         for i, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if use_cfg else latents
-            velocity = predict(model_input, t.expand(model_input.shape[0]), embeds).float()
+            velocity = predict(model_input, t.expand(model_input.shape[0]).to(device), embeds).float()
             if use_cfg:
                 v_uncond, v_cond = velocity.chunk(2)
                 velocity = v_uncond + settings.guidance * (v_cond - v_uncond)

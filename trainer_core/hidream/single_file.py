@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config.schema import SCALED_PRECISIONS, ConfigError
 from ..quant.scaled import (FP8_DTYPE, SCALED_LINEAR_CLASSES, can_quantize, quantize_weight, replace_module)
+from ..util.device import meta_placeholders
 
 logger = logging.getLogger(__name__)
 
@@ -130,26 +131,27 @@ def _weight_names(file, path: Path) -> dict[str, str]:
 
 
 def load_transformer_file(path: Path, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                          precision: str = "no_change"):
+                          precision: str = "no_change", opener=None):
     """A diffusers HiDreamImageTransformer2DModel with the file's weights, read one tensor at a time.
 
     `dtype` is the compute dtype (biases, norms, the layers kept in it). `precision` says what the Linear weights
     become: "no_change" / "bf16" / "fp32" / a quanto one: float in `dtype` (fp8 weights times their scale; the
     caller quantises for quanto); "fp8-scaled": 8-bit layers, the file's e4m3fn weights stored as they are with
     their per-tensor scale (other weights quantised per output channel); "int8-scaled": int8 per output channel.
+    `opener` stands in for safetensors' `safe_open` (a memory plan reads a file of stand-in tensors, plan/).
     """
     from accelerate import init_empty_weights
     from diffusers import HiDreamImageTransformer2DModel
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if opener is None and not path.is_file():
         raise ConfigError(f"transformer file not found: {path}")
-    with safe_open(str(path), framework="pt", device="cpu") as file:
+    with (opener or safe_open)(str(path), framework="pt", device="cpu") as file:
         names = _weight_names(file, path)
         shapes = {name: file.get_slice(key).get_shape() for name, key in names.items()}
         config = transformer_config(shapes, path)
-        with init_empty_weights():
+        with init_empty_weights(), meta_placeholders():  # the skeleton the file's tensors are put into
             transformer = HiDreamImageTransformer2DModel.from_config(config)
         _check_names(transformer, names, path)
         reader = _FileReader(file, names, dtype)

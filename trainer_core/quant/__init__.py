@@ -4,7 +4,7 @@ from .._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "INT8_INPUT_MULTIPLE": ".quanto", "QUANTO_PRECISIONS": ".quanto", "is_quantized": ".quanto",
-    "quantize_frozen": ".quanto",
+    "quantize_frozen": ".quanto", "quantize_block": ".quanto", "blocks_of": ".quanto",
     "HIGH_PRECISION_MODULES": ".scaled", "SCALED_PRECISIONS": ".scaled", "ScaledFp8Linear": ".scaled",
     "ScaledInt8Linear": ".scaled", "ScaledLinear": ".scaled", "check_precision_supported": ".scaled",
     "quantize_scaled": ".scaled",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 from torch import nn
@@ -14,18 +15,22 @@ logger = logging.getLogger(__name__)
 QUANTO_PRECISIONS = ("int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto")
 
 
-def quantize_frozen(model: nn.Module, precision: str) -> nn.Module:
+def quantize_frozen(model: nn.Module, precision: str, device=None) -> nn.Module:
     """Quantise every Linear weight of `model` in place and freeze it. 'no_change' / 'bf16' / 'fp32' do nothing;
     'fp8-scaled' / 'int8-scaled' go to scaled.quantize_scaled (8-bit matmuls), the rest to optimum-quanto.
+
+    With `device`, the model is brought to `device` as it is quantised, one block at a time (`blocks_of`), each
+    block quantised there: the device never holds more than the quantised blocks and one unquantised block (a
+    whole 16-bit HiDream-I1 is 32 GiB; quantising it on the device after moving it there needed all of that).
 
     Base weights are frozen after quantisation (quanto leaves requires_grad on, which would make autograd compute
     full weight gradients for nothing). A LoKr created afterwards runs in LyCORIS' bypass mode on these layers.
     """
     if precision in ("no_change", "bf16", "fp32", None):
-        return model
+        return model if device is None else model.to(device)
     if precision in SCALED_PRECISIONS:  # 8-bit weights *and* matmuls (scaled.py), not optimum-quanto
-        quantize_scaled(model, precision)
-        return model
+        quantize_scaled(model, precision, work_device=device)
+        return model if device is None else model.to(device)
     if precision not in QUANTO_PRECISIONS:
         raise ConfigError(f"base_model_precision {precision!r} is not supported; use one of: no_change, "
                           f"{', '.join(QUANTO_PRECISIONS + SCALED_PRECISIONS)}")
@@ -35,10 +40,52 @@ def quantize_frozen(model: nn.Module, precision: str) -> nn.Module:
     if precision == "int4-quanto":
         logger.warning("int4-quanto trains far slower than int8-quanto on GPUs (its matmul dequantises per call); "
                        "int8-quanto is the recommended low-memory setting")
-    quantize(model, weights=weights, exclude=_int8_unsafe_linears(model) if precision == "int8-quanto" else None)
-    freeze(model)
-    model.requires_grad_(False)
-    return model
+    exclude = _int8_unsafe_linears(model) if precision == "int8-quanto" else None
+    if device is None:
+        quantize(model, weights=weights, exclude=exclude)
+        freeze(model)
+        return model.requires_grad_(False)
+    for name, block in blocks_of(model):
+        quantize_block(model, name, block, precision, device, exclude)
+    return model.to(device).requires_grad_(False)  # what is outside every block (top-level parameters)
+
+
+def quantize_block(model: nn.Module, name: str, block: nn.Module, precision: str, device,
+                   exclude: Optional[list[str]] = None) -> None:
+    """Bring one block of `model` (`name`, `block` from blocks_of) to `device` and quantise it there as
+    quantize_frozen quantises the whole model (`exclude`: its _int8_unsafe_linears, computed once)."""
+    block.to(device)
+    if precision in ("no_change", "bf16", "fp32", None):
+        return
+    if precision in SCALED_PRECISIONS:
+        quantize_scaled(block, precision)
+        return
+    from optimum.quanto import freeze, qfloat8, qint2, qint4, qint8, quantize
+
+    weights = {"int8-quanto": qint8, "int4-quanto": qint4, "int2-quanto": qint2, "fp8-quanto": qfloat8}[precision]
+    # include/exclude are fnmatch patterns over the whole model's module names: this block's Linears only.
+    quantize(model, weights=weights, include=[name, f"{name}.*"], exclude=exclude)
+    freeze(block)
+    block.requires_grad_(False)
+
+
+def blocks_of(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """(name, module) of the pieces a model is moved and quantised in, in order: every item of the outermost
+    ModuleLists (a transformer's blocks, an encoder's layers) and every other child that holds no ModuleList."""
+    found = []
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, nn.ModuleList):
+            found += [(f"{path}.{index}", item) for index, item in enumerate(child)]
+        elif _holds_list(child):
+            found += blocks_of(child, f"{path}.")
+        else:
+            found.append((path, child))
+    return found
+
+
+def _holds_list(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.ModuleList) for m in module.modules())
 
 
 # torch's CPU kernel for bf16 activations x int8 weights (`torch._weight_int8pack_mm`, which optimum-quanto 0.2.7 picks

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config.schema import ConfigError
+from ..util.device import device_kind, host_device
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class _PackedBlock:
             t.data = view
 
 
-def _pack(block: nn.Module, pin: bool) -> _PackedBlock:
+def _pack(block: nn.Module, pin: bool, home: torch.device) -> _PackedBlock:
     tensors = [*block.parameters(), *block.buffers()]
     for t in tensors:
         # Plain tensors only: float weights, or the 8-bit weights and float32 scales of an fp8-scaled /
@@ -69,7 +70,7 @@ def _pack(block: nn.Module, pin: bool) -> _PackedBlock:
     for t in tensors:
         offsets.append(size)
         size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    host = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+    host = torch.empty(size, dtype=torch.uint8, device=home, pin_memory=pin)
     packed = _PackedBlock(tensors, host, offsets)
     with torch.no_grad():
         for t, view in zip(tensors, packed.views(host)):
@@ -133,20 +134,21 @@ class BlockStreamer:
         self.blocks = transformer_blocks(transformer)
         if not self.blocks:
             raise ConfigError("offload_blocks: this transformer has no double/single stream blocks to stream")
-        cuda = self.device.type == "cuda"
         from .moe_dispatch import ungroup_moe_dispatch
 
         ungrouped = sum(ungroup_moe_dispatch(block) for block in self.blocks)
         if ungrouped:  # stacked expert weights would not follow the streamed copies
             logger.info("offload_blocks: %d MoE layers back on the sorted dispatch (their experts are streamed)",
                         ungrouped)
-        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         pin, self.pinning = False, "plain copies (no accelerator to stream to)"
-        if cuda:
+        if self.device.type == "cuda":
             resident = all(t.device.type == "cpu" for b in self.blocks for t in (*b.parameters(), *b.buffers()))
             pin, self.pinning = pin_plan(sum(packed_bytes(b) for b in self.blocks), available_host_memory(),
                                          resident)
-        self.packed = [_pack(block, pin=pin) for block in self.blocks]
+        elif device_kind(self.device) == "cuda":  # a memory plan's meta stand-in for a GPU pins too (plan/)
+            pin, self.pinning = True, "pinned (a memory plan's dry run: this machine's memory is not asked)"
+        self.packed = [_pack(block, pin=pin, home=host_device(self.device)) for block in self.blocks]
         self._move_rest(transformer)
         self._loaded: dict[int, tuple[torch.Tensor, Optional[torch.cuda.Event]]] = {}
         self.load_order: list[int] = []  # blocks in the order their copies were issued in the latest pass (tests)
@@ -174,7 +176,7 @@ class BlockStreamer:
             return
         host = self.packed[i].host
         if self.stream is None:
-            self._loaded[i] = (host.clone(), None)
+            self._loaded[i] = (host.to(self.device, copy=True), None)
         else:
             with torch.cuda.stream(self.stream):
                 flat = host.to(self.device, non_blocking=True)

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..util.device import device_kind
 from .checked import mismatch
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,8 @@ _GROUPED_MM_WORKS: dict = {}
 def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """None when aten's grouped GEMM runs on (device, dtype) (CUDA: bf16 on SM >= 8.0; CPU: any float), else why
     not. Tried once per (device, dtype) on a tiny problem with an empty group."""
+    if device.type == "meta" and device_kind(device) == "cuda":  # a memory plan's stand-in for a GPU (plan/)
+        return None if dtype == torch.bfloat16 else f"grouped GEMM on CUDA takes bf16, not {dtype}"
     key = (device.type, dtype)
     if key not in _GROUPED_MM_WORKS:
         try:
@@ -202,8 +205,10 @@ def _plain_frozen_linear(linear: nn.Module) -> Optional[str]:
         return "hooked (LoKr/LyCORIS or another adapter)"
     if linear.bias is not None or linear.weight.requires_grad:
         return "has a bias or a trainable weight"
-    if not linear.weight.dtype.is_floating_point or linear.weight.is_meta:
+    if not linear.weight.dtype.is_floating_point:
         return f"weight is {linear.weight.dtype}"
+    if linear.weight.is_meta and device_kind(linear.weight.device) == "meta":  # no data yet; in a memory plan
+        return "weight is on the meta device"  # (plan/) meta stands for a GPU, and stacks like one
     return None
 
 

@@ -1,8 +1,9 @@
 """The data phases of a run: find the images, then fill the text-embedding and latent caches.
 
 Everything that can be wrong with the data is found before a model is loaded. The text encoders (~25 GB for the
-real model) are loaded only when a caption is missing from the cache, quantised first when
-text_encoder_N_precision says so, and leave memory before the transformer arrives. The VAE stays (it is small) to
+real model) are loaded only when a caption is missing from the cache, into CPU memory, and visit the device one at a
+time (hidream.StagedTextEncoders; quantised there when text_encoder_N_precision says so); they leave memory before
+the transformer arrives. The VAE stays (it is small) to
 decode validation images.
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ from ..hidream.forward import hidream_transformer
 from ..hidream.frozen import image_token_limit, transformer_config
 from ..hidream.models import (HiDreamModelPaths, component_identity, load_text_encoders, load_vae,
                               resolve_model_paths, scheduler_shift, text_encoders_identity)
-from ..hidream.vae import latents_to_images
-from ..quant import quantize_frozen
+from ..hidream.text_encoders import StagedTextEncoders
+from ..hidream.vae import PREVIEW_DECODE_TILE, latents_to_images
 from ..util.device import release_memory
 from .context import RunContext
 from .interface import ModelComponents
@@ -147,7 +148,7 @@ def prepare_data(config: TrainConfig, ctx: RunContext, given: ModelComponents) -
         vae.to("cpu")
     return TrainingData(datasets=datasets, eval_samples=eval_samples, batches=batches, total_steps=total_steps,
                         prompts=prompts, text_cache=text_cache, latent_caches=latent_caches,
-                        decode_latents=given.decode_latents or _vae_decoder(vae, config, ctx.device),
+                        decode_latents=given.decode_latents or vae_decoder(vae, config, ctx.device),
                         model_paths=paths, latent_stats=latent_stats, sampling_shift=sampling_shift(config, given))
 
 
@@ -202,10 +203,7 @@ def fill_text_cache(config: TrainConfig, ctx: RunContext, given: ModelComponents
     text_cache = TextEmbeddingCache(config.resolved_text_cache_dir, identity)
     with ctx.ranks.main_first():  # rank 0 encodes; the others wait, then find every entry cached
         if text_cache.missing(captions):
-            encoders = given.text_encoder or load_text_encoders(paths, dtype=ctx.dtype, device=ctx.device)
-            if given.text_encoder is None:
-                for encoder, precision in zip(encoders._encoders(), precisions):
-                    quantize_frozen(encoder, precision)
+            encoders = given.text_encoder or staged_text_encoders(paths, ctx, config)
             with tqdm(desc="text embeddings", unit="caption", disable=None) as bar:
                 text_cache.fill(captions, encoders, batch_size=config.text_cache_write_batch_size,
                                 progress=_progress_to(bar))
@@ -217,6 +215,16 @@ def fill_text_cache(config: TrainConfig, ctx: RunContext, given: ModelComponents
             text_cache.fill(captions, encoder=None)  # counts the hits; nothing to encode
     logger.info("text cache%s: %s", ctx.ranks.label, text_cache.stats)
     return text_cache
+
+
+def staged_text_encoders(paths: HiDreamModelPaths, ctx: RunContext, config: TrainConfig,
+                         load=load_text_encoders) -> StagedTextEncoders:
+    """The four text encoders read into CPU memory, each brought to the device (quantised there, block by block,
+    when text_encoder_N_precision says so) only while it encodes; with offload_blocks, a layer at a time. `load`
+    stands in for load_text_encoders (a memory plan reads no weights)."""
+    encoders = load(paths, dtype=ctx.dtype, device="cpu")
+    return StagedTextEncoders(encoders, ctx.device, _text_encoder_precisions(config),
+                              stream_blocks=config.offload_blocks)
 
 
 def fill_latent_caches(config: TrainConfig, ctx: RunContext, image_encoder: ImageEncoder,
@@ -237,13 +245,13 @@ def fill_latent_caches(config: TrainConfig, ctx: RunContext, image_encoder: Imag
     return caches, total
 
 
-def _vae_decoder(vae, config: TrainConfig, device: torch.device) -> Callable[[torch.Tensor], list[Image.Image]]:
+def vae_decoder(vae, config: TrainConfig, device: torch.device) -> Callable[[torch.Tensor], list[Image.Image]]:
     """Decode with the run's VAE; with offload_during_startup it visits the device only while it decodes."""
 
     def decode(latents: torch.Tensor) -> list[Image.Image]:
         if config.offload_during_startup:
             vae.to(device)
-        images = latents_to_images(vae, latents)
+        images = latents_to_images(vae, latents, tile=PREVIEW_DECODE_TILE)
         if config.offload_during_startup and device.type != "cpu":
             vae.to("cpu")
         return images

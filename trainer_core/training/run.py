@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..adapters.ema import AdapterEMA
-from ..config.schema import TrainConfig
+from ..config.schema import ConfigError, TrainConfig
 from ..util import atomic
 from ..util.faults import crash_point
 from . import checkpoint as ckpt
@@ -40,6 +40,10 @@ def train(config: TrainConfig, callbacks: Optional[TrainingCallbacks] = None,
     the caller passed in comes back without the adapter, in its original mode.
     """
     started = time.perf_counter()
+    if config.memory_mode == "auto":  # the plan that resolves it runs the training code: it sits above training
+        raise ConfigError("memory_mode auto is chosen by a memory plan before training starts: pass the config "
+                          "through trainer_core.plan.resolve_memory_mode(config) first (the command line and the "
+                          "Train node do), or set gradient_checkpointing / offload_blocks and memory_mode manual")
     callbacks, given = callbacks or TrainingCallbacks(), components or ModelComponents()
     with contextlib.ExitStack() as cleanup:
         ctx = RunContext.start(config, callbacks.on_phase, cleanup)
