@@ -39,7 +39,7 @@ from ..hidream.embeds import PromptEmbeds
 from ..hidream.frozen import image_token_limit, is_transformer_file, load_frozen_transformer
 from ..hidream.models import HiDreamModelPaths, resolve_model_paths
 from ..hidream.sample import denoise
-from ..hidream.single_file import FP8_DTYPES, load_transformer_file, stored_weight_dtype
+from ..hidream.single_file import FP8_DTYPES, HIDREAM_I1_CONFIG, load_transformer_file, stored_weight_dtype
 from ..hidream.text_encoders import HiDreamTextEncoders
 from ..training import checkpoint as ckpt
 from ..training.context import RunContext
@@ -176,7 +176,9 @@ class TrainingPlanRun:
         self.config, self.capability, self.steps, self.sampling_steps = config, capability, steps, sampling_steps
         self.phases = phases
         self.device = torch.device("meta")
-        self.geometry = largest_bucket(config, image_token_limit(self.source.transformer_config))
+        # A ComfyUI file has no config of its own to read here: its layout is HiDream-I1's (single_file.py).
+        self.geometry = largest_bucket(config, image_token_limit(self.source.transformer_config or
+                                                                 HIDREAM_I1_CONFIG))
         self.notes: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.dry: Optional[DryRun] = None
