@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from trainer_core.hidream import LoadBalancingLoss
@@ -81,7 +82,8 @@ def test_expert_without_tokens():
     """An expert no token is routed to: the same outputs and input gradient as diffusers' loop, and a LoKr on it
     gets a zero gradient, not none: under DDP every rank must reduce a gradient for every LoKr parameter, also a
     rank whose batch routed nothing to that expert (tests/test_distributed.py). (diffusers' loop calls the expert
-    on an empty slice, which LyCORIS' own bypass forward cannot reshape: that side runs without a LoKr here.)"""
+    on an empty slice, which LyCORIS' own bypass forward cannot reshape: that side runs without a LoKr here. The
+    trainer's networks take it: test_stock_moe_and_lycoris_bypass_train_with_an_idle_expert.)"""
     stock = _moe(seed=1)
     with torch.no_grad():
         # positive inputs, positive gate rows 0-2 and a negative row 3: expert 3 never wins a top-2 slot
@@ -102,6 +104,52 @@ def test_expert_without_tokens():
     assert len(idle) == 6  # W1 and W2 of w1, w2, w3
     assert all(grads[n] is not None and not grads[n].any() for n in idle)
     assert all(grads[n].abs().max() > 0 for n in grads if n not in idle)
+
+
+def _idle_expert_3(transformer):
+    """Route no token of any MoE layer to expert 3 (its slots go to expert 0), whatever the inputs."""
+    def reroute(_gate, _args, out):
+        idx, weight, aux = out
+        return idx.masked_fill(idx == 3, 0), weight, aux
+
+    return [m.register_forward_hook(reroute) for m in transformer.modules() if type(m).__name__ == "MoEGate"]
+
+
+@pytest.mark.parametrize("precision", ["no_change", "int8-quanto"])
+def test_stock_moe_and_lycoris_bypass_train_with_an_idle_expert(tiny_transformer, precision):
+    """Both switches off (diffusers' MoE loop, LyCORIS' own bypass forward) with a LoKr on the routed experts, and
+    no token routed to expert 3: diffusers calls that expert on an empty slice, whose reshape LyCORIS' bypass
+    refused ("cannot reshape tensor of 0 elements", adapters/lokr.py `allow_empty_inputs`). The step runs, its loss
+    and LoKr gradients equal the sped-up step's, the idle experts' LoKr get zero gradients (not none: DDP), the
+    others non-zero ones. On a float and an int8 base (the LoKr is in bypass mode on both)."""
+    from test_speedups import CONFIG, _loss_and_grads, _set_factors
+
+    from trainer_core.adapters import create_lokr_network
+    from trainer_core.quant import quantize_frozen
+    from trainer_core.speedups import Speedups, apply_speedups
+
+    results = []
+    for speedups in (Speedups(fast_lokr=False, fast_moe_dispatch=False), Speedups()):
+        transformer = copy.deepcopy(tiny_transformer)
+        quantize_frozen(transformer, precision)
+        transformer.requires_grad_(False)
+        network = create_lokr_network(transformer, CONFIG)
+        assert all(lora.bypass_mode for lora in network.loras)
+        _set_factors(network)
+        apply_speedups(transformer, network, speedups)
+        _idle_expert_3(transformer)
+        results.append(_loss_and_grads(transformer, network))
+    (flow0, aux0, grads0), (flow1, aux1, grads1) = results
+    assert torch.isfinite(torch.tensor([flow0, aux0])).all()
+    experts = [n for n in grads0 if "_ff_i_experts_" in n]
+    idle = [n for n in experts if "_experts_3_" in n]
+    assert idle and len(idle) < len(experts)
+    assert all(not grads0[n].any() for n in idle)
+    assert all(grads0[n].abs().max() > 0 for n in experts if n not in idle)
+    assert flow1 == pytest.approx(flow0, rel=1e-5) and aux1 == pytest.approx(aux0, rel=1e-5)
+    assert set(grads1) == set(grads0)
+    for name, g0 in grads0.items():
+        torch.testing.assert_close(grads1[name], g0, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_lokr_on_experts_trains_identically():

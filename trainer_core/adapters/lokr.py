@@ -14,6 +14,9 @@ What this module adds on top of LyCORIS, and why:
   LyCORIS' `merge_to` ignores a trainable `scalar` and `restore()` only unhooks, it does not unmerge). Into 16-bit
   weights a merge would round the small update away as the rebuild forward does, so there it samples through the
   bypass hooks, as it trained (`unmerged_reason`).
+* LyCORIS' bypass forward of a Linear LoKr cannot take an input with no rows (its reshape to (..., uq, -1) is
+  ambiguous on zero elements), and diffusers' training-mode MoE calls every expert on its rows, none when no token
+  was routed to it (`allow_empty_inputs`).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import contextlib
 import copy
 import json
 import logging
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -188,10 +192,37 @@ def create_lokr_network(transformer: nn.Module, config: LycorisConfig, *, seed: 
             init_lokr_perturbed_normal(network, init_lokr_norm)
     transformer.requires_grad_(False)
     network.apply_to()
+    allow_empty_inputs(network)
     network.requires_grad_(True)
     logger.info("LoKr: %d modules wrapped, %d trainable parameters", len(network.loras),
                 sum(p.numel() for p in network.parameters() if p.requires_grad))
     return network
+
+
+def _bypass_diff_allowing_empty(self, h: torch.Tensor, scale=1) -> torch.Tensor:
+    """LyCORIS' `bypass_forward_diff`, also for an input with no rows: the adapter then runs on one row of zeros and
+    returns that output's empty slice, so its parameters get a zero gradient (not none) and DDP's reducer still
+    all-reduces every one of them, as the sorted MoE dispatch does for an idle expert (speedups/moe_dispatch.py)."""
+    diff = type(self).bypass_forward_diff
+    if h.numel():
+        return diff(self, h, scale)
+    probe = diff(self, h.new_zeros(1, h.shape[-1]), scale)
+    return probe[:0].reshape(*h.shape[:-1], probe.shape[-1])
+
+
+def allow_empty_inputs(network) -> None:
+    """Let every Linear module of `network` take an input with no rows in bypass mode.
+
+    diffusers' training-mode MoE (`MOEFeedForwardSwiGLU`, with `fast_moe_dispatch` off) calls each routed expert on
+    `x[idx == e]`, an empty slice when no token of the batch went to expert e; LyCORIS' bypass forward reshapes its
+    input to (..., uq, -1), which torch refuses on zero elements ("cannot reshape tensor of 0 elements"), so such
+    a step crashed. `kron_lokr`'s fast forward replaces `bypass_forward` and takes empty inputs itself; this
+    instance-level `bypass_forward_diff` is what LyCORIS' own `bypass_forward` calls, and survives
+    `uninstall_kron_lokr` and `lokr_applied`'s re-hooking.
+    """
+    for lora in network.loras:
+        if getattr(lora, "module_type", None) == "linear" and hasattr(type(lora), "bypass_forward_diff"):
+            lora.bypass_forward_diff = types.MethodType(_bypass_diff_allowing_empty, lora)
 
 
 def _is_scaled_linear(module: nn.Module) -> bool:
@@ -358,6 +389,7 @@ def load_lokr(path: Path, transformer: nn.Module, multiplier: float = 1.0):
         lora.bypass_mode = True
     transformer.requires_grad_(False)
     network.apply_to()
+    allow_empty_inputs(network)
     return network
 
 
