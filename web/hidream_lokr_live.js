@@ -365,10 +365,19 @@ class LiveView {
       this.phase = this.status;
       this.acceptsCommands = false;
       this._toastEnd(m);
+      // The run ended past the chart's last step: messages went missing, so the history completes the chart.
+      if (!m._replayed && Number.isFinite(m.step) && m.step > this.chart.series.lastStep) this.restore(m.run_id);
     } else {
       if (m.phase) this.phase = m.phase;
       if (m.kind === "phase") this.acceptsCommands = !!m.accepts_commands;
       else if (Number.isFinite(m.loss)) {
+        if (this._missedSteps(m)) {
+          // Steps are missing before this one (websocket messages lost, e.g. while the page reloaded: ComfyUI
+          // 0.3.75 can drop a reconnected client's new socket when the old one's close is handled after it).
+          this.restore(m.run_id);
+          this._pending.push({ ...m, _replayed: true });
+          return;
+        }
         this.chart.push(m.step, m.loss);
         this.lastEvent = m;
         this.acceptsCommands = this.phase === "training";
@@ -389,6 +398,16 @@ class LiveView {
     if (!done) return;
     if (this.messageText === note.text) this.message("");
     this.commandNote = null;
+  }
+
+  /** A live step message after a gap in the chart; at most a few history reloads per run, in case the server's
+   *  own record has a gap. */
+  _missedSteps(m) {
+    const series = this.chart.series;
+    if (m._replayed || !series.length || m.step <= series.lastStep + 1) return false;
+    this._gapRestores = this._gapRunId === m.run_id ? this._gapRestores + 1 : 1;
+    this._gapRunId = m.run_id;
+    return this._gapRestores <= 3;
   }
 
   _markResumed(step) {
@@ -474,7 +493,11 @@ class LiveView {
     try {
       const history = await this._getJson(
         `${ROUTES}/${encodeURIComponent(this.runId)}?since=${this.chart.series.length}`);
-      if (history && history.run_id === this.runId) this._applyHistory(history);
+      if (history && history.run_id === this.runId) {
+        this._applyHistory(history);
+        // The end learned from the server, not from its message (lost): say so as the message would have.
+        if (this.status !== "running") this._toastEnd(history);
+      }
     } catch (error) {
       /* the server may be restarting; the next poll tries again */
     }
