@@ -2,31 +2,25 @@
 colour-shape pairs it never saw together), the demo's LoKr makes a new concept visible in pixels, and the model is
 built from the shipped weights the same way every time.
 
-The VAE is judged by pixel error against the corpus' exact drawing; the transformer's samples by the named colours
-they show where the caption puts them (the samples are blobs, so a pixel error to the exact drawing says little).
+The VAE and the transformer's samples are judged against the corpus' exact drawing of the caption
+(trainer_core/hidream/tiny/scoring.py); the demo's LoKr by the pink on the ring and the background in its hole.
 """
 from __future__ import annotations
 
 import filecmp
 import json
-import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from trainer_core.config import SamplingConfig
 from trainer_core.hidream import load_text_encoders, load_transformer, load_vae, resolve_model_paths
-from trainer_core.hidream.sample import sample_image
 from trainer_core.hidream.tiny import DRAWING_RESOLUTION, DrawingModelError, build_drawing_model, corpus
 from trainer_core.hidream.tiny.drawing import MANIFEST_FILE, WEIGHTS_DIR, read_manifest
+from trainer_core.hidream.tiny.scoring import (HELD_OUT_CAPTIONS, SEEN_CAPTIONS, evaluation_groups, format_summary,
+                                               sample_caption, score_groups)
 from trainer_core.hidream.vae import vae_decode, vae_encode
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +30,8 @@ def drawing(drawing_model_dir):
 
 
 def draw_caption(model, caption: str, network=None, strength: float = 1.0, seed: int = 0):
-    encoders = model["encoders"]
-    settings = SamplingConfig(prompt=caption, width=DRAWING_RESOLUTION, height=DRAWING_RESOLUTION,
-                              num_inference_steps=20, guidance=4.0, shift=3.0, seed=seed, lokr_strength=strength)
-    image, _ = sample_image(model["transformer"], model["vae"], encoders.encode([caption]), encoders.encode([""]),
-                            settings, network=network)
-    return image
+    return sample_caption(model["transformer"], model["vae"], model["encoders"], caption, seed, network, strength,
+                          size=DRAWING_RESOLUTION)
 
 
 def round_trip_errors(vae, scenes) -> torch.Tensor:
@@ -67,69 +57,58 @@ def test_the_vae_round_trips_flat_shapes(drawing, size):
     assert float(concept.max()) <= (0.03 if size >= 128 else 0.04)
 
 
-NAMED = np.array(list(corpus.PALETTE.values()), dtype=np.float32) / 255.0
-
-
-def nearest_colour(rgb: np.ndarray) -> str:
-    return list(corpus.PALETTE)[int(np.argmin(((NAMED - rgb) ** 2).sum(axis=1)))]
-
-
-def colours_drawn(image, item: corpus.CorpusItem) -> tuple[str, str]:
-    """(background, shape colour) as the nearest named colours: the median of the picture's border, and of the
-    pixels where the caption's shape should be."""
-    values = pixels(image)
-    band = values.shape[0] // 16
-    border = np.concatenate([values[:band], values[-band:], values[:, :band].transpose(1, 0, 2),
-                             values[:, -band:].transpose(1, 0, 2)]).reshape(-1, 3)
-    inside = values[np.asarray(corpus.shape_mask(item.scene, values.shape[0])) > 0]
-    return nearest_colour(np.median(border, axis=0)), nearest_colour(np.median(inside, axis=0))
-
-
-def test_the_base_model_draws_the_colours_its_captions_name(drawing):
-    """16 captions of the corpus and 8 held-out colour-shape pairs (never in pretraining, in any background or
-    place), one sample each: how often the background and the shape come out in the named colour. Chance is 1/8.
-
-    Measured (3 draws of 16 + 8): background right 9-12 of 16 seen / 1-6 of 8 held out, shape colour 7-10 / 2-6.
-    The model draws colours and rough places; shapes come out as blobs, and it often swaps the shape's and the
-    background's colours (docs/tiny-model.md). The bounds are well under what it does and well over chance."""
-    rng = random.Random(0)
-    groups = {"seen": rng.sample(corpus.training_items(), 16), "held out": rng.sample(corpus.held_out_items(), 8)}
-    right = {}
-    for name, items in groups.items():
-        reads = [colours_drawn(draw_caption(drawing, item.caption, seed=i), item) for i, item in enumerate(items)]
-        right[name] = (sum(bg == item.background for (bg, _), item in zip(reads, items)),
-                       sum(fg == item.colour for (_, fg), item in zip(reads, items)))
-        print(f"{name}: background right {right[name][0]} of {len(items)}, shape colour {right[name][1]}")
-    assert right["seen"][0] >= 6 and right["seen"][1] >= 5
-    assert sum(right["held out"]) >= 5  # of 16 reads; chance gives 2
+def test_the_base_model_draws_its_captions(drawing):
+    """32 captions seen in pretraining and 16 of the held-out colour-shape pairs (never in pretraining, in any
+    background or place), one sample each at the shipped sampler settings (128 px, 20 steps, guidance 4, shift 3),
+    scored against the scene drawn exactly (trainer_core/hidream/tiny/scoring.py): pixel error, the named background
+    outside the shape, the named colour on the shape, and the shape itself (IoU with the captioned shape, and whether
+    it matches the captioned shape better than each other corpus shape in that place)."""
+    summaries = score_groups(drawing["transformer"], drawing["vae"], drawing["encoders"], evaluation_groups())
+    for name, summary in summaries.items():
+        print(format_summary(name, summary))
+    every = {key: (summaries["seen"][key] * SEEN_CAPTIONS + summaries["held out"][key] * HELD_OUT_CAPTIONS)
+             / (SEEN_CAPTIONS + HELD_OUT_CAPTIONS) for key in summaries["seen"]}
+    every["captions"] = SEEN_CAPTIONS + HELD_OUT_CAPTIONS
+    print(format_summary("all", every))
+    # The issue's aims were MAE <= 0.08, background >= 70 %, shape colour >= 50 %; the bounds sit between those and
+    # what the shipped weights measure (seen 0.025 / 98 % / 89 % / IoU 0.86 / 97 %, held out 0.027 / 98 % / 80 % /
+    # 0.81 / 100 %), so that a worse model fails.
+    assert every["pixel_mae"] <= 0.05 and every["background_share"] >= 0.9 and every["shape_colour_share"] >= 0.75
+    for name, summary in summaries.items():
+        assert summary["pixel_mae"] <= 0.05, name
+        assert summary["background_share"] >= 0.9 and summary["shape_colour_share"] >= 0.7, name
+        assert summary["shape_iou"] >= 0.7 and summary["shape_recognised"] >= 0.75, name
 
 
 def test_the_demo_teaches_a_new_concept_that_shows_in_pixels(drawing, tmp_path):
     """The demo as `python -m trainer_core demo` runs it: afterwards "a zorb on a blue background" (a place it was
-    shown) and "... yellow background, at the bottom" (never shown) come out with pink where the ring belongs,
-    more of it the higher the LoKr strength; the base model draws none. The pink is a patch, not yet a ring.
-
-    Measured (seeds 0, 1): pink share of the ring's pixels 0.003-0.012 without the LoKr, 0.27-0.33 with it."""
+    shown) and "... yellow background, at the bottom" (never shown) come out as a pink ring with its hole, more of
+    it the higher the LoKr strength; the base model draws none (demo.ConceptCoverage says what each share counts)."""
     from trainer_core.adapters import load_lokr
     from trainer_core.demo import VALIDATION_SCENES, concept_caption, concept_coverage, run_demo
 
     out = run_demo(tmp_path / "demo")
     summary = json.loads((out / "demo_summary.json").read_text())
     assert Path(summary["before_after"]).is_file() and len(summary["validation_images"]) == 9  # 3 steps x (2 + grid)
-    for name, by_step in summary["concept_coverage"].items():  # what the demo prints: the ring turning pink
-        assert list(by_step) == ["0", "200", "400"] and by_step["0"] <= 0.08 and by_step["400"] >= 0.2, name
+    for name, by_step in summary["concept_coverage"].items():  # what the demo prints
+        assert list(by_step) == ["0", "200", "400"], name
+        before, after = by_step["0"], by_step["400"]
+        assert before["pink"] <= 0.08 and before["ring"] <= 0.3, name
+        assert after["ring"] >= 0.6 and after["hole"] >= 0.5 and after["pink"] >= 0.2, name
     model = dict(drawing, transformer=load_transformer(resolve_model_paths(out / "tiny-hidream")))  # LoKr'd copy
     network = load_lokr(Path(summary["lokr"]), model["transformer"])
     for background, position in VALIDATION_SCENES.values():
         caption = concept_caption(background, position)
-        shares = [concept_coverage(draw_caption(model, caption, network, strength), position)
+        shares = [concept_coverage(draw_caption(model, caption, network, strength), background, position)
                   for strength in (0, 0.5, 1)]
-        print(f"{caption!r}: pink share of the ring / of the picture at LoKr strength 0, 0.5, 1: "
-              f"{[(round(a, 3), round(b, 3)) for a, b in shares]}")
-        ring = [a for a, _ in shares]
-        assert ring[0] <= 0.08 and ring[2] >= 0.2
+        print(f"{caption!r}: ring drawn in pink / ring in pink itself / background in its hole / pink in the whole "
+              f"picture at LoKr strength 0, 0.5, 1: "
+              f"{[(round(c.ring, 3), round(c.pink, 3), round(c.hole, 3), round(c.picture, 3)) for c in shares]}")
+        ring = [c.ring for c in shares]
+        assert shares[0].pink <= 0.08 and ring[0] <= 0.3 and ring[2] >= 0.6
         assert ring[0] <= ring[1] + 0.02 and ring[1] <= ring[2] + 0.02
-        assert ring[2] >= 2 * shares[2][1]  # the pink lands where the ring is, not all over the picture
+        assert shares[2].hole >= 0.5  # a ring with its hole, not a pink disk
+        assert shares[2].pink >= 2 * shares[2].picture  # the pink lands where the ring is, not all over the picture
 
 
 def test_the_model_is_built_the_same_every_time_and_checks_its_weights(drawing_model_dir, tmp_path):

@@ -192,7 +192,7 @@ def _add_make_tiny_model_command(sub) -> None:
 
 def _add_pretrain_tiny_model_command(sub) -> None:
     p = sub.add_parser("pretrain-tiny-model", help="pretrain the drawing tiny HiDream's weights from its seed (one "
-                                                   "CPU thread, deterministic; about an hour)")
+                                                   "CPU thread, deterministic; about two hours on 2 cores)")
     p.add_argument("--out", default=None, help="folder for the weights file and its manifest (default: the shipped "
                                               "ones, trainer_core/hidream/tiny/weights/, replaced)")
     p.add_argument("--progress", default=None, metavar="DIR", help="write sample grids here while it trains")

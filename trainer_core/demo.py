@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -58,18 +59,41 @@ def draw_concept(background: str, position: str = "centre", size: int = DEMO_RES
     return corpus.draw_scene(concept_scene(background, position), size)
 
 
-def concept_coverage(image: Image.Image, position: str = "centre") -> tuple[float, float]:
-    """How much of the concept a picture shows: (share of the ring's own pixels that are in the concept's colour,
-    share of the whole picture that is). The base model scores about 0.01 on the first; the demo's LoKr 0.3."""
+@dataclass(frozen=True)
+class ConceptCoverage:
+    """How much of the concept a picture shows, as shares of pixels (0-1):
+
+    ring     the ring's pixels nearer to the concept's colour than to the named background's: the ring as drawn
+             (a shade between pink and the background, e.g. pink over blue turning violet, counts for the nearer)
+    pink     the ring's pixels in the concept's colour itself (within 60 levels per channel of pink): the stricter
+             measure, which the base model scores about 0 on
+    hole     the hole's pixels (the disk inside the ring) nearer to the background's colour than to pink: a ring
+             rather than a pink disk or patch
+    picture  the whole picture in the concept's colour (a LoKr that paints everything pink scores high here)
+    """
+
+    ring: float
+    pink: float
+    hole: float
+    picture: float
+
+
+def concept_coverage(image: Image.Image, background: str, position: str = "centre") -> ConceptCoverage:
+    """Score `image` as a picture of the concept on `background` at `position` (see ConceptCoverage)."""
     import numpy as np
 
     from .hidream.tiny import corpus
 
-    scene = concept_scene("blue", position)  # only the ring's place matters here, not the background
+    scene = concept_scene(background, position)
     values = np.asarray(image.convert("RGB"), dtype=np.float32)
-    in_colour = np.abs(values - np.array(scene.colour)).max(axis=-1) < 60
-    inside = np.asarray(corpus.shape_mask(scene, values.shape[0])) > 0
-    return float(in_colour[inside].mean()), float(in_colour.mean())
+    size = values.shape[0]
+    pink, back = np.array(scene.colour, dtype=np.float32), np.array(scene.background, dtype=np.float32)
+    in_colour = np.abs(values - pink).max(axis=-1) < 60
+    nearer_pink = ((values - pink) ** 2).sum(axis=-1) < ((values - back) ** 2).sum(axis=-1)
+    ring = np.asarray(corpus.shape_mask(scene, size)) > 0
+    hole = (np.asarray(corpus.shape_mask(replace(scene, shape="circle"), size)) > 0) & ~ring
+    return ConceptCoverage(ring=float(nearer_pink[ring].mean()), pink=float(in_colour[ring].mean()),
+                           hole=float((~nearer_pink[hole]).mean()), picture=float(in_colour.mean()))
 
 
 def write_demo_dataset(folder: Path) -> list[str]:
@@ -165,17 +189,18 @@ def before_after(step_folders: list[Path], out: Path) -> Path:
     return out
 
 
-def learning_curve(step_folders: list[Path]) -> dict[str, dict[int, float]]:
-    """Validation prompt name -> {step: concept_coverage's ring share of its picture}: the concept appearing, in
+def learning_curve(step_folders: list[Path]) -> dict[str, dict[int, dict[str, float]]]:
+    """Validation prompt name -> {step: its picture's ConceptCoverage as a dict}: the concept appearing, in
     figures."""
     from .training.validation import validation_folder_step, validation_image_path
 
-    def ring_share(folder: Path, name: str, position: str) -> float:
+    def coverage(folder: Path, name: str) -> dict[str, float]:
         picture = Image.open(validation_image_path(folder, name, DEMO_RESOLUTION, DEMO_RESOLUTION))
-        return round(concept_coverage(picture, position)[0], 3)
+        return {key: round(value, 3) for key, value in asdict(concept_coverage(picture, *VALIDATION_SCENES[name]))
+                .items()}
 
-    return {name: {validation_folder_step(folder): ring_share(folder, name, position) for folder in step_folders}
-            for name, (_, position) in VALIDATION_SCENES.items()}
+    return {name: {validation_folder_step(folder): coverage(folder, name) for folder in step_folders}
+            for name in VALIDATION_SCENES}
 
 
 def run_demo(out: Path, steps: Optional[int] = None) -> Path:
@@ -214,8 +239,9 @@ def run_demo(out: Path, steps: Optional[int] = None) -> Path:
           f"'{CONCEPT_WORD}' (a {CONCEPT_COLOUR} {CONCEPT_SHAPE}); mean loss of the first 10 steps "
           f"{summary['loss_first_10']:.4f}, of the last 10 {summary['loss_last_10']:.4f}")
     for name, by_step in coverage.items():
-        print(f"  {CONCEPT_COLOUR} share of the {CONCEPT_SHAPE} in '{name}': "
-              + ", ".join(f"step {step} {share:.0%}" for step, share in by_step.items()))
+        print(f"  '{name}': the {CONCEPT_SHAPE} drawn in {CONCEPT_COLOUR} / in {CONCEPT_COLOUR} itself / background "
+              f"in its hole: " + ", ".join(f"step {step} {c['ring']:.0%} / {c['pink']:.0%} / {c['hole']:.0%}"
+                                          for step, c in by_step.items()))
     if comparison:
         print(f"  before / after: {comparison}")
     for grid in grids:

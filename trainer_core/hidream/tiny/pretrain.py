@@ -128,14 +128,14 @@ def train_vae(vae, recipe: VaeRecipe, log: Callable[[str], None] = logger.info) 
 
 @dataclass(frozen=True)
 class TransformerRecipe:
-    steps: int = 3000
+    steps: int = 8000
     batch_size: int = 8
     resolution: int = 128
-    learning_rate: float = 6e-4
+    learning_rate: float = 1.5e-3
     final_learning_rate: float = 3e-5
     warmup: int = 200
     caption_dropout: float = 0.1
-    ema_decay: float = 0.998
+    ema_decay: float = 0.999
     load_balancing_alpha: float = 0.01
     seed: int = 2
     corpus_stride: int = 1  # train on every n-th corpus item (1: all; the --quick check uses a few)
@@ -301,7 +301,7 @@ def progress_grid(transformer, vae, encoders, captions=PROGRESS_CAPTIONS, size: 
 def pretrain_tiny_model(weights_dir: Path, vae_recipe: VaeRecipe = VaeRecipe(),
                         transformer_recipe: TransformerRecipe = TransformerRecipe(),
                         log: Callable[[str], None] = logger.info, progress_dir: Optional[Path] = None,
-                        progress_every: int = 500) -> dict:
+                        progress_every: int = 2000) -> dict:
     """Pretrain the drawing tiny HiDream and write its weights file and manifest into `weights_dir`; with
     `progress_dir`, a grid of sample pictures every `progress_every` transformer steps (and the VAE's round trip).
 
@@ -310,11 +310,10 @@ def pretrain_tiny_model(weights_dir: Path, vae_recipe: VaeRecipe = VaeRecipe(),
     import tempfile
 
     from diffusers import AutoencoderKL, HiDreamImageTransformer2DModel
-    from safetensors.torch import save_file
 
     from ..models import load_text_encoders, resolve_model_paths
     from .drawing import (DRAWING_SEED, DRAWING_SIZES, MANIFEST_FILE, WEIGHTS_FILE, drawing_corpus,
-                          manifest_sizes, tokenizer_fingerprint)
+                          manifest_sizes, tokenizer_fingerprint, write_weights)
     from .builder import write_model_folder
 
     threads = torch.get_num_threads()
@@ -357,10 +356,15 @@ def pretrain_tiny_model(weights_dir: Path, vae_recipe: VaeRecipe = VaeRecipe(),
                 progress_dir = Path(progress_dir)
                 progress_dir.mkdir(parents=True, exist_ok=True)
 
-                def evaluate(model, step: int) -> None:
+                def evaluate_progress(model, step: int) -> None:
+                    from .scoring import evaluation_groups, format_summary, score_groups
+
                     with torch.random.fork_rng(devices=[]):
                         progress_grid(model, vae, encoders).save(progress_dir / f"step_{step:06d}.png")
+                        for name, summary in score_groups(model, vae, encoders, evaluation_groups()).items():
+                            log(f"transformer step {step}: {format_summary(name, summary)}")
 
+                evaluate = evaluate_progress
             averaged, losses = train_transformer(transformer, data, transformer_recipe, log, evaluate=evaluate,
                                                  eval_every=progress_every)
             _round_(averaged, torch.bfloat16)
@@ -370,7 +374,7 @@ def pretrain_tiny_model(weights_dir: Path, vae_recipe: VaeRecipe = VaeRecipe(),
             fingerprint = tokenizer_fingerprint(folder)
         weights_dir = Path(weights_dir)
         weights_dir.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(weights_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_weights(state, weights_dir / WEIGHTS_FILE)
         manifest = {"file": WEIGHTS_FILE, "sha256": file_sha256(weights_dir / WEIGHTS_FILE),
                     "bytes": (weights_dir / WEIGHTS_FILE).stat().st_size, "seed": DRAWING_SEED,
                     "sizes": manifest_sizes(DRAWING_SIZES), "tokenizer_fingerprint": fingerprint,
