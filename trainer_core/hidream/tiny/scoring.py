@@ -1,7 +1,7 @@
 """How well a sample draws its caption: the scores the drawing tiny HiDream is held to.
 
 A corpus caption names everything about its picture (shape, colour, background, place), so a sample can be compared
-with the scene drawn exactly (`CorpusItem.draw`). Four scores, pixels in [0, 1]:
+with the scene drawn exactly (`CorpusItem.draw`). Five scores, pixels in [0, 1]:
 
     pixel_mae          mean absolute error to the exact scene
     background_share   of the pixels outside the shape, the share whose nearest named colour is the background's
