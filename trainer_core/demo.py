@@ -83,13 +83,13 @@ def concept_coverage(image: Image.Image, background: str, position: str = "centr
     import numpy as np
 
     from .hidream.tiny import corpus
+    from .hidream.tiny.scoring import nearer_to_first
 
     scene = concept_scene(background, position)
     values = np.asarray(image.convert("RGB"), dtype=np.float32)
     size = values.shape[0]
-    pink, back = np.array(scene.colour, dtype=np.float32), np.array(scene.background, dtype=np.float32)
-    in_colour = np.abs(values - pink).max(axis=-1) < 60
-    nearer_pink = ((values - pink) ** 2).sum(axis=-1) < ((values - back) ** 2).sum(axis=-1)
+    in_colour = np.abs(values - np.array(scene.colour, dtype=np.float32)).max(axis=-1) < 60
+    nearer_pink = nearer_to_first(values, scene.colour, scene.background)
     ring = np.asarray(corpus.shape_mask(scene, size)) > 0
     hole = (np.asarray(corpus.shape_mask(replace(scene, shape="circle"), size)) > 0) & ~ring
     return ConceptCoverage(ring=float(nearer_pink[ring].mean()), pink=float(in_colour[ring].mean()),

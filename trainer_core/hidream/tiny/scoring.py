@@ -50,12 +50,17 @@ def mask_of(scene: corpus.Scene, size: int) -> np.ndarray:
     return np.asarray(corpus.shape_mask(scene, size)) > 0
 
 
+def nearer_to_first(values: np.ndarray, first, second) -> np.ndarray:
+    """(..., 3) pixels -> (...) bool: nearer to colour `first` than to `second` (both in the pixels' scale)."""
+    first, second = np.asarray(first, dtype=np.float32), np.asarray(second, dtype=np.float32)
+    return ((values - first) ** 2).sum(axis=-1) < ((values - second) ** 2).sum(axis=-1)
+
+
 def drawn_shape_mask(values: np.ndarray, item: corpus.CorpusItem) -> np.ndarray:
     """The pixels nearer to the caption's shape colour than to its background colour: the shape as drawn, whatever
     the exact shades (two-way, so a slightly off shade still counts for the nearer of the two named colours)."""
-    fg = np.array(corpus.PALETTE[item.colour], dtype=np.float32) / 255.0
-    bg = np.array(corpus.PALETTE[item.background], dtype=np.float32) / 255.0
-    return ((values - fg) ** 2).sum(axis=-1) < ((values - bg) ** 2).sum(axis=-1)
+    return nearer_to_first(values, np.array(corpus.PALETTE[item.colour]) / 255.0,
+                           np.array(corpus.PALETTE[item.background]) / 255.0)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
