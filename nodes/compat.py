@@ -158,14 +158,14 @@ def bypass_reason(model) -> Optional[str]:
     A dynamic model (newer ComfyUI's Dynamic VRAM: `is_dynamic()`) has no fixed weights to patch; 8-bit or
     otherwise quantised weights would be rounded again with the LoKr merged in (ComfyUI's own trainer and loader
     bypass for both)."""
-    import torch
-
     if callable(getattr(model, "is_dynamic", None)) and model.is_dynamic():
         return "a dynamic model (Dynamic VRAM)"
     diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
     for p in diffusion_model.parameters() if diffusion_model is not None else ():
-        if p.dtype.itemsize == 1 or type(p).__name__ == "QuantizedTensor":
-            return f"{p.dtype} weights" if type(p).__name__ != "QuantizedTensor" else "quantised weights"
+        if type(p).__name__ == "QuantizedTensor":
+            return "quantised weights"
+        if p.dtype.itemsize == 1:
+            return f"{p.dtype} weights"
     return None
 
 
