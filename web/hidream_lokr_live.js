@@ -343,15 +343,25 @@ class LiveView {
       return;
     }
     if (m.run_id !== this.runId) {
-      const joinedLate = m.step > 1 || m.kind === "resumed" || m.kind === "returned" || m.kind === "finished";
-      if (joinedLate && !this._noHistory.has(m.run_id)) {
-        // We joined a run late (page reloaded, second tab, a resumed or returned run): rebuild from the server's
-        // history, then this message.
+      // A run is followed live from its first message (its start phase, step 0) or first step; any other first
+      // message (a preview has no step) means we joined it late: page reloaded, second tab, a resumed or
+      // returned run.
+      const fromTheStart = Number.isFinite(m.step) && m.step <= 1 && (!m.kind || m.kind === "phase");
+      if (!fromTheStart && !this._noHistory.has(m.run_id)) {
+        // Rebuild from the server's history, then this message.
         this.restore(m.run_id);
         this._pending.push({ ...m, _replayed: m.kind === "resumed" || m.kind === "returned" });
         return;
       }
       this._startRun(m.run_id, m.total);
+    }
+    if (this._pastAGap(m)) {
+      // Steps are missing before this message (websocket messages lost, e.g. while the page reloaded: ComfyUI
+      // 0.3.75 can drop a reconnected client's new socket when the old one's close is handled after it; or a
+      // history taken before they were sent): the history fills the chart, then this message follows.
+      this.restore(m.run_id);
+      this._pending.push({ ...m, _replayed: true });
+      return;
     }
     if (m.total) this.chart.totalSteps = m.total;
     if (m.message) this.message(m.message);
@@ -365,19 +375,10 @@ class LiveView {
       this.phase = this.status;
       this.acceptsCommands = false;
       this._toastEnd(m);
-      // The run ended past the chart's last step: messages went missing, so the history completes the chart.
-      if (!m._replayed && Number.isFinite(m.step) && m.step > this.chart.series.lastStep) this.restore(m.run_id);
     } else {
       if (m.phase) this.phase = m.phase;
       if (m.kind === "phase") this.acceptsCommands = !!m.accepts_commands;
       else if (Number.isFinite(m.loss)) {
-        if (this._missedSteps(m)) {
-          // Steps are missing before this one (websocket messages lost, e.g. while the page reloaded: ComfyUI
-          // 0.3.75 can drop a reconnected client's new socket when the old one's close is handled after it).
-          this.restore(m.run_id);
-          this._pending.push({ ...m, _replayed: true });
-          return;
-        }
         this.chart.push(m.step, m.loss);
         this.lastEvent = m;
         this.acceptsCommands = this.phase === "training";
@@ -400,11 +401,16 @@ class LiveView {
     this.commandNote = null;
   }
 
-  /** A live step message after a gap in the chart; at most a few history reloads per run, in case the server's
-   *  own record has a gap. */
-  _missedSteps(m) {
+  /** Whether a step message, or the end, of the shown run comes after a gap in the chart: a step past the next
+   *  one, or an end past the last step drawn. Replayed messages count too (the history they were held back for
+   *  may predate the lost ones). At most a few history reloads per run, in case the server's own record has a
+   *  gap. */
+  _pastAGap(m) {
     const series = this.chart.series;
-    if (m._replayed || !series.length || m.step <= series.lastStep + 1) return false;
+    if (m.run_id !== this.runId || !Number.isFinite(m.step)) return false;
+    const gap = m.kind === "finished" ? m.step > Math.max(series.lastStep, 0)
+      : !m.kind && Number.isFinite(m.loss) && m.step > Math.max(series.lastStep, 0) + 1;
+    if (!gap) return false;
     this._gapRestores = this._gapRunId === m.run_id ? this._gapRestores + 1 : 1;
     this._gapRunId = m.run_id;
     return this._gapRestores <= 3;
@@ -434,7 +440,12 @@ class LiveView {
   /** Rebuild the view from the server's history of `runId` (default: the newest run of this node). Live messages
    *  arriving meanwhile are held back and replayed on top, so no step is lost or drawn out of order. */
   async restore(runId = null) {
-    if (this._restoring) return this._restoring;
+    if (this._restoring) {
+      // Asked again meanwhile (the socket reconnected, say): the history in flight may predate what was missed,
+      // so one more restore follows this one.
+      this._restoreAgain = { runId: runId ?? this._restoreAgain?.runId ?? null };
+      return this._restoring;
+    }
     this._pending = [];
     this._restoring = (async () => {
       try {
@@ -460,6 +471,9 @@ class LiveView {
       this._restoring = null;
       const pending = this._pending;
       this._pending = [];
+      const again = this._restoreAgain;
+      this._restoreAgain = null;
+      if (again) this.restore(again.runId ?? this.runId); // the held-back messages then wait for this one
       for (const m of pending) this.handleMessage({ ...m, _replayed: true });
     }
   }

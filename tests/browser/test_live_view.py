@@ -141,15 +141,41 @@ def test_live_view_follows_a_run_and_survives_a_reload(comfy_ui, browser, artifa
                        "a log-scale redraw")
 
         # Lost websocket messages (ComfyUI 0.3.75 can drop a reloaded page's new socket for a while): a step
-        # message after a gap in the chart, or the end message past its last step, completes it from the history.
-        for lost in ("step", "finished"):
+        # message after a gap in the chart, or the end message past its last step, completes it from the history;
+        # also when the end comes while a history taken before the lost steps is loading (a reloaded page joining a
+        # fast run), and when a restore is asked for during another. And a reloaded page whose first message of the
+        # run is a preview (it has no step) joins the run from its history, not as a new run from that point on:
+        # the case CI caught (a chart of steps 21-40 of 40).
+        for lost in ("step", "finished", "finished during a stale restore", "restore during a stale restore",
+                     "a preview first"):
             page.page.evaluate(
                 """([lost, runId, last]) => {
                      const node = window.comfyAPI.app.app.graph._nodes.find(n => n.type === 'HiDreamLoKrTrain');
                      const view = node.hidreamLokrView;
+                     view._gapRestores = 0;  // each case may reload the history again
                      view.chart.series.length = 10;  // as if the messages of steps 11.. never came
-                     view.handleMessage(lost === 'step' ? { run_id: runId, step: last, loss: 0.5 }
-                                        : { run_id: runId, kind: 'finished', status: 'finished', step: last });
+                     view._renderNow();  // the view's state says so before the case begins
+                     const end = { run_id: runId, kind: 'finished', status: 'finished', step: last };
+                     if (lost === 'step') view.handleMessage({ run_id: runId, step: last, loss: 0.5 });
+                     else if (lost === 'a preview first') {
+                       view.runId = null;  // the run this page has not heard of yet
+                       view.handleMessage({ run_id: runId, kind: 'preview', preview: { index: 1, step: 10 } });
+                     }
+                     else if (lost === 'finished') view.handleMessage(end);
+                     else {
+                       // The next history the view loads is the one it would have got at step 10, still running.
+                       const getJson = view._getJson;
+                       view._getJson = async function (route) {
+                         view._getJson = getJson;
+                         const history = await getJson.call(view, route);
+                         return { ...history, status: 'running', events: history.events.slice(0, 10),
+                                  previews: history.previews.slice(0, 1) };
+                       };
+                       view.restore(runId);
+                       if (lost.startsWith('finished')) view.handleMessage(end);
+                       else view.restore(runId);
+                     }
+                     view.lastMessageAt = Infinity;  // no poll of a silent run: each case mends the chart itself
                    }""", [lost, done["runId"], steps_run])
             completed = page.wait_view(lambda s: int(s["points"]) == steps_run and s["status"] == "finished", 30,
                                        f"the chart completed after a lost {lost} message")
