@@ -82,16 +82,15 @@ def concept_coverage(image: Image.Image, background: str, position: str = "centr
     """Score `image` as a picture of the concept on `background` at `position` (see ConceptCoverage)."""
     import numpy as np
 
-    from .hidream.tiny import corpus
-    from .hidream.tiny.scoring import nearer_to_first
+    from .hidream.tiny.scoring import mask_of, nearer_to_first
 
     scene = concept_scene(background, position)
     values = np.asarray(image.convert("RGB"), dtype=np.float32)
     size = values.shape[0]
     in_colour = np.abs(values - np.array(scene.colour, dtype=np.float32)).max(axis=-1) < 60
     nearer_pink = nearer_to_first(values, scene.colour, scene.background)
-    ring = np.asarray(corpus.shape_mask(scene, size)) > 0
-    hole = (np.asarray(corpus.shape_mask(replace(scene, shape="circle"), size)) > 0) & ~ring
+    ring = mask_of(scene, size)
+    hole = mask_of(replace(scene, shape="circle"), size) & ~ring
     return ConceptCoverage(ring=float(nearer_pink[ring].mean()), pink=float(in_colour[ring].mean()),
                            hole=float((~nearer_pink[hole]).mean()), picture=float(in_colour.mean()))
 

@@ -350,7 +350,7 @@ class LiveView {
       if (!fromTheStart && !this._noHistory.has(m.run_id)) {
         // Rebuild from the server's history, then this message.
         this.restore(m.run_id);
-        this._pending.push({ ...m, _replayed: m.kind === "resumed" || m.kind === "returned" });
+        this._pending.push(m); // replayed, like every held-back message, once the history is in
         return;
       }
       this._startRun(m.run_id, m.total);
@@ -360,7 +360,7 @@ class LiveView {
       // 0.3.75 can drop a reconnected client's new socket when the old one's close is handled after it; or a
       // history taken before they were sent): the history fills the chart, then this message follows.
       this.restore(m.run_id);
-      this._pending.push({ ...m, _replayed: true });
+      this._pending.push(m);
       return;
     }
     if (m.total) this.chart.totalSteps = m.total;

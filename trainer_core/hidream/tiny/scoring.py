@@ -47,6 +47,7 @@ def nearest_named(values: np.ndarray) -> np.ndarray:
 
 
 def mask_of(scene: corpus.Scene, size: int) -> np.ndarray:
+    """(size, size) bool: the pixels of `scene`'s shape as the corpus draws it."""
     return np.asarray(corpus.shape_mask(scene, size)) > 0
 
 
