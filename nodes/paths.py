@@ -27,7 +27,7 @@ import folder_paths
 
 from ..trainer_core.config import ConfigError
 
-TINY_MODEL_NAME = "tiny-hidream"  # built on first use: the embedded drawing tiny HiDream (~18 MB)
+TINY_MODEL_NAME = "tiny-hidream"  # built on first use: the embedded drawing tiny HiDream (~19 MB on disk)
 DEMO_DATASET_NAME = "hidream_lokr_demo_zorb"  # written on first use: 8 captioned pictures of the demo concept
 OLD_DEMO_DATASET_NAME = "hidream_lokr_demo_shapes"  # the name in demo graphs saved before the drawing model
 ALLOW_ANY_PATH_ENV = "HIDREAM_LOKR_ALLOW_ANY_PATH"
